@@ -1,0 +1,90 @@
+"""The ``ray-rlhf`` command.
+
+``ray-rlhf train --config tiny [key.sub=value ...]``   run PPO (same as ``python -m ray_rlhf.train``)
+``ray-rlhf show-config --config tiny [overrides]``      print the resolved config and exit
+``ray-rlhf make-model tiny OUT_DIR [--kind reward]``    build an offline random-init model
+
+A user mistake (:class:`~ray_rlhf.errors.UserError`) prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ray_rlhf.errors import UserError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="tiny", help="preset name (tiny, small) or a YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+
+
+def train_parser(prog: str = "ray-rlhf train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Run RLHF with PPO on Ray.")
+    _add_config_args(p)
+    return p
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from ray_rlhf.config import load_config
+    from ray_rlhf.train import run
+
+    run(load_config(args.config, args.overrides))
+
+
+def _cmd_show_config(args: argparse.Namespace) -> None:
+    from ray_rlhf.config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+
+
+def _cmd_make_model(args: argparse.Namespace) -> None:
+    from ray_rlhf.models.factory import build_causal_lm, build_reward_model
+
+    build = build_causal_lm if args.kind == "policy" else build_reward_model
+    path = build(args.preset, args.out_dir, seed=args.seed)
+    print(f"built {args.kind} model '{args.preset}' (seed {args.seed}) in {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ray-rlhf", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run PPO")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("show-config", help="print the resolved config")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_show_config)
+
+    p = sub.add_parser("make-model", help="build an offline random-init model in Hugging Face format")
+    p.add_argument("preset", help="model preset, e.g. tiny or small")
+    p.add_argument("out_dir")
+    p.add_argument("--kind", choices=["policy", "reward"], default="policy")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_make_model)
+    return parser
+
+
+def run_command(func, args) -> int:
+    """Run a command; user mistakes become one line on stderr and exit status 2."""
+    try:
+        func(args)
+    except UserError as e:
+        print(f"ray-rlhf: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ray-rlhf: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

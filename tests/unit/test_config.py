@@ -1,0 +1,76 @@
+"""Config tree: presets load, overrides apply, every mistake is one line naming the key."""
+
+import subprocess
+import sys
+
+import pytest
+
+from ray_rlhf.config import load_config, preset_names, to_yaml
+from ray_rlhf.errors import UserError
+
+
+def test_presets_load_and_round_trip(tmp_path):
+    assert {"tiny", "small"} <= set(preset_names())
+    for name in preset_names():
+        cfg = load_config(name)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(to_yaml(cfg))
+        assert load_config(str(path)) == cfg
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config("tiny", ["ppo.clip=0.3", "ppo.lr=1e-4", "sync.verify=false", "generators.num=1",
+                               "ppo.dual_clip=3", "model.policy_path=/some/dir"])
+    assert cfg.ppo.clip == 0.3 and cfg.ppo.lr == 1e-4 and cfg.sync.verify is False
+    assert cfg.generators.num == 1 and cfg.ppo.dual_clip == 3.0 and cfg.model.policy_path == "/some/dir"
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("ppo.bogus=1", "unknown config key 'ppo.bogus'"),
+        ("bogus=1", "unknown config key 'bogus'"),
+        ("ppo.lr=abc", "config key 'ppo.lr'"),
+        ("ppo.epochs=1.5", "config key 'ppo.epochs'"),
+        ("kl.estimator=k9", "config key 'kl.estimator'"),
+        ("ppo.clip=-1", "config key 'ppo.clip'"),
+        ("ppo.minibatch_size=128", "ppo.minibatch_size=128 is larger than the batch"),
+        ("ppo.minibatch_size=24", "must divide the batch"),
+        ("ppo.micro_batch_size=12", "ppo.micro_batch_size=12 must divide"),
+        ("generators.min=3", "generators.min (3) <= generators.num (2)"),
+        ("rollout.max_new_tokens=500", "exceeds generators.max_model_len"),
+        ("ppo.clip", "not of the form key.sub=value"),
+        ("reward.functions=[{name: 'a:b', wieght: 2}]", "unknown config key 'reward.functions.0.wieght'"),
+    ],
+)
+def test_bad_overrides_are_one_line_errors(override, needle):
+    with pytest.raises(UserError) as info:
+        load_config("tiny", [override])
+    message = str(info.value)
+    assert needle in message
+    assert "\n" not in message
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(UserError, match="neither a preset .*tiny"):
+        load_config("huge")
+
+
+def test_cli_bad_override_exits_nonzero_with_one_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "ray_rlhf", "show-config", "--config", "tiny", "ppo.bogus=1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ppo.bogus" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_show_config_prints_resolved_tree():
+    proc = subprocess.run(
+        [sys.executable, "-m", "ray_rlhf", "show-config", "--config", "tiny", "ppo.clip=0.25"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "clip: 0.25" in proc.stdout
