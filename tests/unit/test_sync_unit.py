@@ -1,0 +1,115 @@
+"""Weight-sync pieces that need neither Ray nor vLLM: flat buffers, checksums, verify."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ray_rlhf.sync.base import SyncResult, WeightSyncError, verify
+from ray_rlhf.sync.checksum import canonical, state_dict_checksum, tensor_bytes
+from ray_rlhf.sync.flat import FlatLayout, flatten, layout_of, unflatten
+
+
+def _state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "model.embed_tokens.weight": torch.randn(8, 4, generator=g),
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(4, 4, generator=g),
+        "model.norm.weight": torch.ones(4, dtype=torch.bfloat16),
+        "lm_head.weight": torch.randn(8, 4, generator=g),
+        "step": torch.tensor(3, dtype=torch.int64),  # 0-d, other dtype
+    }
+
+
+def test_flatten_unflatten_round_trip():
+    state = _state()
+    layout, bufs = flatten(state)
+    # One buffer per dtype: float32 holds 8*4 + 4*4 + 8*4 = 80 elements, bfloat16 4, int64 1.
+    assert {d: b.numel() for d, b in bufs.items()} == {"float32": 80, "bfloat16": 4, "int64": 1}
+    assert layout.nbytes == 80 * 4 + 4 * 2 + 8 == tensor_bytes(state)
+    # Offsets are contiguous within a dtype, in insertion order.
+    f32 = [e for e in layout.entries if e.dtype == "float32"]
+    assert [e.offset for e in f32] == [0, 32, 48]
+    back = dict(unflatten(FlatLayout.from_json(layout.to_json()), bufs))
+    assert list(back) == list(state)
+    for name, t in state.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape
+        assert torch.equal(back[name], t)
+    # Views, not copies: the receiver's buffers are reused next sync.
+    assert back["lm_head.weight"].data_ptr() == bufs["float32"][48:].data_ptr()
+
+
+def test_flatten_against_layout_rejects_a_different_model():
+    layout = layout_of(_state())
+    other = dict(_state())
+    other["lm_head.weight"] = torch.zeros(9, 4)
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        flatten(other, layout)
+    del other["lm_head.weight"]
+    with pytest.raises(ValueError, match="missing"):
+        flatten(other, layout)
+
+
+def test_checksum_stable_across_dict_order_and_pair_lists():
+    state = _state()
+    reordered = dict(reversed(list(state.items())))
+    assert state_dict_checksum(state) == state_dict_checksum(reordered) == state_dict_checksum(list(state.items()))
+    assert state_dict_checksum(state) == state_dict_checksum({k: v.clone() for k, v in state.items()})
+
+
+def test_checksum_changes_when_any_single_element_changes():
+    state = _state()
+    base = state_dict_checksum(state)
+    for name, t in state.items():
+        for i in range(t.numel()):
+            changed = dict(state)
+            flat = t.clone().reshape(-1)
+            flat[i] += 1  # +1 is exact for every value here (|x| < 10, float32/bf16/int64)
+            changed[name] = flat.reshape(t.shape)
+            assert state_dict_checksum(changed) != base, (name, i)
+
+
+def test_checksum_sees_names_dtypes_shapes_and_missing_tensors():
+    state = _state()
+    base = state_dict_checksum(state)
+    renamed = {("x." + k if k == "lm_head.weight" else k): v for k, v in state.items()}
+    recast = {**state, "lm_head.weight": state["lm_head.weight"].double()}
+    reshaped = {**state, "lm_head.weight": state["lm_head.weight"].reshape(4, 8)}
+    missing = {k: v for k, v in state.items() if k != "model.norm.weight"}
+    assert len({base, *(state_dict_checksum(s) for s in (renamed, recast, reshaped, missing))}) == 5
+
+
+def test_checksum_ignores_rotary_inv_freq_and_merges_zero_encodings():
+    state = _state()
+    with_inv_freq = {**state, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(2)}
+    assert state_dict_checksum(with_inv_freq) == state_dict_checksum(state)
+    # -0.0 vs +0.0 and a float32 subnormal vs 0: same number to a GEMM kernel with flush-to-zero.
+    a = torch.tensor([0.0, 1.0, 1e-45])
+    b = torch.tensor([-0.0, 1.0, 0.0])
+    assert torch.equal(canonical(a), torch.tensor([0.0, 1.0, 0.0]))
+    assert state_dict_checksum({"w": a}) == state_dict_checksum({"w": b})
+
+
+class _FakeGenerator:
+    def __init__(self, gid, checksum, version):
+        self.gid, self.checksum, self.version = gid, checksum, version
+
+    def weights_checksum(self):
+        return self.checksum
+
+    def info(self):
+        return {"generator_id": self.gid, "version": self.version, "received_checksum": "r"}
+
+
+def test_verify_names_the_generator_and_both_checksums():
+    good = _FakeGenerator("g0", "abc", 3)
+    assert verify("abc", [good, _FakeGenerator("g1", "abc", 3)], 3) >= 0
+    with pytest.raises(WeightSyncError, match=r"generator g1 .*checksum xyz != learner checksum abc"):
+        verify("abc", [good, _FakeGenerator("g1", "xyz", 3)], 3)
+    with pytest.raises(WeightSyncError, match="generator g1 holds version 2, expected 3"):
+        verify("abc", [good, _FakeGenerator("g1", "abc", 2)], 3)
+
+
+def test_sync_result_is_a_plain_record():
+    r = SyncResult(version=1, backend="object_store", bytes=10, seconds=0.5, num_generators=2)
+    assert r.checksum == "" and r.verify_seconds == 0.0
