@@ -1,0 +1,246 @@
+"""PPO losses (to minimise), their token aggregation, and the per-token log-prob / entropy.
+
+All per-token quantities are (B, T) over response tokens; ``mask`` is (B, T), float or bool,
+1 = valid response token, right-padded. Every loss is reduced by :func:`aggregate`: the sum over
+valid tokens divided by ``num_tokens``. Pass ``num_tokens`` = the valid-token count of the whole
+(global) minibatch when a minibatch is split into micro-batches or data-parallel shards: the
+per-piece losses (and their gradients) then sum exactly to the full-minibatch token mean.
+
+Stats records hold plain floats, computed without gradient over this call's valid tokens (token
+means, not divided by ``num_tokens``); they are 0.0 when the mask has no valid token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ray_rlhf.algo.kl import kl_k3
+from ray_rlhf.algo.masked import masked_mean, masked_sum, masked_var
+
+__all__ = [
+    "PolicyLossStats",
+    "ValueLossStats",
+    "aggregate",
+    "policy_loss",
+    "value_loss",
+    "entropy_from_logits",
+    "logprobs_from_logits",
+    "explained_variance",
+]
+
+
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, num_tokens: int | float | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Token-sum-then-divide reduction: ``sum_t m_t x_t / N``.
+
+    ``N = num_tokens`` when given -- the valid-token count of the GLOBAL batch this piece belongs
+    to, so that ``sum_k aggregate(x_k, m_k, N) == aggregate(x, m)`` over any split of the rows into
+    minibatches, micro-batches or shards. Otherwise ``N`` is this batch's own valid-token count
+    (at least 1, so an all-padding batch gives 0).
+
+    Shape:
+        per_token: (B, T)
+        mask: (B, T), 1 = valid response token
+        num_tokens: scalar (int, float or 0-d tensor), > 0
+        returns: scalar tensor
+    """
+    total = masked_sum(per_token, mask)
+    if num_tokens is None:
+        return total / mask.bool().sum().clamp(min=1).to(total.dtype)
+    if not isinstance(num_tokens, torch.Tensor) and not num_tokens > 0:
+        raise ValueError(f"num_tokens must be > 0 (the global batch's valid-token count); got {num_tokens}")
+    return total / num_tokens
+
+
+@dataclass(frozen=True)
+class PolicyLossStats:
+    """Diagnostics of one :func:`policy_loss` call, as token means over valid tokens."""
+
+    clipfrac: float
+    """Fraction of valid tokens where the clipped branch is active (its gradient is 0)."""
+    approx_kl: float
+    """k3 estimate of KL(pi_old || pi_new): mean of ``r - 1 - log r``, ``r = pi_new / pi_old``."""
+    ratio_mean: float
+    """Mean of the ratio ``r = pi_new / pi_old``."""
+    ratio_max: float
+    """Largest ratio over valid tokens."""
+    dual_clipfrac: float
+    """Fraction of valid tokens where the dual clip caps the loss (0.0 when dual clip is off)."""
+
+
+@dataclass(frozen=True)
+class ValueLossStats:
+    """Diagnostics of one :func:`value_loss` call, as token means over valid tokens."""
+
+    clipfrac: float
+    """Fraction of valid tokens where the clipped value term is the larger (0.0 without clip)."""
+    value_mean: float
+    """Mean predicted value V(s_t)."""
+    return_mean: float
+    """Mean return target R_t."""
+
+
+def _token_stats(mask: torch.Tensor, **per_token: torch.Tensor) -> dict[str, float]:
+    """Masked means of boolean/float per-token tensors as floats in one device sync; 0.0 if empty."""
+    keep = mask.bool()
+    if not keep.any():
+        return {k: 0.0 for k in per_token}
+    means = torch.stack([masked_mean(v.to(torch.float32), keep) for v in per_token.values()])
+    return dict(zip(per_token, means.tolist()))
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+    dual_clip: float | None = None,
+    num_tokens: int | float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, PolicyLossStats]:
+    """PPO clipped surrogate loss (to minimise), optionally dual-clipped.
+
+    Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7, negated::
+
+        r_t  = exp(logp_t - old_logp_t)
+        l_t  = max(-r_t A_t, -clip(r_t, 1 - eps, 1 + eps) A_t)
+
+    Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep Reinforcement
+    Learning", AAAI 2020, the "Dual-clip PPO" objective ``max(min(r A, clip(r) A), c A)`` for
+    ``A < 0``), for ``c = dual_clip > 1``: where ``A_t < 0`` the loss is capped,
+    ``l_t = min(l_t, -c A_t) = min(l_t, c |A_t|)``, so a huge ratio on a bad token cannot blow up
+    the update. The loss is ``aggregate(l, mask, num_tokens)``. ``old_logp`` and ``advantages``
+    are treated as constants (detached); padding entries of all inputs are ignored, also in the
+    gradient.
+
+    Shape:
+        logp: (B, T) log pi_new(y_t | ...), differentiable
+        old_logp: (B, T) log pi_old(y_t | ...) of the policy that collected the batch
+        advantages: (B, T)
+        mask: (B, T), 1 = valid response token
+        returns: (scalar loss, :class:`PolicyLossStats`)
+    """
+    if not clip_eps > 0:
+        raise ValueError(f"clip_eps must be > 0; got {clip_eps}")
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"dual_clip must be > 1 (or None to disable); got {dual_clip}")
+    keep = mask.bool()
+    old_logp = old_logp.detach()
+    # padding is set to r = 1, A = 0 so junk there (inf, NaN) cannot reach the loss or its gradient
+    adv = torch.where(keep, advantages.detach(), 0.0)
+    log_ratio = torch.where(keep, logp - old_logp, 0.0)
+    ratio = torch.exp(log_ratio)
+    surr = -adv * ratio
+    surr_clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    per_token = torch.maximum(surr, surr_clipped)
+    with torch.no_grad():
+        clipped = surr_clipped > surr
+    if dual_clip is not None:
+        cap = -dual_clip * adv
+        with torch.no_grad():
+            dual = (adv < 0) & (per_token > cap)
+        per_token = torch.where(dual, cap, per_token)
+    else:
+        dual = torch.zeros_like(clipped)
+    loss = aggregate(per_token, mask, num_tokens)
+
+    with torch.no_grad():
+        r = ratio.detach()
+        approx_kl = kl_k3(torch.zeros_like(r), log_ratio.detach())  # k3 with log(pi_new/pi_old)
+        s = _token_stats(mask, clipfrac=clipped, approx_kl=approx_kl, ratio_mean=r, dual_clipfrac=dual)
+        ratio_max = float(torch.where(keep, r, r.new_tensor(-math.inf)).max()) if keep.any() else 0.0
+    return loss, PolicyLossStats(ratio_max=ratio_max, **s)
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float | None = None,
+    num_tokens: int | float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ValueLossStats]:
+    """Squared-error value loss, optionally clipped around the old values.
+
+    ``l_t = 0.5 (V_t - R_t)^2`` -- the ``L^VF`` term of Schulman et al. 2017, eq. 9. With
+    ``clip_eps``, the clipped form of OpenAI baselines' ``ppo2``::
+
+        V_clip = V_old + clip(V - V_old, -eps, eps)
+        l_t    = 0.5 * max((V_t - R_t)^2, (V_clip_t - R_t)^2)
+
+    The loss is ``aggregate(l, mask, num_tokens)``. The coefficient ``c1`` of eq. 9 is NOT
+    applied here: the caller multiplies by it. ``old_values`` and ``returns`` are detached.
+
+    Shape:
+        values: (B, T) V(s_t) from the current value head, differentiable
+        old_values: (B, T) V(s_t) at rollout time
+        returns: (B, T) targets R_t (e.g. from ``gae``)
+        mask: (B, T), 1 = valid response token
+        returns: (scalar loss, :class:`ValueLossStats`)
+    """
+    old_values = old_values.detach()
+    returns = returns.detach()
+    sq = (values - returns) ** 2
+    if clip_eps is not None:
+        if not clip_eps > 0:
+            raise ValueError(f"value clip_eps must be > 0 (or None to disable); got {clip_eps}")
+        v_clip = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+        sq_clipped = (v_clip - returns) ** 2
+        with torch.no_grad():
+            clipped = sq_clipped > sq
+        sq = torch.maximum(sq, sq_clipped)
+    else:
+        clipped = torch.zeros_like(mask, dtype=torch.bool)
+    loss = aggregate(0.5 * sq, mask, num_tokens)
+    with torch.no_grad():
+        s = _token_stats(mask, clipfrac=clipped, value_mean=values.detach(), return_mean=returns)
+    return loss, ValueLossStats(**s)
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each chosen token: ``log softmax(logits)[tokens]``.
+
+    Shape:
+        logits: (B, T, V)
+        tokens: (B, T) integer token ids
+        returns: (B, T)
+    """
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1).long()).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution at each position: ``H = -sum_v p_v log p_v``.
+
+    Computed from ``log_softmax`` (a logsumexp), so large logits do not overflow; ``-inf``
+    logits (banned tokens) contribute 0 and give no NaN gradient.
+
+    Shape:
+        logits: (B, T, V)
+        returns: (B, T)
+    """
+    logp = torch.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    return -(p * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """Explained variance of the value predictions: ``1 - Var[R - V] / Var[R]`` over valid tokens.
+
+    1 = perfect, 0 = no better than predicting the mean return, < 0 = worse. NaN when
+    ``Var[R] == 0`` or there is no valid token. (As in OpenAI baselines' ``explained_variance``.)
+
+    Shape:
+        values, returns, mask: (B, T); returns a float
+    """
+    if not mask.bool().any():
+        return math.nan
+    values = values.detach()
+    returns = returns.detach()
+    var_r = float(masked_var(returns, mask, unbiased=False))
+    if var_r == 0.0:
+        return math.nan
+    return 1.0 - float(masked_var(returns - values, mask, unbiased=False)) / var_r

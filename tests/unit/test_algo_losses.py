@@ -1,0 +1,225 @@
+"""PPO losses: one hand-computed case per clipping branch, gradients, and split invariance."""
+
+import math
+
+import pytest
+import torch
+
+from ray_rlhf.algo.losses import (
+    aggregate,
+    entropy_from_logits,
+    explained_variance,
+    logprobs_from_logits,
+    policy_loss,
+    value_loss,
+)
+
+EPS = 0.2  # clip range [0.8, 1.2]
+
+
+def _one_token(ratio, adv, requires_grad=False):
+    """(logp, old_logp, advantages, mask) for one token with pi_new/pi_old = ratio."""
+    old = torch.tensor([[-1.0]])
+    logp = (old + math.log(ratio)).clone().requires_grad_(requires_grad)
+    return logp, old, torch.tensor([[float(adv)]]), torch.ones(1, 1)
+
+
+# (name, ratio, A, dual_clip, expected loss, clipped?, dual-clipped?)
+BRANCHES = [
+    # r = 1.5 > 1.2, A = 2 > 0: max(-1.5*2, -1.2*2) = max(-3.0, -2.4) = -2.4, clipped branch
+    ("above_clip_pos_adv_clipped", 1.5, 2.0, None, -2.4, True, False),
+    # r = 0.5 < 0.8, A = -1 < 0: max(-0.5*-1, -0.8*-1) = max(0.5, 0.8) = 0.8, clipped branch
+    ("below_clip_neg_adv_clipped", 0.5, -1.0, None, 0.8, True, False),
+    # r = 1.1 inside [0.8, 1.2], A = 3: both branches -1.1*3 = -3.3, unclipped
+    ("inside_clip", 1.1, 3.0, None, -3.3, False, False),
+    # r = 0.5 < 0.8, A = 2 > 0: max(-0.5*2, -0.8*2) = max(-1.0, -1.6) = -1.0, unclipped (pessimistic)
+    ("below_clip_pos_adv_unclipped", 0.5, 2.0, None, -1.0, False, False),
+    # r = 2 > 1.2, A = -1 < 0: max(-2*-1, -1.2*-1) = max(2.0, 1.2) = 2.0, unclipped
+    ("above_clip_neg_adv_unclipped", 2.0, -1.0, None, 2.0, False, False),
+    # same with dual clip c = 3: cap c*|A| = 3 > 2.0, not active -> 2.0
+    ("dual_clip_inactive", 2.0, -1.0, 3.0, 2.0, False, False),
+    # r = 4, A = -1, c = 3: max(4.0, 1.2) = 4.0, capped at 3*|-1| = 3.0 -> dual clip active
+    ("dual_clip_active", 4.0, -1.0, 3.0, 3.0, False, True),
+    # dual clip never touches A > 0: r = 4, A = 1: max(-4, -1.2) = -1.2, ordinary clip
+    ("dual_clip_pos_adv_ignored", 4.0, 1.0, 3.0, -1.2, True, False),
+]
+
+
+@pytest.mark.parametrize("name,ratio,adv,dual,expected,clipped,dual_clipped", BRANCHES, ids=[b[0] for b in BRANCHES])
+def test_policy_loss_branches(name, ratio, adv, dual, expected, clipped, dual_clipped):
+    logp, old, a, mask = _one_token(ratio, adv, requires_grad=True)
+    loss, stats = policy_loss(logp, old, a, mask, clip_eps=EPS, dual_clip=dual)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert stats.clipfrac == float(clipped)
+    assert stats.dual_clipfrac == float(dual_clipped)
+    assert stats.ratio_mean == pytest.approx(ratio) and stats.ratio_max == pytest.approx(ratio)
+    assert stats.approx_kl == pytest.approx(ratio - 1 - math.log(ratio), rel=1e-5)  # k3: r - 1 - log r
+    # gradient: d(-A r)/d logp = -A r on the live branch; 0 when a clip (or the dual cap) holds
+    loss.backward()
+    live = not (clipped or dual_clipped)
+    assert logp.grad.item() == pytest.approx(-adv * ratio if live else 0.0, rel=1e-6, abs=1e-12)
+
+
+def test_policy_loss_batch_stats_and_gradient_with_global_num_tokens():
+    # row 0: r = 1.1, A = 3 (inside)   | r = 1.5, A = 2 (clipped) | padding
+    # row 1: r = 0.5, A = 2 (unclipped)| r = 0.5, A = -1 (clipped)| r = 2, A = -1 (unclipped)
+    ratios = torch.tensor([[1.1, 1.5, 1.0], [0.5, 0.5, 2.0]])
+    adv = torch.tensor([[3.0, 2.0, 100.0], [2.0, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.float32)
+    old = torch.full((2, 3), -2.0)
+    logp = (old + ratios.log()).requires_grad_(True)
+    N = 10  # pretend this is one shard of a global batch with 10 valid tokens
+    loss, stats = policy_loss(logp, old, adv, mask, clip_eps=EPS, num_tokens=N)
+    # per token: -3.3, -2.4, (pad), -1.0, 0.8, 2.0 -> sum -3.9, divided by 10
+    assert loss.item() == pytest.approx(-0.39, rel=1e-6)
+    assert stats.clipfrac == pytest.approx(2 / 5)  # tokens (0,1) and (1,1)
+    assert stats.ratio_mean == pytest.approx((1.1 + 1.5 + 0.5 + 0.5 + 2.0) / 5)
+    assert stats.ratio_max == pytest.approx(2.0)  # the padded position is never the max
+    loss.backward()
+    # unclipped tokens: -A r / N; clipped tokens and padding: 0
+    expected = torch.tensor([[-3.3, 0.0, 0.0], [-1.0, 0.0, 2.0]]) / N
+    torch.testing.assert_close(logp.grad, expected)
+
+
+def _random_batch(seed, B=6, T=8):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([8, 1, 5, 3, 7, 2])
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    logp = old + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)  # many ratios outside the clip
+    adv = torch.randn(B, T, generator=g, dtype=torch.float64)
+    old_v = torch.randn(B, T, generator=g, dtype=torch.float64)
+    v = old_v + 0.5 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    ret = torch.randn(B, T, generator=g, dtype=torch.float64)
+    return logp, old, adv, v, old_v, ret, mask
+
+
+# minibatches of unequal sizes, and interleaved "data-parallel shards"
+SPLITS = {"minibatches": [[0, 1], [2], [3, 4, 5]], "shards": [[0, 2, 4], [1, 3, 5]]}
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_policy_loss_split_invariance(split):
+    logp, old, adv, _, _, _, mask = _random_batch(0)
+    full_logp = logp.clone().requires_grad_(True)
+    full, _ = policy_loss(full_logp, old, adv, mask, clip_eps=EPS, dual_clip=2.0)
+    full.backward()
+    n_global = mask.sum()  # 26 valid tokens
+    parts_logp = logp.clone().requires_grad_(True)
+    total = 0.0
+    for rows in SPLITS[split]:
+        part, _ = policy_loss(parts_logp[rows], old[rows], adv[rows], mask[rows], EPS, 2.0, num_tokens=n_global)
+        part.backward()  # accumulate gradients as micro-batching does
+        total = total + part
+    assert total.item() == pytest.approx(full.item(), rel=1e-12)
+    torch.testing.assert_close(parts_logp.grad, full_logp.grad)
+    # without num_tokens each piece is its own token mean, and the pieces do NOT sum to the full loss
+    naive = sum(policy_loss(logp[r], old[r], adv[r], mask[r], EPS)[0].item() for r in SPLITS[split])
+    assert naive != pytest.approx(full.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+@pytest.mark.parametrize("clip", [None, 0.2])
+def test_value_loss_split_invariance(split, clip):
+    _, _, _, v, old_v, ret, mask = _random_batch(1)
+    full, _ = value_loss(v, old_v, ret, mask, clip_eps=clip)
+    total = sum(value_loss(v[r], old_v[r], ret[r], mask[r], clip, num_tokens=int(mask.sum()))[0] for r in SPLITS[split])
+    assert total.item() == pytest.approx(full.item(), rel=1e-12)
+
+
+# (name, V, V_old, R, expected 0.5*max(...), clipped?) with clip_eps = 0.2
+VALUE_CASES = [
+    # V - V_old = 0.5 -> V_clip = 1.2; (1.5-2)^2 = 0.25 < (1.2-2)^2 = 0.64 -> 0.5*0.64 = 0.32, clipped
+    ("clipped_term_larger", 1.5, 1.0, 2.0, 0.32, True),
+    # V - V_old = 0.1 inside the clip: both (1.1-2)^2 = 0.81 -> 0.405
+    ("inside_clip", 1.1, 1.0, 2.0, 0.405, False),
+    # V moved past the target: (1.5-1)^2 = 0.25 > (1.2-1)^2 = 0.04 -> 0.125, unclipped
+    ("unclipped_term_larger", 1.5, 1.0, 1.0, 0.125, False),
+]
+
+
+@pytest.mark.parametrize("name,v,v_old,r,expected,clipped", VALUE_CASES, ids=[c[0] for c in VALUE_CASES])
+def test_value_loss_branches(name, v, v_old, r, expected, clipped):
+    values = torch.tensor([[v]], requires_grad=True)
+    loss, stats = value_loss(values, torch.tensor([[v_old]]), torch.tensor([[r]]), torch.ones(1, 1), clip_eps=0.2)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert stats.clipfrac == float(clipped)
+    assert stats.value_mean == pytest.approx(v) and stats.return_mean == pytest.approx(r)
+    loss.backward()
+    # d/dV 0.5 (V - R)^2 = V - R on the unclipped term; 0 when the clipped term wins
+    assert values.grad.item() == pytest.approx(0.0 if clipped else v - r, abs=1e-6)
+
+
+def test_value_loss_unclipped_by_hand():
+    values = torch.tensor([[1.0, 3.0, 7.0]])
+    ret = torch.tensor([[2.0, 1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    loss, stats = value_loss(values, torch.zeros(1, 3), ret, mask)
+    # 0.5 * ((1-2)^2 + (3-1)^2) / 2 tokens = 0.5 * 5 / 2 = 1.25
+    assert loss.item() == pytest.approx(1.25)
+    assert stats.clipfrac == 0.0 and stats.value_mean == 2.0 and stats.return_mean == 1.5
+
+
+def test_aggregate_by_hand():
+    x = torch.tensor([[1.0, 2.0, math.nan], [3.0, 50.0, 60.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert aggregate(x, mask).item() == 2.0  # (1 + 2 + 3) / 3
+    assert aggregate(x, mask, num_tokens=6).item() == 1.0  # (1 + 2 + 3) / 6
+    assert aggregate(x, mask, num_tokens=torch.tensor(12.0)).item() == 0.5
+    assert aggregate(x, torch.zeros(2, 3)).item() == 0.0  # empty piece contributes nothing
+    with pytest.raises(ValueError, match="num_tokens"):
+        aggregate(x, mask, num_tokens=0)
+
+
+def test_empty_mask_gives_zero_loss_and_zero_stats():
+    z = torch.zeros(2, 3)
+    loss, stats = policy_loss(z, z, z, z, clip_eps=EPS, num_tokens=5)
+    assert loss.item() == 0.0 and stats.ratio_max == 0.0 and stats.clipfrac == 0.0
+
+
+def test_bad_clip_arguments():
+    z = torch.zeros(1, 1)
+    with pytest.raises(ValueError, match="dual_clip"):
+        policy_loss(z, z, z, z + 1, clip_eps=EPS, dual_clip=1.0)
+    with pytest.raises(ValueError, match="clip_eps"):
+        policy_loss(z, z, z, z + 1, clip_eps=0.0)
+
+
+def test_logprobs_and_entropy_by_hand():
+    # logits [0, ln 3] -> probs [1/4, 3/4]
+    logits = torch.tensor([[[0.0, math.log(3.0)], [5.0, 5.0]]])
+    tokens = torch.tensor([[1, 0]])
+    torch.testing.assert_close(logprobs_from_logits(logits, tokens), torch.tensor([[math.log(0.75), math.log(0.5)]]))
+    # H = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.562335; uniform over 2 -> ln 2
+    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    torch.testing.assert_close(entropy_from_logits(logits), torch.tensor([[h, math.log(2.0)]]))
+
+
+def test_entropy_is_stable_for_huge_and_banned_logits():
+    logits = torch.tensor([[[1e4, 1e4, -math.inf, -math.inf], [0.0, 0.0, 0.0, 0.0]]], requires_grad=True)
+    h = entropy_from_logits(logits)
+    torch.testing.assert_close(h.detach(), torch.tensor([[math.log(2.0), math.log(4.0)]]))
+    h.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_explained_variance_by_hand():
+    ret = torch.tensor([[1.0, 2.0, 3.0, 99.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    assert explained_variance(ret.clone(), ret, mask) == pytest.approx(1.0)  # perfect
+    assert explained_variance(torch.full_like(ret, 2.0), ret, mask) == pytest.approx(0.0)  # the mean
+    # V = [1, 2, 2]: R - V = [0, 0, 1], Var = 2/9; Var[R] = 2/3 -> 1 - (2/9)/(2/3) = 2/3
+    assert explained_variance(torch.tensor([[1.0, 2.0, 2.0, 0.0]]), ret, mask) == pytest.approx(2 / 3)
+    assert math.isnan(explained_variance(ret, torch.ones(1, 4), mask))  # Var[R] = 0
+
+
+def test_padding_junk_reaches_neither_loss_nor_gradient():
+    # valid token: r = 1.1, A = 3 -> loss -3.3, grad -3.3; padding holds -inf / NaN junk
+    old = torch.tensor([[-1.0, math.nan]])
+    logp = torch.tensor([[-1.0 + math.log(1.1), -math.inf]], requires_grad=True)
+    adv = torch.tensor([[3.0, math.nan]])
+    mask = torch.tensor([[1, 0]])
+    loss, stats = policy_loss(logp, old, adv, mask, clip_eps=EPS, dual_clip=3.0)
+    assert loss.item() == pytest.approx(-3.3, rel=1e-6) and stats.ratio_max == pytest.approx(1.1)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-3.3, 0.0]]))
