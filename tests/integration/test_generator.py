@@ -25,13 +25,8 @@ model): 16-token responses then end both ways, by EOS and by length."""
 
 
 @pytest.fixture(scope="module")
-def model_dir(request, tmp_path_factory) -> Path:
-    try:
-        return Path(request.getfixturevalue("tiny_policy_path"))
-    except pytest.FixtureLookupError:  # conftest fixture not there: build it here
-        from ray_rlhf.models.factory import ensure_model
-
-        return ensure_model("policy", "tiny", tmp_path_factory.mktemp("models"), seed=0)
+def model_dir(tiny_policy_path) -> Path:
+    return Path(tiny_policy_path)
 
 
 @pytest.fixture(scope="module")
