@@ -1,0 +1,83 @@
+"""Checks of the user's input that run before anything expensive (Ray, vLLM, model loading).
+
+Each failure is a one-line :class:`~ray_rlhf.errors.UserError` naming the thing and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ray_rlhf.config.schema import RunConfig
+from ray_rlhf.errors import UserError
+
+
+def check_causal_lm_dir(path: str | Path, key: str) -> Path:
+    """``path`` must be a Hugging Face directory holding a causal LM."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise UserError(f"{key}={path}: no such directory; point it at a Hugging Face model directory")
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"{key}={path}: no config.json, so not a Hugging Face model directory")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise UserError(f"{key}={path}: config.json is not valid JSON ({e})") from None
+    archs = cfg.get("architectures") or []
+    if not any(a.endswith("ForCausalLM") for a in archs):
+        raise UserError(
+            f"{key}={path} holds {', '.join(archs) or 'no architecture'}, not a causal LM "
+            "(need an *ForCausalLM checkpoint)"
+        )
+    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+        raise UserError(f"{key}={path}: no weight files (*.safetensors) in the directory")
+    return p
+
+
+def resolve_policy_path(cfg: RunConfig) -> Path:
+    """The policy directory: ``model.policy_path``, or the offline preset built once into the cache."""
+    if cfg.model.policy_path:
+        return check_causal_lm_dir(cfg.model.policy_path, "model.policy_path")
+    from ray_rlhf.models.factory import ensure_model
+
+    return Path(ensure_model("policy", cfg.model.preset, cfg.model.cache_dir, seed=cfg.model.init_seed))
+
+
+def load_and_check_prompts(cfg: RunConfig, tokenizer) -> list[str]:
+    """Load the prompt file and reject any prompt longer than ``data.max_prompt_tokens``."""
+    from ray_rlhf.data.prompts import bundled_prompts_path, load_prompts
+
+    path = cfg.data.prompts_path or bundled_prompts_path()
+    prompts = load_prompts(path, column=cfg.data.prompt_column)
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+    worst = max(range(len(prompts)), key=lengths.__getitem__)
+    if lengths[worst] > cfg.data.max_prompt_tokens:
+        n_over = sum(n > cfg.data.max_prompt_tokens for n in lengths)
+        raise UserError(
+            f"prompt {worst} of {path} is {lengths[worst]} tokens, longer than data.max_prompt_tokens="
+            f"{cfg.data.max_prompt_tokens} ({n_over} prompts too long); raise data.max_prompt_tokens "
+            f"(and generators.max_model_len) or shorten the prompts"
+        )
+    if cfg.rollout.prompts_per_step > len(prompts):
+        raise UserError(
+            f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} exceeds the {len(prompts)} prompts in {path}"
+        )
+    return prompts
+
+
+def load_tokenizer(policy_path: Path):
+    """The policy's tokenizer (cheap; used to check prompt lengths)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(policy_path))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from {policy_path} ({e}); the model directory needs its tokenizer files") from None
+
+
+def check_reward(cfg: RunConfig) -> None:
+    """Import every reward function and read the reward model's config, before any actor starts."""
+    from ray_rlhf.rewards.scorer import check_sources
+
+    check_sources([(f.name, f.weight) for f in cfg.reward.functions], cfg.reward.model_path, cfg.reward.model_weight)
