@@ -57,7 +57,8 @@ def init_ray(cfg: RunConfig) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     # Let actors import the user's reward modules from the directory the run was started in.
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])),
-                        "TOKENIZERS_PARALLELISM": "false"}}
+                        "TOKENIZERS_PARALLELISM": "false",
+                        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
     if address:
         _check_reachable(address)
         ray.init(address=address, runtime_env=None if os.environ.get("RAY_JOB_ID") else env)
