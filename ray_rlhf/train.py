@@ -17,6 +17,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import ray
 
@@ -49,8 +50,12 @@ class PhaseTimer:
         return _Phase()
 
 
-def run(cfg: RunConfig) -> Path:
-    """Run (or resume) a PPO training; returns the output directory."""
+def run(cfg: RunConfig, on_finish: Callable[[RLHFSystem], None] | None = None) -> Path:
+    """Run (or resume) a PPO training; returns the output directory.
+
+    ``on_finish(system)``, if given, is called with the live actors after the last step and before
+    they are shut down (the benchmarks read each actor's peak memory there).
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(cfg.output_dir)
     # -- cheap checks of everything the user gave, before Ray, vLLM or any model is started --
@@ -97,6 +102,8 @@ def run(cfg: RunConfig) -> Path:
                 log.warning("fault injection: stopping after step %d (re-run the same command to resume)", step)
                 break
             system.maybe_grow()
+        if on_finish:
+            on_finish(system)
     finally:
         metrics.close()
         if samples:
