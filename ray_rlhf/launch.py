@@ -61,7 +61,9 @@ def init_ray(cfg: RunConfig) -> None:
                         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
     if address:
         _check_reachable(address)
-        ray.init(address=address, runtime_env=None if os.environ.get("RAY_JOB_ID") else env)
+        # Joining a cluster (e.g. under `ray job submit`): the job's runtime env (--working-dir,
+        # --runtime-env) already says where code comes from; do not override it.
+        ray.init(address=address)
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env=env)
 

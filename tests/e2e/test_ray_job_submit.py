@@ -1,0 +1,57 @@
+"""``ray start --head`` on 127.0.0.1, ``ray job submit --working-dir . -- python -m ray_rlhf.train``, ``ray stop``.
+
+The way users run on clusters, on one machine: the job's driver joins the running cluster through
+``RAY_ADDRESS`` (set by the job supervisor) instead of starting its own Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_runs_training(tmp_path, tiny_policy_path):
+    bin_dir = Path(sys.executable).parent
+    ray_cli = str(bin_dir / "ray")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = free_port(), free_port()
+    start = subprocess.run(
+        [ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert start.returncode == 0, start.stdout + start.stderr
+    out = tmp_path / "run"
+    try:
+        job = subprocess.run(
+            [ray_cli, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir=.",
+             "--runtime-env=clusters/runtime_env.yaml", "--",
+             "python", "-m", "ray_rlhf.train", "--config", "tiny", "steps=2", f"output_dir={out}",
+             f"model.cache_dir={Path(tiny_policy_path).parent}", "logging.progress_bar=false",
+             "rollout.prompts_per_step=8", "ppo.minibatch_size=32"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        )
+        assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+        assert "succeeded" in job.stdout, job.stdout[-2000:]
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2]
+        assert all(r["sync/verified"] == 1.0 for r in rows)
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
