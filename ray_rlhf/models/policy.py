@@ -79,37 +79,38 @@ class PolicyWithValueHead(nn.Module):
         ``temperature`` divides the logits, so that logprobs match a sampler that drew at that
         temperature (PPO's ratio must compare the distributions actually sampled from).
         """
-        input_ids, attention_mask, position_ids = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
+        inputs = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
         P, T = prompt_ids.shape[1], response_ids.shape[1]
-        hidden = self.lm.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        states = hidden[:, P - 1 : P + T - 1]  # (B, T, H): the state before each response token
-        logits = self.lm.get_output_embeddings()(states).float()
-        if temperature != 1.0:
-            logits = logits / temperature
+        states = response_states(self.lm, inputs, P, T)
+        logits = response_logits(self.lm, states, temperature)
         logprobs = logprobs_from_logits(logits, response_ids)
         entropy = entropy_from_logits(logits) if with_entropy else None
         values = None
         if with_values:
             if self.critic is not None:
-                critic_hidden = self.critic.get_decoder()(
-                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-                ).last_hidden_state
-                states = critic_hidden[:, P - 1 : P + T - 1]
+                states = response_states(self.critic, inputs, P, T)
             values = self.value_head(states).squeeze(-1).float()
         return PolicyOutput(logprobs=logprobs, values=values, entropy=entropy)
+
+
+def response_states(lm: nn.Module, inputs, P: int, T: int) -> torch.Tensor:
+    """Final hidden states before each response token. Shape: (B, T, H)."""
+    input_ids, attention_mask, position_ids = inputs
+    hidden = lm.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    return hidden[:, P - 1 : P + T - 1]
+
+
+def response_logits(lm: nn.Module, states: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Next-token logits (float32, divided by the sampling temperature). Shape: (B, T, V)."""
+    logits = lm.get_output_embeddings()(states).float()
+    return logits / temperature if temperature != 1.0 else logits
 
 
 @torch.no_grad()
 def reference_logprobs(ref_lm: nn.Module, prompt_ids, prompt_mask, response_ids, response_mask, temperature=1.0):
     """Log-probabilities of the response tokens under the frozen reference LM. Shape: (B, T)."""
-    input_ids, attention_mask, position_ids = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
-    P, T = prompt_ids.shape[1], response_ids.shape[1]
-    hidden = ref_lm.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
-    logits = ref_lm.get_output_embeddings()(hidden[:, P - 1 : P + T - 1]).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    return logprobs_from_logits(logits, response_ids)
+    inputs = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
+    states = response_states(ref_lm, inputs, prompt_ids.shape[1], response_ids.shape[1])
+    return logprobs_from_logits(response_logits(ref_lm, states, temperature), response_ids)
