@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,22 +55,33 @@ def check_writable(output_dir: str | Path) -> None:
 
 def save(output_dir: str | Path, step: int, write_learner: Callable[[Path], None], driver_state: dict[str, Any],
          keep: int) -> Path:
-    """Write a checkpoint atomically; ``write_learner(tmp_dir)`` writes the learner's part."""
+    """Write a checkpoint atomically; ``write_learner(tmp_dir)`` writes the learner's part.
+
+    Either the whole checkpoint appears under its final name or nothing does: a failure anywhere
+    (including in ``write_learner``) removes the temporary directory and re-raises. Re-saving an
+    existing step moves the old copy aside first and deletes it only after the new one is in place.
+    """
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    old: Path | None = None
     try:
         write_learner(tmp)
         (tmp / "driver.json").write_text(json.dumps(driver_state, indent=1, sort_keys=True))
         (tmp / MARKER).write_text(str(step))
         if final.exists():  # re-running a step after a resume: replace the old copy
-            shutil.rmtree(final)
+            old = root / f".tmp-old-{final.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not final.exists():
+            os.replace(old, final)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     prune(root, keep)
     return final
 
@@ -92,21 +104,93 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def validate(path: Path) -> dict[str, Any]:
-    """Check a checkpoint directory is whole; return its driver state. One-line UserError if not."""
-    fix = "delete it or set checkpoint.resume=never with a new output_dir"
-    if not path.is_dir():
-        raise UserError(f"checkpoint {path} does not exist; set checkpoint.resume to auto, never or a checkpoint dir")
+def _safetensors_problem(path: Path, name: str) -> str | None:
+    """Why ``path`` is not a whole safetensors file (header and data region checked), or None.
+
+    ``name`` is how the message refers to the file. Format: an 8-byte little-endian header length N, N bytes of JSON mapping each tensor to
+    ``data_offsets`` [begin, end) in the data region that follows; the file ends where the
+    last tensor does. A truncated or overwritten file fails one of these checks.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{name} is truncated ({size} bytes)"
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            return f"{name} is truncated (header of {n} bytes in a {size}-byte file)"
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return f"{name} has an unreadable header"
+    if 8 + n + end != size:
+        return f"{name} is truncated or padded ({size} bytes, header says {8 + n + end})"
+    return None
+
+
+def _problems(path: Path) -> list[str]:
+    """Everything wrong with checkpoint ``path`` that can be seen without loading tensors."""
     missing = [name for name in (MARKER, *REQUIRED) if not (path / name).exists()]
     if missing:
-        raise UserError(f"checkpoint {path} is incomplete or corrupt (missing {', '.join(missing)}); {fix}")
+        return [f"missing {', '.join(missing)}"]
+    problems = []
+    for name in ("driver.json", "learner.json", "policy/config.json"):
+        try:
+            data = json.loads((path / name).read_text())
+            if name == "driver.json":
+                int(data["step"]), int(data["version"]), dict(data["data"])
+            elif name == "learner.json":
+                int(data["version"]), dict(data["kl_ctl"])
+        except FileNotFoundError:
+            problems.append(f"missing {name}")
+        except (ValueError, KeyError, TypeError) as e:
+            problems.append(f"{name} unreadable ({type(e).__name__}: {e})")
+    tensors = sorted(path.glob("*.safetensors")) + sorted(path.glob("*/*.safetensors"))
+    if not any(p.parent.name == "policy" for p in tensors):
+        problems.append("no policy/*.safetensors")
+    problems += [p for p in (_safetensors_problem(t, str(t.relative_to(path))) for t in tensors) if p]
     try:
-        state = json.loads((path / "driver.json").read_text())
-        json.loads((path / "learner.json").read_text())
-        int(state["step"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"checkpoint {path} is corrupt (driver.json/learner.json unreadable: {e}); {fix}") from None
-    return state
+        with zipfile.ZipFile(path / "optimizer.pt") as z:  # torch.save's format; truncation loses the index
+            z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        problems.append(f"optimizer.pt is not a readable torch file ({e})")
+    return problems
+
+
+def validate(path: Path) -> dict[str, Any]:
+    """Check a checkpoint directory is whole; return its driver state. One-line UserError if not.
+
+    Reads only the JSON files and the safetensors/zip indexes (cheap at any model size); nothing
+    is unpickled.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"checkpoint {path} does not exist; set checkpoint.resume to auto, never or a checkpoint dir")
+    problems = _problems(path)
+    if problems:
+        raise UserError(
+            f"checkpoint {path} is incomplete or corrupt ({'; '.join(problems)}); delete that directory "
+            "(checkpoint.resume=auto then takes the one before it) or start afresh with a new output_dir"
+        )
+    return json.loads((path / "driver.json").read_text())
+
+
+def check_compatible(path: Path, policy_path: Path) -> None:
+    """The checkpoint's policy must have the run's model architecture (compares config.json shapes)."""
+    keys = ("architectures", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "intermediate_size")
+    try:
+        mine = json.loads((Path(policy_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # the policy itself was checked by preflight; nothing to compare against
+    theirs = json.loads((Path(path) / "policy" / "config.json").read_text())
+    diff = [f"{k} {theirs.get(k)} vs {mine.get(k)}" for k in keys if theirs.get(k) != mine.get(k)]
+    if diff:
+        raise UserError(
+            f"checkpoint {path} holds a different model than {policy_path} ({', '.join(diff)}); resume with the "
+            "model it was made with, or start afresh with a new output_dir"
+        )
 
 
 def resolve_resume(output_dir: str | Path, resume: str) -> Path | None:

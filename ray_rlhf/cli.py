@@ -68,16 +68,77 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_error_of(exc: BaseException) -> UserError | None:
+    """The :class:`UserError` behind ``exc``, also when it was raised inside a Ray actor, or None.
+
+    Ray re-raises a remote exception as a ``RayTaskError`` (a subclass of both RayTaskError and the
+    remote class, whose ``str`` is the whole remote traceback) with the original in ``.cause``; an
+    actor whose constructor raised surfaces as ``ActorDiedError`` carrying only that text. Either
+    way we want the original one-line message.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        ray_exc = sys.modules.get("ray.exceptions")
+        if ray_exc is not None and isinstance(exc, ray_exc.RayTaskError):
+            exc = exc.cause
+            continue
+        if isinstance(exc, UserError):
+            return exc
+        if ray_exc is not None and isinstance(exc, ray_exc.RayActorError):
+            return _user_error_in_text(str(getattr(exc, "error_msg", "") or exc))
+        exc = exc.__cause__
+    return None
+
+
+def _user_error_in_text(text: str) -> UserError | None:
+    """The last ``module.SomeUserError: message`` line of a remote traceback, as a UserError."""
+    names = {f"{c.__module__}.{c.__qualname__}" for c in _subclasses(UserError)}
+    for line in reversed(text.splitlines()):
+        name, sep, message = line.strip().partition(": ")
+        if sep and name in names:
+            return UserError(message)
+    return None
+
+
+def _subclasses(cls: type) -> list[type]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out += _subclasses(sub)
+    return out
+
+
+def _stop_ray() -> None:
+    """Shut Ray down (if this process started or joined it) so its log lines come before ours."""
+    ray = sys.modules.get("ray")
+    try:
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 -- best effort on the way out
+        pass
+    sys.stdout.flush()
+
+
 def run_command(func, args) -> int:
-    """Run a command; user mistakes become one line on stderr and exit status 2."""
+    """Run a command; user mistakes become one line on stderr and exit status 2.
+
+    A user mistake found inside a Ray actor (a reward function that raises, ...) comes back as a
+    Ray error; it is unwrapped to its one line. Ray is shut down before the line is printed, so the
+    error is the last thing on stderr rather than buried under actors' log output.
+    """
     try:
         func(args)
-    except UserError as e:
-        print(f"ray-rlhf: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
+        _stop_ray()
         print("ray-rlhf: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        user = user_error_of(e)
+        if user is None:
+            raise
+        _stop_ray()
+        print(f"ray-rlhf: error: {user}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -76,8 +76,21 @@ def load_tokenizer(policy_path: Path):
         raise UserError(f"cannot load a tokenizer from {policy_path} ({e}); the model directory needs its tokenizer files") from None
 
 
-def check_reward(cfg: RunConfig) -> None:
-    """Import every reward function and read the reward model's config, before any actor starts."""
-    from ray_rlhf.rewards.scorer import check_sources
+def check_reward(cfg: RunConfig, prompts: list[str] | None = None) -> None:
+    """Import every reward function and read the reward model's config, before any actor starts;
+    then call each function once on a probe sample (the first prompt and a short plain response).
 
-    check_sources([(f.name, f.weight) for f in cfg.reward.functions], cfg.reward.model_path, cfg.reward.model_weight)
+    The probe catches a function that raises or returns NaN / a non-number on ordinary text in the
+    driver, in a second, instead of in the reward actor after Ray and vLLM have started. (A function
+    that fails only on some generated text still fails at its step, with the same one-line message.)
+    """
+    from ray_rlhf.rewards.scorer import RewardScorer, check_sources
+
+    functions = [(f.name, f.weight) for f in cfg.reward.functions]
+    check_sources(functions, cfg.reward.model_path, cfg.reward.model_weight)
+    if functions:  # the functions only: the reward model's weights are not loaded here
+        probe = RewardScorer(functions)
+        if prompts:
+            probe.validate(prompt=prompts[0])
+        else:
+            probe.validate()

@@ -62,10 +62,12 @@ def run(cfg: RunConfig, on_finish: Callable[[RLHFSystem], None] | None = None) -
     policy_path = preflight.resolve_policy_path(cfg)
     tokenizer = preflight.load_tokenizer(policy_path)
     prompts = preflight.load_and_check_prompts(cfg, tokenizer)
-    preflight.check_reward(cfg)
+    preflight.check_reward(cfg, prompts)
     checkpoint.check_writable(out)
     resume_dir = checkpoint.resolve_resume(out, cfg.checkpoint.resume)
     resumed = checkpoint.validate(resume_dir) if resume_dir else None
+    if resume_dir:
+        checkpoint.check_compatible(resume_dir, policy_path)
     log.info("resolved config:\n%s", to_yaml(cfg))
     (out / "config.yaml").write_text(to_yaml(cfg))
 

@@ -1,0 +1,253 @@
+"""User mistakes through the real command line: one clear line, exit status 2, checkpoints untouched.
+
+Every case runs ``python -m ray_rlhf.train --config tiny ...`` as a subprocess against the tiny
+models built once per session (``model.cache_dir``), and asserts:
+
+* exit status 2 (a :class:`~ray_rlhf.errors.UserError`, not a crash);
+* the last non-empty line of stderr is ``ray-rlhf: error: <one line>`` naming the problem;
+* no ``Traceback`` anywhere in stderr;
+* where the run directory already holds a complete checkpoint: every byte of ``checkpoints/`` is
+  unchanged, and no new ``step_*`` or ``.tmp-*`` directory appeared.
+
+All but one case fail in the preflight checks (before Ray, vLLM or any model starts) and take a
+few seconds each. ``reward_raises_in_actor`` starts Ray and vLLM: its reward function passes the
+driver's preflight probe and fails inside the reward actor at the first step, so the error travels
+back through Ray and must still come out as one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+# Reward functions the cases point reward.functions at (written into the subprocess's cwd).
+BAD_REWARDS = '''
+import math
+
+def raises(prompt, response):
+    raise ValueError("label not found")
+
+def nan(prompt, response):
+    return float("nan")
+
+def raises_in_ray(prompt, response):
+    """Fine in the driver's preflight probe, raises inside the Ray reward actor (as a function
+    that only chokes on real generated text would)."""
+    import ray
+
+    if ray.is_initialized():
+        raise KeyError("unexpected token in response")
+    return 0.0
+'''
+BROKEN_IMPORT = "import package_that_is_not_installed_xyz\n\ndef score(prompt, response):\n    return 0.0\n"
+
+
+@dataclass
+class Case:
+    """One user mistake: the overrides, how to set the scene, and what the one line must name."""
+
+    overrides: list[str]
+    expect: list[str]
+    """Fragments the error line must contain (key names, file names)."""
+    setup: Callable[["Scene"], None] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    config: str = "tiny"
+    max_seconds: float | None = None
+    """Wall-clock bound (e.g. an unreachable cluster must fail in seconds, not minutes)."""
+
+
+@dataclass
+class Scene:
+    """Paths a case can use; ``{run}``, ``{tmp}``, ``{reward_model}`` in overrides are filled from it."""
+
+    tmp: Path
+    run: Path
+    reward_model: Path
+
+    def fmt(self, s: str) -> str:
+        for key, value in (("{run}", self.run), ("{tmp}", self.tmp), ("{reward_model}", self.reward_model)):
+            s = s.replace(key, str(value))
+        return s
+
+
+def _ckpt(scene: Scene) -> Path:
+    return scene.run / "checkpoints" / "step_000001"
+
+
+def _write(name: str, data: bytes | str):
+    def setup(scene: Scene) -> None:
+        p = scene.tmp / name
+        p.write_bytes(data.encode() if isinstance(data, str) else data)
+
+    return setup
+
+
+def _mkdir(name: str):
+    return lambda scene: (scene.tmp / name).mkdir()
+
+
+def _corrupt_learner_json(scene: Scene) -> None:
+    (_ckpt(scene) / "learner.json").write_text('{"version": 0, "kl_ctl": ')  # torn write
+
+
+def _remove_optimizer(scene: Scene) -> None:
+    (_ckpt(scene) / "optimizer.pt").unlink()
+
+
+def _truncate_value_head(scene: Scene) -> None:
+    p = _ckpt(scene) / "value_head.safetensors"
+    p.write_bytes(p.read_bytes()[:200])
+
+
+def _truncate_policy_weights(scene: Scene) -> None:
+    p = _ckpt(scene) / "policy" / "model.safetensors"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _other_model_checkpoint(scene: Scene) -> None:
+    p = _ckpt(scene) / "policy" / "config.json"
+    cfg = json.loads(p.read_text())
+    cfg["num_hidden_layers"] += 1  # as if written by a run of another model preset
+    p.write_text(json.dumps(cfg))
+
+
+FAST = ["steps=2", "logging.progress_bar=false", "logging.tensorboard=false"]
+"""Every case: two steps at most (the checkpoint is at step 1), no progress bar."""
+
+RAY_SMALL = ["generators.num=1", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2",
+             "generators.shard_prompts=4", "rollout.max_new_tokens=8", "ppo.minibatch_size=8",
+             "ppo.micro_batch_size=8", "ppo.epochs=1", "sync.verify=false", "ray.num_cpus=2"]
+"""The smallest tiny run, for the one case that needs Ray and vLLM."""
+
+CASES: dict[str, Case] = {
+    "unknown_config_key": Case(["ppo.bogus=1"], ["unknown config key 'ppo.bogus'"]),
+    "wrong_type": Case(["ppo.epochs=many"], ["'ppo.epochs'", "integer"]),
+    "impossible_combination": Case(["ppo.minibatch_size=128"], ["ppo.minibatch_size=128", "larger than the batch"]),
+    "config_file_missing": Case([], ["--config", "nothere.yaml"], config="nothere.yaml"),
+    "missing_model_dir": Case(["model.policy_path={tmp}/no_such_model"], ["model.policy_path", "no such directory"]),
+    "empty_model_dir": Case(["model.policy_path={tmp}/empty_model"], ["model.policy_path", "config.json"],
+                            setup=_mkdir("empty_model")),
+    "reward_model_as_policy": Case(["model.policy_path={reward_model}"], ["model.policy_path", "not a causal LM"]),
+    "empty_prompt_file": Case(["data.prompts_path={tmp}/empty.jsonl"], ["empty.jsonl", "empty"],
+                              setup=_write("empty.jsonl", b"")),
+    "malformed_jsonl": Case(["data.prompts_path={tmp}/bad.jsonl"], ["bad.jsonl", "not valid JSON Lines"],
+                            setup=_write("bad.jsonl", '{"prompt": "hi"}\n{"prompt": "unterminated\n')),
+    "malformed_parquet": Case(["data.prompts_path={tmp}/bad.parquet"], ["bad.parquet", "not valid Parquet"],
+                              setup=_write("bad.parquet", b"PAR1 this is not really parquet")),
+    "missing_prompt_column": Case(["data.prompt_column=question"], ["no column 'question'", "data.prompt_column"]),
+    "prompt_longer_than_context": Case(["data.max_prompt_tokens=3"], ["data.max_prompt_tokens=3", "tokens"]),
+    "reward_import_error": Case(["reward.functions=[{name: 'broken_reward:score', weight: 1.0}]"],
+                                ["broken_reward:score", "package_that_is_not_installed_xyz"]),
+    "reward_missing_function": Case(["reward.functions=[{name: 'bad_rewards:nope', weight: 1.0}]"],
+                                    ["bad_rewards:nope", "no attribute"]),
+    "reward_raises": Case(["reward.functions=[{name: 'bad_rewards:raises', weight: 1.0}]"],
+                          ["bad_rewards:raises", "raised ValueError", "label not found"]),
+    "reward_returns_nan": Case(["reward.functions=[{name: 'bad_rewards:nan', weight: 1.0}]"],
+                               ["bad_rewards:nan", "nan", "finite"]),
+    "unreachable_ray_address": Case([], ["127.0.0.1:1", "RAY_ADDRESS"], env={"RAY_ADDRESS": "127.0.0.1:1"},
+                                    max_seconds=60),
+    "unwritable_checkpoint_dir": Case(["output_dir={tmp}/a_file/run"], ["a_file", "output_dir"],
+                                      setup=_write("a_file", "not a directory")),
+    "corrupt_checkpoint_json": Case([], ["step_000001", "learner.json"], setup=_corrupt_learner_json),
+    "checkpoint_missing_file": Case([], ["step_000001", "optimizer.pt"], setup=_remove_optimizer),
+    "checkpoint_truncated_tensors": Case([], ["step_000001", "value_head.safetensors"], setup=_truncate_value_head),
+    "checkpoint_truncated_policy": Case([], ["step_000001", "model.safetensors"], setup=_truncate_policy_weights),
+    "checkpoint_of_other_model": Case([], ["step_000001", "different model", "num_hidden_layers"],
+                                      setup=_other_model_checkpoint),
+    "resume_path_missing": Case(["checkpoint.resume={tmp}/no_such_checkpoint"],
+                                ["no_such_checkpoint", "checkpoint.resume"]),
+    "resume_never_over_checkpoints": Case(["checkpoint.resume=never"], ["checkpoint.resume=never"]),
+    "reward_raises_in_actor": Case(
+        ["reward.functions=[{name: 'bad_rewards:raises_in_ray', weight: 1.0}]", *RAY_SMALL],
+        ["bad_rewards:raises_in_ray", "raised KeyError", "unexpected token in response"],
+    ),
+}
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """``relative path -> sha256`` of every file under ``root`` (directories as ``<dir>``)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = "<dir>" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_cache(tiny_policy_path, tiny_reward_path) -> Path:
+    """The session's model cache (holds the tiny policy and reward model): no rebuild per case."""
+    assert Path(tiny_policy_path).parent == Path(tiny_reward_path).parent
+    return Path(tiny_policy_path).parent
+
+
+@pytest.fixture(scope="session")
+def good_run(tmp_path_factory, tiny_policy_path) -> Path:
+    """A run directory holding one complete checkpoint at step 1, written by the real Learner
+    through :func:`ray_rlhf.checkpoint.save` (in-process, no Ray)."""
+    from ray_rlhf import checkpoint
+    from ray_rlhf.config import load_config
+    from ray_rlhf.data.prompts import PromptStream, bundled_prompts_path, load_prompts
+    from ray_rlhf.learner import Learner
+
+    cfg = load_config("tiny")
+    learner = Learner(str(tiny_policy_path), cfg.ppo, cfg.kl, seed=cfg.seed)
+    stream = PromptStream(load_prompts(bundled_prompts_path()), seed=cfg.seed)
+    stream.next_batch(cfg.rollout.prompts_per_step)
+    run = tmp_path_factory.mktemp("good_run")
+    state = {"step": 1, "version": learner.version, "data": stream.state_dict(), "pool_restarts": 0}
+    checkpoint.save(run, 1, learner.save_state, state, keep=2)
+    return run
+
+
+def run_train(config: str, overrides: list[str], cwd: Path, env: dict[str, str], timeout: float):
+    full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    full_env.update(env)
+    cmd = [sys.executable, "-m", "ray_rlhf.train", "--config", config, *overrides]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return proc, time.monotonic() - t0
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(name, tmp_path, model_cache, good_run, tiny_reward_path):
+    case = CASES[name]
+    if name == "reward_raises_in_actor" and os.environ.get("RAY_RLHF_SKIP_RAY_E2E"):
+        pytest.skip("RAY_RLHF_SKIP_RAY_E2E is set")
+    (tmp_path / "bad_rewards.py").write_text(BAD_REWARDS)
+    (tmp_path / "broken_reward.py").write_text(BROKEN_IMPORT)
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    scene = Scene(tmp=tmp_path, run=run, reward_model=Path(tiny_reward_path))
+    if case.setup:
+        case.setup(scene)
+    before = tree_digest(run / "checkpoints")
+
+    overrides = [f"output_dir={run}", f"model.cache_dir={model_cache}", *FAST, *map(scene.fmt, case.overrides)]
+    proc, seconds = run_train(case.config, overrides, cwd=tmp_path, env=case.env, timeout=540)
+
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    tail = "\n".join(lines[-15:])
+    assert proc.returncode == 2, f"exit {proc.returncode}; stderr tail:\n{tail}"
+    assert "Traceback" not in proc.stderr, tail
+    last = lines[-1]
+    assert last.startswith("ray-rlhf: error: "), tail
+    for fragment in case.expect:
+        assert fragment in last, f"{fragment!r} not in {last!r}"
+    if case.max_seconds:
+        assert seconds < case.max_seconds, f"took {seconds:.1f}s"
+    # The existing checkpoint is byte-for-byte untouched; nothing new was started beside it.
+    assert tree_digest(run / "checkpoints") == before
+    print(f"{name}: {seconds:.1f}s: {last}")
