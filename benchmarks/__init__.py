@@ -1,0 +1,1 @@
+"""Throughput benchmarks of ray-rlhf: ``python -m benchmarks.run [--quick] [--out DIR]`` (see README.md)."""

@@ -1,0 +1,92 @@
+"""Section 2: the bound ``G + R + T + S`` -- what the parts of one PPO step cost on their own.
+
+- ``G``: standalone vLLM generation of the same step's prompts with the same sampling parameters
+  and seeds, on fresh :class:`~ray_rlhf.generator.Generator` actors with the same resources as the
+  run's (``generators.num`` actors, ``generators.num_cpus`` each). Each actor gets ONE shard with
+  its share of the prompts (a static split, no work queue); ``G`` is the driver's wall time from
+  dispatch to the last result. Weights are the initial ones (version 0), as in the run's step 1.
+- ``R``: the reward of those rollouts, :class:`~ray_rlhf.rewards.scorer.RewardScorer` in process.
+- ``T``: one learner step on that batch, in a fresh learner actor with the run's resources:
+  ``prepare_seconds + update_seconds`` measured inside the actor (no Ray transfer).
+- ``S``: weight bytes / memory-copy bandwidth, the bandwidth being the best of a few copies of a
+  large torch tensor in the driver (one copy of the weights at memcpy speed).
+
+Per-step values are averaged without the warm-up step, as in the end-to-end section.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import ray
+import torch
+
+from benchmarks.common import mean_after_warmup
+from ray_rlhf.pool import make_shards
+from ray_rlhf.rewards.scorer import RewardScorer
+
+
+def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Bytes per second of ``dst.copy_(src)`` for a ``nbytes`` float32 tensor (best of ``repeats``)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch the pages once
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def generate_standalone(generators: list, batch, sampling) -> tuple[list, float]:
+    """All of ``batch`` on ``generators``, one shard each; returns (rollouts in prompt order, seconds)."""
+    shards = make_shards(batch, math.ceil(len(batch) / len(generators)))
+    t0 = time.perf_counter()
+    results = ray.get([g.generate.remote(s, sampling) for g, s in zip(generators, shards)])
+    seconds = time.perf_counter() - t0
+    return [r for part in results for r in part], seconds
+
+
+def run_bound(cfg, batches, generators, learner, learner_steps: int) -> dict:
+    """Per-step G, R (all ``batches``) and T (first ``learner_steps``); the rollouts of each step too."""
+    rc = cfg.reward
+    scorer = RewardScorer([(f.name, f.weight) for f in rc.functions], rc.model_path, rc.model_weight, rc.batch_size)
+    ray.get([g.ping.remote() for g in generators] + [learner.ping.remote()])
+    per_step = []
+    for i, (step, batch, sampling) in enumerate(batches):
+        rollouts, g_s = generate_standalone(generators, batch, sampling)
+        t0 = time.perf_counter()
+        scored = scorer.score(rollouts)
+        r_s = time.perf_counter() - t0
+        row = {"step_index": step, "G": g_s, "R": r_s, "tokens": sum(len(r.response_ids) for r in rollouts),
+               "sequences": len(rollouts)}
+        if i < learner_steps:
+            t0 = time.perf_counter()
+            stats = ray.get(learner.step.remote(scored))
+            row.update(T=stats.prepare_seconds + stats.update_seconds, T_wall=time.perf_counter() - t0,
+                       T_prepare=stats.prepare_seconds, T_update=stats.update_seconds)
+        per_step.append(row)
+    G = mean_after_warmup([r["G"] for r in per_step])
+    R = mean_after_warmup([r["R"] for r in per_step])
+    T = mean_after_warmup([r["T"] for r in per_step if "T" in r])
+    kept = per_step[1:] or per_step
+    learned = [r for r in per_step if "T" in r]
+    return {"per_step": per_step, "G": G, "R": R, "T": T,
+            "T_wall": mean_after_warmup([r["T_wall"] for r in learned]),
+            "T_prepare": mean_after_warmup([r["T_prepare"] for r in learned]),
+            "T_update": mean_after_warmup([r["T_update"] for r in learned]),
+            "mean_response_length": sum(r["tokens"] for r in kept) / sum(r["sequences"] for r in kept),
+            "standalone_tokens_per_s": sum(r["tokens"] for r in kept) / sum(r["G"] for r in kept),
+            "generators": len(generators), "learner_steps": learner_steps}
+
+
+def summarize_bound(bound: dict, weight_bytes: int, bandwidth: float, step_seconds: float) -> dict:
+    """Add ``S`` and the efficiencies to a :func:`run_bound` result."""
+    S = weight_bytes / bandwidth
+    total = bound["G"] + bound["R"] + bound["T"] + S
+    return {**bound, "S": S, "copy_bandwidth_bytes_per_s": bandwidth, "weight_bytes": weight_bytes,
+            "sum": total, "step_seconds": step_seconds, "efficiency": total / step_seconds,
+            "overlap_bound": max(bound["G"], bound["T"]),
+            "efficiency_vs_overlap": max(bound["G"], bound["T"]) / step_seconds}

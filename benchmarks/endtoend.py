@@ -1,0 +1,70 @@
+"""Section 1 (end to end) and section 5 (memory): the real PPO loop, ``ray_rlhf.train.run``.
+
+Phases of one step, in seconds, from the run's ``metrics.jsonl``:
+
+- ``generate`` = ``time/generate``: the pool's rollout of the step's prompts (vLLM actors);
+- ``reward`` = ``time/reward``: the reward actor's ``score`` call;
+- ``prepare`` = ``ppo/prepare_seconds``: old/reference logprobs, values, GAE, inside the learner;
+- ``update`` = ``ppo/update_seconds``: the PPO epochs, inside the learner;
+- ``sync`` = ``time/sync``: the weight broadcast to every generator, checksum verify included;
+- ``orchestration`` = ``time/step`` minus the five above: Ray calls and transfers around the
+  learner, batching, metrics logging.
+
+Peak memory of every actor is read in ``train.run``'s ``on_finish`` hook, before shutdown.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.common import actor_peak_rss, driver_peak_rss, mean_after_warmup
+from ray_rlhf import train
+from ray_rlhf.config.schema import RunConfig
+
+PHASES = {
+    "generate": "time/generate",
+    "reward": "time/reward",
+    "prepare": "ppo/prepare_seconds",
+    "update": "ppo/update_seconds",
+    "sync": "time/sync",
+}
+
+
+def phase_row(metrics: dict) -> dict[str, float]:
+    """One step's phases (seconds), orchestration being what the named phases leave of the step."""
+    row = {name: float(metrics[key]) for name, key in PHASES.items()}
+    row["orchestration"] = float(metrics["time/step"]) - sum(row.values())
+    row["step"] = float(metrics["time/step"])
+    return row
+
+
+def run_endtoend(cfg: RunConfig) -> dict:
+    """Run ``cfg.steps`` PPO steps; return per-step rows, warm-up-skipped means and actor memory."""
+    memory: list[dict] = []
+
+    def on_finish(system) -> None:
+        for i, h in enumerate(system.pool.handles):
+            memory.append({"actor": f"generator-{i}", **actor_peak_rss(h)})
+        memory.append({"actor": "learner", **actor_peak_rss(system.learner)})
+        memory.append({"actor": "reward", **actor_peak_rss(system.reward)})
+        memory.append({"actor": "driver", **driver_peak_rss()})
+
+    out = train.run(cfg, on_finish=on_finish)
+    rows = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines() if line.strip()]
+    per_step = []
+    for m in rows:
+        r = phase_row(m)
+        r.update(step_index=int(m["step"]), samples_per_s=float(m["perf/samples_per_s"]),
+                 generated_tokens_per_s=float(m["perf/generated_tokens_per_s"]),
+                 generated_tokens=float(m["perf/generated_tokens_per_s"]) * float(m["time/generate"]),
+                 response_length_mean=float(m.get("response/length_mean", 0.0)),
+                 sync_seconds_no_verify=float(m["sync/seconds"]), sync_bytes=int(m["sync/bytes"]))
+        per_step.append(r)
+    keys = [*PHASES, "orchestration", "step", "samples_per_s", "sync_seconds_no_verify", "response_length_mean"]
+    mean = {k: mean_after_warmup([r[k] for r in per_step]) for k in keys}
+    kept = per_step[1:] or per_step
+    # tokens/s over the kept steps as a whole (total tokens / total generate time), not a mean of rates
+    mean["generated_tokens_per_s"] = sum(r["generated_tokens"] for r in kept) / sum(r["generate"] for r in kept)
+    return {"output_dir": str(out), "per_step": per_step, "mean": mean,
+            "weight_bytes": per_step[-1]["sync_bytes"], "memory": memory}

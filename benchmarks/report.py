@@ -1,0 +1,176 @@
+"""Targets, ``results.md`` (Markdown tables) and the PNG plots, from the ``results.json`` dict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+MiB = 2**20
+PHASE_ORDER = ("generate", "reward", "prepare", "update", "sync", "orchestration")
+
+
+# ---------------------------------------------------------------- targets
+
+def _target(name: str, value: float, goal: float, higher_is_better: bool, why: str) -> dict:
+    met = value >= goal if higher_is_better else value <= goal
+    margin = value - goal if higher_is_better else goal - value
+    return {"name": name, "value": value, "goal": goal, "comparison": ">=" if higher_is_better else "<=",
+            "met": bool(met), "margin": margin, "why": "" if met else why}
+
+
+def targets(res: dict) -> list[dict]:
+    cfg, e2e, b, gen = res["config"], res["endtoend"]["mean"], res["bound"], res["generation"]
+    n_shards = -(-cfg["prompts_per_step"] // cfg["shard_prompts"])
+    gaps = {"generation": e2e["generate"] - b["G"], "learner": e2e["prepare"] + e2e["update"] - b["T"],
+            "weight sync": e2e["sync"] - b["S"], "reward": e2e["reward"] - b["R"],
+            "orchestration": e2e["orchestration"]}
+    worst = max(gaps, key=gaps.get)
+    return [
+        _target("in-loop generation / standalone vLLM", gen["in_loop_over_standalone"], 0.95, True,
+                f"in the loop the pool sends {n_shards} shards of {cfg['shard_prompts']} prompts to "
+                f"{cfg['generators']} engines (smaller batches, one Ray round trip each) where standalone sends "
+                f"one shard per engine; mean response length {e2e['response_length_mean']:.1f} in the loop vs "
+                f"{b['mean_response_length']:.1f} standalone"),
+        _target("efficiency (G+R+T+S) / step time", b["efficiency"], 0.90, True,
+                f"largest excess over the bound: {worst} +{gaps[worst]:.3f} s/step "
+                + ", ".join(f"{k} {v:+.3f}" for k, v in gaps.items() if k != worst)),
+        _target(f"weight sync / step time ({cfg['preset']})", e2e["sync"] / e2e["step"], 0.05, False,
+                f"sync {e2e['sync']:.3f} s/step of which checksum verify "
+                f"{e2e['sync'] - e2e['sync_seconds_no_verify']:.3f} s; transfer+load alone is "
+                f"{e2e['sync_seconds_no_verify'] / e2e['step']:.1%} of the step"),
+        _target("vLLM / transformers generate", gen["vllm_over_hf"], 1.5, True,
+                f"at {res['model_params'] / 1e6:.1f} M parameters each token costs little compute, so per-step "
+                "engine overhead (scheduling, sampling, detokenizing) weighs as much as the model itself"),
+    ]
+
+
+# ---------------------------------------------------------------- markdown
+
+def _table(header: list[str], rows: list[list]) -> str:
+    def fmt(x):
+        if isinstance(x, float):
+            return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+        return str(x)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown(res: dict) -> str:
+    cfg, e2e, b, gen = res["config"], res["endtoend"]["mean"], res["bound"], res["generation"]
+    bound_of = {"generate": b["G"], "reward": b["R"], "prepare": b["T_prepare"], "update": b["T_update"],
+                "sync": b["S"], "orchestration": 0.0}
+    out = [
+        f"# ray-rlhf benchmark ({res['mode']} mode, preset `{cfg['preset']}`)",
+        "",
+        f"{res['timestamp']}; {res['machine']}; {cfg['steps']} PPO steps of {cfg['prompts_per_step']} prompts x "
+        f"{cfg['samples_per_prompt']} samples, up to {cfg['max_new_tokens']} new tokens, {cfg['generators']} "
+        f"generators. Per-step numbers are means over steps 2..{cfg['steps']} (step 1 is warm-up, skipped).",
+        "",
+        "## End to end",
+        "",
+        _table(["samples/s", "generated tokens/s", "s/step"],
+               [[e2e["samples_per_s"], e2e["generated_tokens_per_s"], e2e["step"]]]),
+        "",
+        _table(["phase", "s/step", "share of step", "standalone (bound)"],
+               [[p, e2e[p], f"{e2e[p] / e2e['step']:.1%}", bound_of[p]] for p in PHASE_ORDER]
+               + [["step", e2e["step"], "100%", b["sum"]]]),
+        "",
+        "## Bound",
+        "",
+        _table(["G", "R", "T", "S", "G+R+T+S", "step", "efficiency", "max(G,T)", "max(G,T)/step"],
+               [[b["G"], b["R"], b["T"], b["S"], b["sum"], b["step_seconds"], b["efficiency"],
+                 b["overlap_bound"], b["efficiency_vs_overlap"]]]),
+        "",
+        f"S = {b['weight_bytes'] / MiB:.1f} MiB / {b['copy_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s memory-copy bandwidth.",
+        "",
+        "## Generation",
+        "",
+        _table(["path", "tokens/s", "vs standalone vLLM"],
+               [["in the PPO loop", gen["in_loop_tokens_per_s"], gen["in_loop_over_standalone"]],
+                ["standalone vLLM", gen["standalone_vllm_tokens_per_s"], 1.0],
+                ["transformers generate", gen["hf_generate_tokens_per_s"],
+                 gen["hf_generate_tokens_per_s"] / gen["standalone_vllm_tokens_per_s_on_hf_steps"]]]),
+        "",
+        f"vLLM / transformers on the same steps {gen['hf_steps']}: {gen['vllm_over_hf']:.2f}x.",
+        "",
+        "## Weight sync",
+        "",
+        _table(["model", "params (M)", "MiB", "backend", "generators", "s/sync", "GB/s delivered"],
+               [[r["model"], r["params"] / 1e6, r["bytes"] / MiB, r["backend"], r["generators"], r["seconds"],
+                 r["bytes_per_s"] / 1e9] for r in res["weight_sync"]]),
+        "",
+        "## Peak memory (resident)",
+        "",
+        _table(["actor", "pid", "peak RSS (MiB)"],
+               [[m["actor"], m["pid"], m["peak_rss_bytes"] / MiB] for m in res["memory"]]),
+        "",
+        "## Targets",
+        "",
+        _table(["target", "value", "goal", "met", "margin", "why (when missed)"],
+               [[t["name"], t["value"], f"{t['comparison']} {t['goal']}", "met" if t["met"] else "MISSED",
+                 f"{t['margin']:+.3f}", t["why"]] for t in res["targets"]]),
+        "",
+    ]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- plots
+
+def plots(res: dict, out: Path) -> list[str]:
+    e2e, b, gen = res["endtoend"]["mean"], res["bound"], res["generation"]
+    files = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    left = 0.0
+    for p in PHASE_ORDER:
+        ax.barh("PPO step", e2e[p], left=left, label=p)
+        left += e2e[p]
+    left = 0.0
+    for name in ("G", "R", "T", "S"):
+        ax.barh("bound", b[name], left=left, label=f"bound {name}", hatch="//", alpha=0.6)
+        left += b[name]
+    ax.set_xlabel("seconds per step")
+    ax.set_title(f"Where a step goes (efficiency {b['efficiency']:.2f})")
+    ax.legend(fontsize=7, ncol=2)
+    files.append(_save(fig, out / "phases.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = ["in loop", "standalone vLLM", "transformers"]
+    vals = [gen["in_loop_tokens_per_s"], gen["standalone_vllm_tokens_per_s"], gen["hf_generate_tokens_per_s"]]
+    ax.bar(names, vals, color=["tab:blue", "tab:green", "tab:gray"])
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title("Generation throughput")
+    files.append(_save(fig, out / "generation.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for backend in sorted({r["backend"] for r in res["weight_sync"]}):
+        for n in sorted({r["generators"] for r in res["weight_sync"]}):
+            rows = sorted((r for r in res["weight_sync"] if r["backend"] == backend and r["generators"] == n),
+                          key=lambda r: r["bytes"])
+            ax.plot([r["bytes"] / MiB for r in rows], [r["seconds"] for r in rows], marker="o",
+                    label=f"{backend}, {n} gen")
+    ax.set_xlabel("weights (MiB)")
+    ax.set_ylabel("seconds per sync")
+    ax.set_title("Weight sync")
+    ax.legend(fontsize=8)
+    files.append(_save(fig, out / "weight_sync.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar([m["actor"] for m in res["memory"]], [m["peak_rss_bytes"] / MiB for m in res["memory"]])
+    ax.set_ylabel("peak RSS (MiB)")
+    ax.set_title("Peak resident memory per actor")
+    ax.tick_params(axis="x", rotation=30)
+    files.append(_save(fig, out / "memory.png"))
+    return files
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
