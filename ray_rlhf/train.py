@@ -76,7 +76,7 @@ def run(cfg: RunConfig, on_finish: Callable[[RLHFSystem], None] | None = None) -
     start = system.resume(resume_dir, resumed) if resume_dir else 0
     metrics = MetricsLogger(out, total_steps=cfg.steps, start_step=start, tensorboard=cfg.logging.tensorboard,
                             progress_bar=cfg.logging.progress_bar, resume_from_step=start if resume_dir else None)
-    samples = RolloutLogger(out) if cfg.logging.rollouts else None
+    samples = RolloutLogger(out, resume_from_step=start) if cfg.logging.rollouts else None
     try:
         for step in range(start + 1, cfg.steps + 1):
             timer, t0 = PhaseTimer(), time.perf_counter()
