@@ -251,3 +251,48 @@ def test_bad_input(name, tmp_path, model_cache, good_run, tiny_reward_path):
     # The existing checkpoint is byte-for-byte untouched; nothing new was started beside it.
     assert tree_digest(run / "checkpoints") == before
     print(f"{name}: {seconds:.1f}s: {last}")
+
+
+# ---- the unwrap itself, without a cluster: Ray's wrappers around a remote UserError -----------------------
+
+
+def _remote(cause: Exception, where: str = "RewardScorer.score"):
+    from ray.exceptions import RayTaskError
+
+    tb = (f"Traceback (most recent call last):\n  File \"scorer.py\", line 1, in {where}\n"
+          f"{type(cause).__module__}.{type(cause).__qualname__}: {cause}")
+    return RayTaskError(where, tb, cause)
+
+
+def test_user_error_unwrapped_from_ray_errors():
+    from ray.exceptions import ActorDiedError
+
+    from ray_rlhf.cli import user_error_of
+    from ray_rlhf.rewards.scorer import RewardError
+
+    msg = "reward function 'm:f' raised KeyError: 'x' on prompt 3 sample 1; fix the function"
+    task = _remote(RewardError(msg)).as_instanceof_cause()
+    assert "\n" in str(task)  # what printing the caught exception would have shown
+    assert str(user_error_of(task)) == msg
+    assert str(user_error_of(_remote(_remote(RewardError(msg))))) == msg  # nested remote calls
+    died = ActorDiedError(cause=_remote(RewardError(msg), "RewardScorer.__init__"))  # constructor raised
+    assert str(user_error_of(died)) == msg
+    assert user_error_of(_remote(ZeroDivisionError("bug")).as_instanceof_cause()) is None  # a bug: traceback
+    assert user_error_of(RuntimeError("x")) is None
+
+
+def test_run_command_prints_one_line_and_exits_2(capsys):
+    from ray_rlhf.cli import run_command
+    from ray_rlhf.rewards.scorer import RewardError
+
+    def fails(_):
+        raise _remote(RewardError("reward function 'm:f' returned nan")).as_instanceof_cause()
+
+    assert run_command(fails, None) == 2
+    assert capsys.readouterr().err == "ray-rlhf: error: reward function 'm:f' returned nan\n"
+
+    def bug(_):
+        raise ZeroDivisionError("a bug keeps its traceback")
+
+    with pytest.raises(ZeroDivisionError):
+        run_command(bug, None)
