@@ -5,7 +5,10 @@ each in a fresh Ray (``ray.shutdown()`` between runs, as a new driver process wo
 
 * A: 4 steps uninterrupted, ``checkpoint.every=2``;
 * B: the same command with ``faults.stop_after_step=2`` (exits after step 2's checkpoint, as if
-  preempted), then B again without the fault, which resumes from ``step_000002`` (``resume=auto``).
+  preempted); then, after adding the debris a driver killed mid-step could leave (metrics rows past
+  the checkpoint, one torn; a half-written ``.tmp-*`` checkpoint; a ``step_*`` dir without its
+  ``COMPLETE`` marker), B again without the fault, which resumes from ``step_000002``
+  (``resume=auto``).
 
 Steps 3-4 of B must equal A's: rewards, losses, KL, approx_kl, clip fraction, response lengths --
 every metric except timings -- to a relative 1e-4, and the generated responses exactly. That covers
@@ -68,6 +71,18 @@ def _close(a, b, rel=1e-4, abs_=1e-6) -> bool:
     return math.isclose(a, b, rel_tol=rel, abs_tol=abs_)
 
 
+def _leave_crash_debris(run_dir: Path) -> None:
+    """What a driver killed during steps 3-4 could leave: logged-but-uncheckpointed metrics rows
+    (one torn), a half-written temporary checkpoint, and a step directory without its marker."""
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "reward/mean": 123.0}\n{"step": 4, "reward/me')
+    tmp = run_dir / "checkpoints" / ".tmp-step_000004-deadbeef"
+    tmp.mkdir()
+    (tmp / "learner.json").write_text('{"version": 4')
+    (run_dir / "checkpoints" / "step_000004").mkdir()
+    (run_dir / "checkpoints" / "step_000004" / "driver.json").write_text("{}")
+
+
 @pytest.fixture(scope="module")
 def cache(tiny_policy_path) -> Path:
     return Path(tiny_policy_path).parent
@@ -90,9 +105,11 @@ def test_stop_and_resume_matches_uninterrupted(tmp_path, cache, uninterrupted):
     assert [r["step"] for r in stopped] == [1, 2]
     assert [p.name for p in checkpoint.complete_checkpoints(b_dir)] == ["step_000002"]
 
+    _leave_crash_debris(b_dir)
     b_rows = _run(b_dir, cache)  # the same command again: resume=auto picks step_000002
     assert [r["step"] for r in b_rows] == [1, 2, 3, 4], "metrics.jsonl must hold each step once"
     assert [p.name for p in checkpoint.complete_checkpoints(b_dir)] == ["step_000002", "step_000004"]
+    assert sorted(p.name for p in (b_dir / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
 
     mismatches = []
     for a, b in zip(a_rows, b_rows):
