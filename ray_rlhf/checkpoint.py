@@ -121,7 +121,8 @@ def _safetensors_problem(path: Path, name: str) -> str | None:
             return f"{name} is truncated (header of {n} bytes in a {size}-byte file)"
         try:
             header = json.loads(f.read(n))
-            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+            ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+            end = max(ends, default=0)
         except (ValueError, KeyError, TypeError, IndexError):
             return f"{name} has an unreadable header"
     if 8 + n + end != size:
