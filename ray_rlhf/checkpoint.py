@@ -107,9 +107,10 @@ def prune(root: Path, keep: int) -> None:
 def _safetensors_problem(path: Path, name: str) -> str | None:
     """Why ``path`` is not a whole safetensors file (header and data region checked), or None.
 
-    ``name`` is how the message refers to the file. Format: an 8-byte little-endian header length N, N bytes of JSON mapping each tensor to
-    ``data_offsets`` [begin, end) in the data region that follows; the file ends where the
-    last tensor does. A truncated or overwritten file fails one of these checks.
+    ``name`` is how the message refers to the file. Format: an 8-byte little-endian header
+    length N, then N bytes of JSON mapping each tensor to ``data_offsets`` [begin, end) in the
+    data region that follows; the file ends where the last tensor does. A truncated or
+    overwritten file fails one of these checks.
     """
     size = path.stat().st_size
     with path.open("rb") as f:
