@@ -21,7 +21,7 @@ from ray_rlhf.data.prompts import PromptStream
 from ray_rlhf.errors import UserError
 from ray_rlhf.generator import Generator
 from ray_rlhf.learner import Learner
-from ray_rlhf.pool import GeneratorPool, request_capacity
+from ray_rlhf.pool import ACTOR_DEAD_ERRORS, GeneratorPool, request_capacity
 from ray_rlhf.rewards.scorer import RewardScorer
 from ray_rlhf.sync import base as sync
 from ray_rlhf.sync.collective import CollectiveSourceMixin, close_group, open_group
@@ -90,7 +90,7 @@ class RLHFSystem:
 
         g = cfg.generators
         bundle = {"CPU": g.num_cpus, **({"GPU": g.num_gpus} if g.num_gpus else {})}
-        request_capacity(bundle, cfg.pool_max)
+        self.capacity_requested = request_capacity(bundle, cfg.pool_max)
         gen_cls = ray.remote(num_cpus=g.num_cpus, num_gpus=g.num_gpus, max_restarts=0)(Generator)
         self.pool = GeneratorPool(
             gen_cls, lambda gid: self._generator_kwargs(policy_path, gid), bundle,
@@ -117,20 +117,46 @@ class RLHFSystem:
         sync.broadcast("object_store", self.learner, handles, self.version, self.cfg.sync.verify)
 
     def broadcast(self, version: int) -> sync.SyncResult:
-        """Publish the learner's new weights as ``version`` to every generator (one call per sync)."""
+        """Publish the learner's new weights as ``version`` to every generator (one call per sync).
+
+        Generators that died since the rollout (e.g. while the learner trained) are dropped first,
+        so a collective group is rebuilt without them. One that dies during the sync is dropped and
+        the survivors are synced again. Replacements for the dead then start and join at ``version``
+        (:meth:`_sync_joining`); :class:`~ray_rlhf.pool.PoolError` if the pool falls below its minimum.
+        """
+        dead = self.pool.check_alive()
+        try:
+            result = self._send(version)
+        except ACTOR_DEAD_ERRORS as e:
+            lost = self.pool.check_alive()
+            if not lost:
+                raise
+            log.warning("generator(s) %s died during the weight sync (%s); syncing the others again", lost, e)
+            dead += lost
+            result = self._send(version)
+        self.version = version
+        if dead:
+            self.pool.replace(len(dead))
+        return result
+
+    def _send(self, version: int) -> sync.SyncResult:
         backend = self.cfg.sync.backend
         if backend == "collective" and self._group_membership != self.pool.membership_version:
             if self._group_membership >= 0:
                 close_group(self.learner, self.pool.handles)
             open_group(self.learner, self.pool.handles, backend="nccl" if self.cfg.learner.device == "cuda" else "gloo")
             self._group_membership = self.pool.membership_version
-        result = sync.broadcast(backend, self.learner, self.pool.handles, version, self.cfg.sync.verify)
-        self.version = version
-        return result
+        return sync.broadcast(backend, self.learner, self.pool.handles, version, self.cfg.sync.verify)
 
     # ---- faults, elasticity, checkpoints ---------------------------------------------------------------
     def faults_at(self, step: int) -> list[int]:
         return [k.index for k in self.cfg.faults.kill_generator if k.step == step]
+
+    def kill_reward(self) -> None:
+        """Fault injection (``faults.kill_reward_at_step``): kill the reward actor and let Ray restart
+        it (``max_restarts=3``); the next scoring call is retried on the new instance."""
+        log.warning("fault injection: killing the reward actor (Ray restarts it)")
+        ray.kill(self.reward, no_restart=False)
 
     def maybe_grow(self) -> None:
         if len(self.pool) < self.cfg.pool_max:

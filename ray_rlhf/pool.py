@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -28,7 +28,8 @@ from ray_rlhf.records import PromptItem, PromptShard, Rollout, SamplingSpec
 
 log = logging.getLogger(__name__)
 
-_DEAD = (RayActorError, ActorDiedError, ActorUnavailableError)
+ACTOR_DEAD_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError)
+"""What a call on a generator raises when the actor is gone (killed, crashed, node lost)."""
 
 
 class PoolError(RuntimeError):
@@ -68,6 +69,14 @@ class GeneratorPool:
     gives its constructor arguments; ``bundle`` is the resources of one actor (e.g.
     ``{"CPU": 0.5}`` or ``{"GPU": 1}``); ``on_join(handles)`` brings new actors to the current
     weight version before they take work.
+
+    A dead member is noticed where the pool next talks to it: a failed ``generate`` call (its shard
+    is re-queued), a failed weight sync, or :meth:`check_alive`. It is then dropped and replaced
+    (at most ``max_restarts`` replacements in a run). A replacement waits ``placement_timeout_s``
+    for room when the pool is below ``min_size``, only ``replace_timeout_s`` otherwise: when a node
+    has left, the pool carries on smaller and :meth:`grow` refills it once the cluster has room.
+    Below ``min_size`` live members with no room for a replacement, the pool raises
+    :class:`PoolError`.
     """
 
     def __init__(
@@ -81,15 +90,20 @@ class GeneratorPool:
         on_join: Callable[[list[Any]], None],
         max_restarts: int = 3,
         placement_timeout_s: float = 60.0,
+        replace_timeout_s: float = 5.0,
     ):
         self.actor_cls, self.actor_kwargs, self.bundle = actor_cls, actor_kwargs, bundle
         self.min_size, self.max_size, self.on_join = min_size, max_size, on_join
         self.max_restarts, self.placement_timeout_s = max_restarts, placement_timeout_s
+        self.replace_timeout_s = replace_timeout_s
         self.restarts = 0
+        """Replacements started for dead members so far (bounded by ``max_restarts``)."""
         self.members: dict[str, Member] = {}
         self._ids = itertools.count()
         self.membership_version = 0
         """Bumped whenever a member joins or leaves (the collective backend rebuilds its group)."""
+        self.events = PoolEvents()
+        """Deaths, starts and re-queues since the last :meth:`generate` began (one step's worth)."""
         started = self._start(size, timeout_s=placement_timeout_s)
         if len(started) < min_size:
             raise PoolError(
@@ -106,7 +120,7 @@ class GeneratorPool:
         return len(self.members)
 
     def _start(self, n: int, timeout_s: float) -> list[str]:
-        """Place and start up to ``n`` actors; returns the ids that came up (not yet synced)."""
+        """Place and start up to ``n`` actors and sync them (``on_join``); returns the ids that joined."""
         pgs = [placement_group([dict(self.bundle)], strategy="PACK") for _ in range(n)]
         ready_refs = [pg.ready() for pg in pgs]
         ready, _ = ray.wait(ready_refs, num_returns=len(ready_refs), timeout=timeout_s) if ready_refs else ([], [])
@@ -121,42 +135,71 @@ class GeneratorPool:
                 name=None,
             ).remote(**self.actor_kwargs(gid))
             started.append(Member(gid, handle, pg))
-        alive: list[Member] = []
-        for m in started:  # wait for each engine to come up
+        alive = self._answering(started, timeout_s=None)  # waits for each engine to come up
+        while alive:
             try:
-                ray.get(m.handle.ping.remote())
-                alive.append(m)
-            except _DEAD as e:
-                log.warning("generator %s failed to start: %s", m.generator_id, e)
-                remove_placement_group(m.pg)
+                self.on_join([m.handle for m in alive])  # current weights before any work
+                break
+            except ACTOR_DEAD_ERRORS:  # one died while syncing: sync the others again
+                alive = self._answering(alive, timeout_s=60)
+        for m in alive:
+            self.members[m.generator_id] = m
         if alive:
-            self.on_join([m.handle for m in alive])
-            for m in alive:
-                self.members[m.generator_id] = m
             self.membership_version += 1
+            self.events.started += [m.generator_id for m in alive]
         return [m.generator_id for m in alive]
+
+    def _answering(self, members: list[Member], timeout_s: float | None) -> list[Member]:
+        """The members that answer a ping; the others are killed and their placement freed."""
+        refs = [m.handle.ping.remote() for m in members]
+        alive = []
+        for m, ref in zip(members, refs):
+            try:
+                ray.get(ref, timeout=timeout_s)
+                alive.append(m)
+            except (*ACTOR_DEAD_ERRORS, GetTimeoutError) as e:
+                log.warning("generator %s does not answer (%s): dropping it", m.generator_id, type(e).__name__)
+                self._release(m)
+        return alive
+
+    @staticmethod
+    def _release(m: Member) -> None:
+        for free in (lambda: ray.kill(m.handle, no_restart=True), lambda: remove_placement_group(m.pg)):
+            try:
+                free()
+            except Exception:  # noqa: BLE001 - already gone
+                pass
 
     def _drop(self, gid: str) -> None:
         m = self.members.pop(gid, None)
-        if m is None:
-            return
-        try:
-            ray.kill(m.handle, no_restart=True)
-        except Exception:  # already gone
-            pass
-        try:
-            remove_placement_group(m.pg)
-        except Exception:
-            pass
-        self.membership_version += 1
+        if m is not None:
+            self._release(m)
+            self.membership_version += 1
 
-    def _replace(self, events: PoolEvents) -> list[str]:
-        """Start a replacement for a dead member if restarts remain; shrink otherwise."""
-        if self.restarts >= self.max_restarts or len(self) >= self.max_size:
-            return []
-        self.restarts += 1
-        new = self._start(1, timeout_s=self.placement_timeout_s)
-        events.started += new
+    def _died(self, gid: str) -> None:
+        """Record and drop a member found dead."""
+        if gid in self.members:
+            self.events.died.append(gid)
+            self._drop(gid)
+
+    def replace(self, n: int) -> list[str]:
+        """Start up to ``n`` replacements for dead members (within ``max_restarts`` and
+        ``max_size``); raises :class:`PoolError` if the pool is then below ``min_size``."""
+        n = min(n, self.max_restarts - self.restarts, self.max_size - len(self))
+        new: list[str] = []
+        if n > 0:
+            below_min = len(self) < self.min_size
+            new = self._start(n, timeout_s=self.placement_timeout_s if below_min else self.replace_timeout_s)
+            self.restarts += len(new)
+            if len(new) < n:
+                log.warning("no room for %d replacement generator(s): the pool carries on with %d",
+                            n - len(new), len(self))
+        if len(self) < self.min_size:
+            raise PoolError(
+                f"{len(self)} live generators, below generators.min={self.min_size}, after "
+                f"{self.restarts} of generators.max_restarts={self.max_restarts} replacements (each needs "
+                f"{self.bundle}); add capacity, lower generators.min or raise generators.max_restarts"
+            )
         return new
 
     def grow(self, timeout_s: float = 2.0) -> list[str]:
@@ -164,17 +207,14 @@ class GeneratorPool:
         want = self.max_size - len(self)
         return self._start(want, timeout_s=timeout_s) if want > 0 else []
 
-    def check_alive(self) -> list[str]:
-        """Drop members that no longer answer (e.g. their node left); returns their ids."""
-        dead = []
-        refs = {m.handle.ping.remote(): gid for gid, m in self.members.items()}
-        for ref, gid in refs.items():
-            try:
-                ray.get(ref, timeout=60)
-            except _DEAD:
-                dead.append(gid)
+    def check_alive(self, timeout_s: float = 60.0) -> list[str]:
+        """Drop members that no longer answer (e.g. their node left, or killed while idle); returns
+        their ids. Call it while the pool is idle: a busy member answers only after its shard."""
+        members = list(self.members.values())
+        alive = {m.generator_id for m in self._answering(members, timeout_s)}
+        dead = [m.generator_id for m in members if m.generator_id not in alive]
         for gid in dead:
-            self._drop(gid)
+            self._died(gid)
         return dead
 
     def kill(self, index: int) -> str:
@@ -188,57 +228,50 @@ class GeneratorPool:
     def generate(
         self, shards: list[PromptShard], sampling: SamplingSpec, kill_after_dispatch: list[int] = ()
     ) -> tuple[list[Rollout], PoolEvents]:
-        """Run every shard on some live member; exactly one result per (prompt, sample)."""
-        events = PoolEvents()
+        """Run every shard on some live member; exactly one result per (prompt, sample).
+
+        Each shard is in flight on at most one member at a time and its result is kept only when
+        the call returned; a shard whose member died is re-queued at the front.
+        """
+        events = self.events = PoolEvents()
         queue: deque[PromptShard] = deque(shards)
         idle: deque[str] = deque(self.members)
         inflight: dict[Any, tuple[str, PromptShard]] = {}
         done: dict[int, list[Rollout]] = {}
-        killed = False
+        for_kill = list(kill_after_dispatch)
         while queue or inflight:
             while queue and idle:
                 gid = idle.popleft()
-                if gid not in self.members:
-                    continue
-                shard = queue.popleft()
-                inflight[self.members[gid].handle.generate.remote(shard, sampling)] = (gid, shard)
-            if kill_after_dispatch and not killed:
-                killed = True
-                for index in kill_after_dispatch:
-                    log.warning("fault injection: killing generator %s", self.kill(index))
-            if not inflight:
-                if len(self) < self.min_size or not self.members:
-                    raise PoolError(
-                        f"{len(self)} live generators, below generators.min={self.min_size}, "
-                        f"after {self.restarts} restarts; the run cannot go on"
-                    )
-                idle.extend(self.members)
-                continue
+                if gid in self.members:
+                    shard = queue.popleft()
+                    inflight[self.members[gid].handle.generate.remote(shard, sampling)] = (gid, shard)
+            for index in for_kill:
+                log.warning("fault injection: killing generator %s", self.kill(index))
+            for_kill = []
+            if not inflight:  # work left and nobody to do it
+                self.replace(0)  # raises PoolError below min_size
+                raise PoolError(f"no live generator for {len(queue)} shards")
             ready, _ = ray.wait(list(inflight), num_returns=1)
-            for ref in ready:
-                gid, shard = inflight.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except _DEAD:
-                    log.warning("generator %s died; re-queueing shard %d", gid, shard.shard_id)
-                    events.died.append(gid)
-                    events.requeued_shards += 1
-                    queue.appendleft(shard)
-                    self._drop(gid)
-                    idle.extend(self._replace(events))
-                    continue
-                except ray.exceptions.RayTaskError as e:
-                    cause = e.cause if hasattr(e, "cause") else None
-                    if isinstance(cause, UserError):
-                        raise cause from None
-                    raise
-                if shard.shard_id in done:  # cannot happen with one dispatch per shard; guard anyway
-                    raise PoolError(f"shard {shard.shard_id} completed twice")
-                done[shard.shard_id] = result
-                events.shards_per_member[gid] = events.shards_per_member.get(gid, 0) + 1
-                idle.append(gid)
-        rollouts = [r for sid in sorted(done) for r in done[sid]]
-        return rollouts, events
+            gid, shard = inflight.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except ACTOR_DEAD_ERRORS:
+                log.warning("generator %s died; re-queueing shard %d", gid, shard.shard_id)
+                events.requeued_shards += 1
+                queue.appendleft(shard)
+                self._died(gid)
+                idle.extend(self.replace(1))
+                continue
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(getattr(e, "cause", None), UserError):
+                    raise e.cause from None
+                raise
+            if shard.shard_id in done:  # cannot happen with one dispatch per shard; guard anyway
+                raise PoolError(f"shard {shard.shard_id} completed twice")
+            done[shard.shard_id] = result
+            events.shards_per_member[gid] = events.shards_per_member.get(gid, 0) + 1
+            idle.append(gid)
+        return [r for sid in sorted(done) for r in done[sid]], events
 
     def call_all(self, method: str, *args, **kwargs) -> list[Any]:
         """Call ``method`` on every member and wait (e.g. ``info``)."""
@@ -249,11 +282,15 @@ class GeneratorPool:
             self._drop(gid)
 
 
-def request_capacity(bundle: dict[str, float], max_size: int) -> None:
-    """Ask the autoscaler for room for ``max_size`` generators (no-op on a fixed cluster)."""
+def request_capacity(bundle: dict[str, float], max_size: int) -> bool:
+    """Ask the autoscaler for room for ``max_size`` generators (``request_resources``: a standing
+    request, replaced by the next call). Returns whether the request was placed; a Ray without an
+    autoscaler accepts it and ignores it."""
     try:
         from ray.autoscaler.sdk import request_resources
 
         request_resources(bundles=[dict(bundle) for _ in range(max_size)])
-    except Exception as e:  # a local Ray has no autoscaler to ask; that is fine
-        log.debug("request_resources unavailable: %s", e)
+        return True
+    except Exception as e:  # noqa: BLE001 - asking for capacity must never stop a run
+        log.warning("could not ask the autoscaler for %d x %s: %s", max_size, bundle, e)
+        return False

@@ -50,11 +50,14 @@ class PhaseTimer:
         return _Phase()
 
 
-def run(cfg: RunConfig, on_finish: Callable[[RLHFSystem], None] | None = None) -> Path:
+def run(cfg: RunConfig, on_finish: Callable[[RLHFSystem], None] | None = None,
+        on_step_end: Callable[[int, RLHFSystem], None] | None = None) -> Path:
     """Run (or resume) a PPO training; returns the output directory.
 
     ``on_finish(system)``, if given, is called with the live actors after the last step and before
-    they are shut down (the benchmarks read each actor's peak memory there).
+    they are shut down (the benchmarks read each actor's peak memory there). ``on_step_end(step,
+    system)``, if given, is called after each step is logged and checkpointed, before the pool tries
+    to grow (tests add and remove cluster nodes there).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(cfg.output_dir)
@@ -87,6 +90,8 @@ def run(cfg: RunConfig, on_finish: Callable[[RLHFSystem], None] | None = None) -
             with timer("generate"):
                 rollouts, events = system.pool.generate(make_shards(batch, cfg.generators.shard_prompts), sampling,
                                                         kill_after_dispatch=system.faults_at(step))
+            if cfg.faults.kill_reward_at_step == step:
+                system.kill_reward()
             with timer("reward"):
                 scored = ray.get(system.reward.score.remote(rollouts))
             with timer("learn"):
@@ -103,6 +108,8 @@ def run(cfg: RunConfig, on_finish: Callable[[RLHFSystem], None] | None = None) -
             if cfg.faults.stop_after_step == step and step < cfg.steps:
                 log.warning("fault injection: stopping after step %d (re-run the same command to resume)", step)
                 break
+            if on_step_end:
+                on_step_end(step, system)
             system.maybe_grow()
         if on_finish:
             on_finish(system)

@@ -204,6 +204,8 @@ class FaultsConfig(_Section):
     """Fault injection: kill generator ``index`` during the rollout of ``step``."""
     stop_after_step: int | None = Field(None, ge=1)
     """Fault injection: exit (as if preempted) right after this step's checkpoint."""
+    kill_reward_at_step: int | None = Field(None, ge=1)
+    """Fault injection: ``ray.kill`` the reward actor (Ray restarts it) just before this step's scoring."""
 
 
 class RayConfig(_Section):
