@@ -61,12 +61,20 @@ def compare(e2e: dict, bound: dict, hf: dict) -> dict:
     same = [r for r in bound["per_step"] if r["step_index"] in steps]
     vllm_same = sum(r["tokens"] for r in same) / sum(r["G"] for r in same)
     in_loop, standalone = e2e["mean"]["generated_tokens_per_s"], bound["standalone_tokens_per_s"]
+    # Same step = same prompts and seeds; the loop's policy has trained, so its lengths drift.
+    g_by_step = {r["step_index"]: r for r in bound["per_step"]}
+    pairs = [(r, g_by_step[r["step_index"]]) for r in e2e["per_step"][1:] if r["step_index"] in g_by_step]
     return {
         "in_loop_tokens_per_s": in_loop,
         "standalone_vllm_tokens_per_s": standalone,
         "hf_generate_tokens_per_s": hf["tokens_per_s"],
         "standalone_vllm_tokens_per_s_on_hf_steps": vllm_same,
         "in_loop_over_standalone": in_loop / standalone,
+        "standalone_seconds_over_in_loop_seconds": sum(g["G"] for _, g in pairs) / sum(r["generate"] for r, _ in pairs),
+        "per_step_tokens_per_s": [
+            {"step_index": r["step_index"], "in_loop": r["generated_tokens"] / r["generate"],
+             "standalone": g["tokens"] / g["G"], "in_loop_tokens": r["generated_tokens"], "standalone_tokens": g["tokens"]}
+            for r, g in pairs],
         "vllm_over_hf": vllm_same / hf["tokens_per_s"],
         "hf_steps": sorted(steps),
         "hf_per_step": hf["per_step"],
