@@ -7,7 +7,7 @@ Layout of ``<output_dir>/checkpoints/step_000010/``::
     optimizer.pt            AdamW state (tensors and plain values; loaded with weights_only=True)
     rng.safetensors         torch RNG states of the learner
     learner.json            policy version, KL-controller state
-    driver.json             step, data cursor, pool restarts, config digest
+    driver.json             step, data cursor, pool restarts, the resolved config
     COMPLETE                written last; a directory without it is never used
 
 A checkpoint is written into ``.tmp-step_000010-<random>`` and renamed into place only once
@@ -208,3 +208,25 @@ def resolve_resume(output_dir: str | Path, resume: str) -> Path | None:
         found = complete_checkpoints(output_dir)
         return found[-1] if found else None
     return Path(resume)
+
+
+RESUME_SENSITIVE = ("seed", "model", "data", "rollout", "ppo", "kl")
+"""Config sections whose change makes a resumed run differ from the run it continues."""
+
+
+def config_changes(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    """Dotted keys of :data:`RESUME_SENSITIVE` sections whose value differs from the checkpoint's."""
+    if not saved:
+        return []
+
+    def flat(d: Any, prefix: str) -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}.{k}" if prefix else k))
+        return out
+
+    a = flat({k: saved.get(k) for k in RESUME_SENSITIVE}, "")
+    b = flat({k: current.get(k) for k in RESUME_SENSITIVE}, "")
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))

@@ -166,7 +166,7 @@ class RLHFSystem:
 
     def save_checkpoint(self, out: Path, step: int) -> Path:
         state = {"step": step, "version": self.version, "data": self.stream.state_dict(),
-                 "pool_restarts": self.pool.restarts}
+                 "pool_restarts": self.pool.restarts, "config": self.cfg.model_dump(mode="json")}
         path = checkpoint.save(out, step, lambda tmp: ray.get(self.learner.save_state.remote(str(tmp))), state,
                                keep=self.cfg.checkpoint.keep)
         log.info("checkpoint written: %s", path)

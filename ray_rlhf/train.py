@@ -71,6 +71,10 @@ def run(cfg: RunConfig, on_finish: Callable[[RLHFSystem], None] | None = None,
     resumed = checkpoint.validate(resume_dir) if resume_dir else None
     if resume_dir:
         checkpoint.check_compatible(resume_dir, policy_path)
+        changed = checkpoint.config_changes(resumed.get("config"), cfg.model_dump(mode="json"))
+        if changed:
+            log.warning("resuming %s with a changed config (%s): the run will differ from the one it continues",
+                        resume_dir, ", ".join(changed))
     log.info("resolved config:\n%s", to_yaml(cfg))
     (out / "config.yaml").write_text(to_yaml(cfg))
 

@@ -247,3 +247,14 @@ def test_learner_load_state_refuses_a_malicious_optimizer_pickle(tmp_path, tiny_
     with pytest.raises(pickle.UnpicklingError):
         learner.load_state(d)
     assert not marker.exists(), "the checkpoint's pickle was executed"
+
+
+def test_config_changes_names_the_keys_that_differ():
+    from ray_rlhf.checkpoint import config_changes
+    from ray_rlhf.config import load_config
+
+    saved = load_config("tiny").model_dump(mode="json")
+    assert config_changes(saved, load_config("tiny", ["steps=99", "logging.tensorboard=false"]).model_dump(mode="json")) == []
+    changed = load_config("tiny", ["ppo.lr=0.01", "seed=3"]).model_dump(mode="json")
+    assert config_changes(saved, changed) == ["ppo.lr", "seed"]
+    assert config_changes(None, changed) == []
