@@ -48,6 +48,8 @@ def _parse(argv):
     ap.add_argument("--out", type=Path, default=None, help="output directory (default benchmarks/results/<timestamp>)")
     ap.add_argument("--steps", type=int, default=None, help="PPO steps end to end (default: 8 full, 3 quick)")
     ap.add_argument("--cache-dir", default="runs/models", help="where the offline models are built once")
+    ap.add_argument("--ray-address", default=None,
+                    help="Ray cluster to run on (default: RAY_ADDRESS if set, else a private local Ray)")
     return ap.parse_args(argv)
 
 
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
         "checkpoint.every=0", "checkpoint.resume=never",
     ])
     t_start = time.perf_counter()
-    init_ray(cfg)
+    _init_ray(cfg, args.ray_address or os.environ.get("RAY_ADDRESS"))
     try:
         results = measure(cfg, m, mode)
     finally:
@@ -80,6 +82,19 @@ def main(argv=None) -> int:
     print(report.markdown(results))
     print(f"results: {out}  ({results['wall_seconds']:.0f} s)")
     return 0
+
+
+def _init_ray(cfg, address: str | None) -> None:
+    """Join ``address`` as the trainer would; else start a private local Ray (no dashboard), with the
+    trainer's runtime env. A plain ``ray.init()`` would join any cluster already started on this
+    machine (e.g. by another job's ``ray start``) and measure its other work too."""
+    if address:
+        cfg.ray.address = address
+        init_ray(cfg)
+        return
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])),
+           "TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
 
 
 def measure(cfg, m: dict, mode: str) -> dict:
