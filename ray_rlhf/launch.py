@@ -127,11 +127,14 @@ class RLHFSystem:
         dead = self.pool.check_alive()
         try:
             result = self._send(version)
-        except ACTOR_DEAD_ERRORS as e:
-            lost = self.pool.check_alive()
+        except (*ACTOR_DEAD_ERRORS, ray.exceptions.RayTaskError) as e:
+            # A collective peer's death surfaces on the learner as a task error; survivors left
+            # blocked in the collective do not answer and are replaced too.
+            lost = self.pool.check_alive(timeout_s=30)
             if not lost:
                 raise
-            log.warning("generator(s) %s died during the weight sync (%s); syncing the others again", lost, e)
+            log.warning("generator(s) %s died during the weight sync (%s); syncing the others again", lost,
+                        type(e).__name__)
             dead += lost
             result = self._send(version)
         self.version = version
