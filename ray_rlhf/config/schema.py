@@ -267,6 +267,8 @@ class RunConfig(_Section):
                 f"data.max_prompt_tokens + rollout.max_new_tokens = {need} exceeds "
                 f"generators.max_model_len={g.max_model_len}; raise it or shorten prompts/responses"
             )
+        if self.faults.kill_reward_at_step and self.faults.kill_reward_at_step > self.steps:
+            raise ValueError(f"faults.kill_reward_at_step={self.faults.kill_reward_at_step} is after the last step ({self.steps})")
         for kill in self.faults.kill_generator:
             if kill.step > self.steps:
                 raise ValueError(f"faults.kill_generator step {kill.step} is after the last step ({self.steps})")
