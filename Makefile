@@ -37,7 +37,7 @@ demo: install
 	$(PY) -m ray_rlhf.train --config tiny output_dir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
