@@ -29,8 +29,11 @@ def free_port() -> int:
 def test_ray_job_submit_runs_training(tmp_path, tiny_policy_path):
     bin_dir = Path(sys.executable).parent
     ray_cli = str(bin_dir / "ray")
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
+    # A fresh environment for the cluster and the client alike: no RAY_ADDRESS, and Ray's default
+    # token authentication (an in-process ray.init earlier in this pytest process may have left
+    # its own RAY_AUTH_* settings in os.environ).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", RAY_AUTH_MODE="token")
     gcs, dash = free_port(), free_port()
     start = subprocess.run(
         [ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
