@@ -303,12 +303,16 @@ class Generator:
         """pid, id, version, memory (bytes) and CPU affinity, for the pool and benchmarks."""
         import psutil
 
+        rss = psutil.Process().memory_info().rss
+        # ru_maxrss (KiB on Linux) comes from the kernel's lazily updated high-water mark and can
+        # trail the current RSS by a few pages: the peak is at least what is resident now.
+        peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, rss)
         return {
             "pid": os.getpid(),
             "generator_id": self.generator_id,
             "version": self.version,
-            "rss_bytes": psutil.Process().memory_info().rss,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+            "rss_bytes": rss,
+            "peak_rss_bytes": peak,
             "cpu_affinity": sorted(os.sched_getaffinity(0)),
             "received_checksum": self._received_checksum,
             "startup_seconds": getattr(self, "startup_seconds", None),

@@ -227,6 +227,7 @@ class RewardScorer:
         """Sources, counts, time spent and memory, for benchmarks."""
         import psutil
 
+        rss_mb = psutil.Process().memory_info().rss / 2**20
         return {
             "functions": [(spec, w) for spec, w, _ in self.functions],
             "model_path": self.model_path,
@@ -235,9 +236,9 @@ class RewardScorer:
             "scored": self._scored,
             "functions_seconds": self._seconds["functions"],
             "model_seconds": self._seconds["model"],
-            "rss_mb": psutil.Process().memory_info().rss / 2**20,
-            # Linux reports ru_maxrss in KiB.
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_mb": rss_mb,
+            # Linux reports ru_maxrss in KiB; it trails the current RSS by a few pages at times.
+            "peak_rss_mb": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_mb),
         }
 
     # -- internals ----------------------------------------------------------------------------
