@@ -1,6 +1,6 @@
 # ray-rlhf: set-up, demo, tests, benchmarks.
 #   make demo    set up .venv (first time only) and run the tiny PPO demo on a local Ray
-#   make test    set up .venv (first time only) and run the whole test suite
+#   make test    set up .venv (first time only), lint (ruff, import-linter contracts), run the whole test suite
 #   make bench   throughput benchmarks (small preset); make bench-quick for a short run
 # Re-running when nothing changed skips the install (stamp file keyed on pyproject.toml).
 
@@ -15,7 +15,7 @@ TORCH_INDEX ?=
 EXTRAS ?= cpu,dev
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: install demo test test-unit bench bench-quick clean
+.PHONY: install demo test test-unit lint bench bench-quick clean
 
 install: $(STAMP)
 
@@ -36,17 +36,21 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(PY) -m ray_rlhf.train --config tiny output_dir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
-test: install
+test: install lint
 	$(PY) -m pytest -q --durations=15
+
+lint: install
+	$(VENV)/bin/ruff check ray_rlhf tests
+	$(VENV)/bin/lint-imports --no-cache
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
 
 bench: install
-	$(PY) -m benchmarks.run
+	$(PY) -m ray_rlhf.bench.run
 
 bench-quick: install
-	$(PY) -m benchmarks.run --quick
+	$(PY) -m ray_rlhf.bench.run --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -22,8 +22,9 @@ import os
 import shutil
 import uuid
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ray_rlhf.errors import UserError
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ray_rlhf.errors import UserError
+from ray_rlhf.errors import user_error_of
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -28,7 +28,7 @@ def train_parser(prog: str = "ray-rlhf train") -> argparse.ArgumentParser:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from ray_rlhf.config import load_config
-    from ray_rlhf.train import run
+    from ray_rlhf.run.driver import run
 
     run(load_config(args.config, args.overrides))
 
@@ -68,46 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def user_error_of(exc: BaseException) -> UserError | None:
-    """The :class:`UserError` behind ``exc``, also when it was raised inside a Ray actor, or None.
-
-    Ray re-raises a remote exception as a ``RayTaskError`` (a subclass of both RayTaskError and the
-    remote class, whose ``str`` is the whole remote traceback) with the original in ``.cause``; an
-    actor whose constructor raised surfaces as ``ActorDiedError`` carrying only that text. Either
-    way we want the original one-line message.
-    """
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        ray_exc = sys.modules.get("ray.exceptions")
-        if ray_exc is not None and isinstance(exc, ray_exc.RayTaskError):
-            exc = exc.cause
-            continue
-        if isinstance(exc, UserError):
-            return exc
-        if ray_exc is not None and isinstance(exc, ray_exc.RayActorError):
-            return _user_error_in_text(str(getattr(exc, "error_msg", "") or exc))
-        exc = exc.__cause__
-    return None
-
-
-def _user_error_in_text(text: str) -> UserError | None:
-    """The last ``module.SomeUserError: message`` line of a remote traceback, as a UserError."""
-    names = {f"{c.__module__}.{c.__qualname__}" for c in _subclasses(UserError)}
-    for line in reversed(text.splitlines()):
-        name, sep, message = line.strip().partition(": ")
-        if sep and name in names:
-            return UserError(message)
-    return None
-
-
-def _subclasses(cls: type) -> list[type]:
-    out = [cls]
-    for sub in cls.__subclasses__():
-        out += _subclasses(sub)
-    return out
-
-
 def _stop_ray() -> None:
     """Shut Ray down (if this process started or joined it) so its log lines come before ours."""
     ray = sys.modules.get("ray")
@@ -145,6 +105,12 @@ def run_command(func, args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_command(args.func, args)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``python -m ray_rlhf.train [--config ...] [overrides]``: the ``train`` command alone."""
+    args = train_parser(prog="python -m ray_rlhf.train").parse_args(argv)
+    return run_command(_cmd_train, args)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ Files under ``<run_dir>``:
 * ``metrics.jsonl`` -- one JSON object per step, ``{"step": 12, "reward/mean": 0.31, ...}``,
   flushed after every step. Values are plain ints/floats; NaN and +-inf are written as ``null``.
 * ``tensorboard/`` -- the same scalars (``SummaryWriter``), when ``tensorboard=True``.
-* ``rollouts/step_000012.parquet`` -- every completion of step 12 with its reward, in
-  :data:`ray_rlhf.records.ROLLOUT_SCHEMA`. One file per step, written to a temporary name and
+* ``rollouts/step_000012.parquet`` -- every completion of step 12 with its reward and tokens
+  (:meth:`ray_rlhf.records.RolloutBatch.to_arrow`: :data:`~ray_rlhf.records.ROLLOUT_SCHEMA`, then
+  one column per reward source and the dataset's own columns). One file per step, written to a temporary name and
   renamed, so a crash never leaves a half-written (footer-less, unreadable) file and a resumed
   run simply replaces the steps it redoes. Read them all with :func:`read_rollouts` or
   ``pyarrow.dataset.dataset(run_dir / "rollouts")``.
@@ -16,7 +17,8 @@ torn last line) before appending, and tells TensorBoard to purge events after ``
 ``resume_from_step=None`` is a fresh run and starts ``metrics.jsonl`` empty.
 ``RolloutLogger(run_dir, resume_from_step=k)`` deletes step files after ``k``.
 
-Keys produced by :func:`rollout_stats` (the driver adds ``ppo/*``, ``time/*``, ``sync/*``, ...):
+Keys produced by :func:`rollout_stats` from a :class:`~ray_rlhf.records.RolloutSummary` (the
+driver adds ``ppo/*``, ``time/*``, ``sync/*``, ...):
 
 ===============================  =============================================================
 key                              definition
@@ -50,7 +52,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ray_rlhf.records import ROLLOUT_SCHEMA, Rollout, rollouts_to_table
+from ray_rlhf.records import ROLLOUT_SCHEMA, RolloutBatch, RolloutSummary
 
 METRICS_FILE = "metrics.jsonl"
 ROLLOUTS_DIR = "rollouts"
@@ -60,38 +62,27 @@ DEFAULT_POSTFIX = {"reward": "reward/mean", "kl": "ppo/kl_ref", "s/step": "time/
 """Progress-bar postfix label -> metrics key."""
 
 
-def rollout_stats(rollouts: list[Rollout], learner_version: int | None = None) -> dict[str, float]:
-    """Summary statistics of one step's scored rollouts (keys in the module docstring).
+def rollout_stats(summary: RolloutSummary, learner_version: int | None = None) -> dict[str, float]:
+    """The rollout and reward keys of one step's metrics row (keys in the module docstring).
 
     ``learner_version``: the version the learner held when these rollouts were requested; the lag
-    of a rollout is ``learner_version - rollout.policy_version``.
+    of a rollout is ``learner_version - policy_version``.
     """
-    if not rollouts:
-        raise ValueError("rollout_stats needs at least one rollout")
-    if any(r.reward is None for r in rollouts):
-        raise ValueError("rollout_stats needs scored rollouts (reward is None)")
-    n = len(rollouts)
-    rewards = [float(r.reward) for r in rollouts]
-    mean = sum(rewards) / n
-    lengths = [len(r.response_ids) for r in rollouts]
     out: dict[str, float] = {
-        "rollout/count": n,
-        "reward/mean": mean,
-        "reward/std": math.sqrt(sum((x - mean) ** 2 for x in rewards) / n),
-        "reward/min": min(rewards),
-        "reward/max": max(rewards),
-        "response/length_mean": sum(lengths) / n,
-        "response/length_max": max(lengths),
-        "response/finished_frac": sum(r.finish_reason == "stop" for r in rollouts) / n,
+        "rollout/count": summary.count,
+        "reward/mean": summary.reward_mean,
+        "reward/std": summary.reward_std,
+        "reward/min": summary.reward_min,
+        "reward/max": summary.reward_max,
+        "response/length_mean": summary.length_mean,
+        "response/length_max": summary.length_max,
+        "response/finished_frac": summary.finished_frac,
     }
-    names = sorted({k for r in rollouts for k in r.reward_parts})
-    for name in names:
-        values = [r.reward_parts[name] for r in rollouts if name in r.reward_parts]
-        out[f"reward_part/{name}"] = sum(values) / len(values)
+    for name, value in summary.reward_parts.items():
+        out[f"reward_part/{name}"] = value
     if learner_version is not None:
-        lags = [learner_version - r.policy_version for r in rollouts]
-        out["rollout/version_lag_mean"] = sum(lags) / n
-        out["rollout/version_lag_max"] = max(lags)
+        out["rollout/version_lag_mean"] = learner_version - summary.version_mean
+        out["rollout/version_lag_max"] = learner_version - summary.version_min
     return out
 
 
@@ -235,13 +226,13 @@ class RolloutLogger:
                     path.unlink()
         self._closed = False
 
-    def write(self, step: int, rollouts: list[Rollout]) -> Path:
-        """Write one step's rollouts (atomically); returns the file."""
+    def write(self, step: int, batch: RolloutBatch) -> Path:
+        """Write one step's scored batch (atomically); returns the file."""
         if self._closed:
             raise RuntimeError("RolloutLogger is closed")
         path = rollout_file(self.run_dir, step)
         tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(rollouts_to_table(step, rollouts), tmp)
+        pq.write_table(batch.to_arrow(step), tmp)
         os.replace(tmp, path)
         return path
 
@@ -257,9 +248,9 @@ class RolloutLogger:
 
 
 def read_rollouts(run_dir: str | Path) -> pa.Table:
-    """Every logged rollout of a run, ordered by step, in :data:`ROLLOUT_SCHEMA`."""
+    """Every logged rollout of a run, ordered by step (:data:`ROLLOUT_SCHEMA` columns first)."""
     files = sorted((p for p in (Path(run_dir) / ROLLOUTS_DIR).glob("step_*.parquet") if _step_of(p) is not None),
                    key=_step_of)
     if not files:
         return ROLLOUT_SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(p, schema=ROLLOUT_SCHEMA) for p in files])
+    return pa.concat_tables([pq.read_table(p) for p in files], promote_options="default")

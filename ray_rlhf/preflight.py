@@ -6,10 +6,15 @@ Each failure is a one-line :class:`~ray_rlhf.errors.UserError` naming the thing 
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from ray_rlhf.config.schema import RunConfig
 from ray_rlhf.errors import UserError
+from ray_rlhf.records import PromptItem
+
+log = logging.getLogger(__name__)
 
 
 def check_causal_lm_dir(path: str | Path, key: str) -> Path:
@@ -44,26 +49,19 @@ def resolve_policy_path(cfg: RunConfig) -> Path:
     return Path(ensure_model("policy", cfg.model.preset, cfg.model.cache_dir, seed=cfg.model.init_seed))
 
 
-def load_and_check_prompts(cfg: RunConfig, tokenizer) -> list[str]:
-    """Load the prompt file and reject any prompt longer than ``data.max_prompt_tokens``."""
-    from ray_rlhf.data.prompts import bundled_prompts_path, load_prompts
+def load_and_check_prompts(cfg: RunConfig, tokenizer) -> list[PromptItem]:
+    """Load the prompt file, tokenize every prompt once and check its length (see
+    :func:`~ray_rlhf.data.prompts.tokenize_prompts`)."""
+    from ray_rlhf.data.prompts import bundled_prompts_path, load_prompts, tokenize_prompts
 
     path = cfg.data.prompts_path or bundled_prompts_path()
     prompts = load_prompts(path, column=cfg.data.prompt_column)
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
-    worst = max(range(len(prompts)), key=lengths.__getitem__)
-    if lengths[worst] > cfg.data.max_prompt_tokens:
-        n_over = sum(n > cfg.data.max_prompt_tokens for n in lengths)
+    items = tokenize_prompts(prompts, tokenizer, cfg.data.max_prompt_tokens, source=str(path))
+    if cfg.rollout.prompts_per_step > len(items):
         raise UserError(
-            f"prompt {worst} of {path} is {lengths[worst]} tokens, longer than data.max_prompt_tokens="
-            f"{cfg.data.max_prompt_tokens} ({n_over} prompts too long); raise data.max_prompt_tokens "
-            f"(and generators.max_model_len) or shorten the prompts"
+            f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} exceeds the {len(items)} prompts in {path}"
         )
-    if cfg.rollout.prompts_per_step > len(prompts):
-        raise UserError(
-            f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} exceeds the {len(prompts)} prompts in {path}"
-        )
-    return prompts
+    return items
 
 
 def load_tokenizer(policy_path: Path):
@@ -76,7 +74,7 @@ def load_tokenizer(policy_path: Path):
         raise UserError(f"cannot load a tokenizer from {policy_path} ({e}); the model directory needs its tokenizer files") from None
 
 
-def check_reward(cfg: RunConfig, prompts: list[str] | None = None) -> None:
+def check_reward(cfg: RunConfig, prompts: list[PromptItem] | None = None) -> None:
     """Import every reward function and read the reward model's config, before any actor starts;
     then call each function once on a probe sample (the first prompt and a short plain response).
 
@@ -91,6 +89,37 @@ def check_reward(cfg: RunConfig, prompts: list[str] | None = None) -> None:
     if functions:  # the functions only: the reward model's weights are not loaded here
         probe = RewardScorer(functions)
         if prompts:
-            probe.validate(prompt=prompts[0])
+            probe.validate(prompt=prompts[0].text)
         else:
             probe.validate()
+
+
+@dataclass
+class RunInputs:
+    """Everything a run needs that was checked before Ray starts."""
+
+    policy_path: Path
+    prompts: list[PromptItem]
+    resume_dir: Path | None
+    """The checkpoint to resume from, or None for a fresh run."""
+    resume_state: dict | None
+    """That checkpoint's driver state."""
+
+
+def check_run(cfg: RunConfig) -> RunInputs:
+    """Every cheap check of a run's input, in the order a user fixes them; no Ray, no vLLM."""
+    from ray_rlhf import checkpoint
+
+    policy_path = resolve_policy_path(cfg)
+    prompts = load_and_check_prompts(cfg, load_tokenizer(policy_path))
+    check_reward(cfg, prompts)
+    checkpoint.check_writable(cfg.output_dir)
+    resume_dir = checkpoint.resolve_resume(cfg.output_dir, cfg.checkpoint.resume)
+    state = checkpoint.validate(resume_dir) if resume_dir else None
+    if resume_dir:
+        checkpoint.check_compatible(resume_dir, policy_path)
+        changed = checkpoint.config_changes(state.get("config"), cfg.model_dump(mode="json"))
+        if changed:
+            log.warning("resuming %s with a changed config (%s): the run will differ from the one it continues",
+                        resume_dir, ", ".join(changed))
+    return RunInputs(policy_path, prompts, resume_dir, state)

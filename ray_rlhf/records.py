@@ -1,26 +1,42 @@
 """Typed records passed between actors.
 
-A prompt travels as a :class:`PromptItem`, a completion comes back from a generator as a
-:class:`Rollout`, the reward actor fills :attr:`Rollout.reward`, and the learner turns a list of
-rollouts into a padded :class:`TensorBatch`. Rollouts are logged to Parquet with
-:data:`ROLLOUT_SCHEMA`.
+A prompt travels as a :class:`PromptItem` (already tokenized, with its dataset row's other
+columns), grouped into :class:`PromptShard` s of generation work. Every generator returns its
+completions as one columnar :class:`RolloutBatch`: flat NumPy arrays with offsets (like Arrow's
+list arrays), concatenated across shards without per-token Python work, scored in place by the
+reward actor, padded by the learner with vectorised code and written to Parquet as it is
+(:meth:`RolloutBatch.to_arrow`).
+
+Nothing here imports Ray, vLLM or torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
+
+_SEED_STRIDE = 1_000_003
+"""Per-step sampling seed = ``seed * _SEED_STRIDE + step`` (distinct for every (seed, step))."""
 
 
 @dataclass(frozen=True)
 class PromptItem:
-    """One prompt of the dataset."""
+    """One prompt of the dataset, tokenized once when the dataset is loaded."""
 
     index: int
     """Position of the prompt in the dataset (stable across epochs and resumes)."""
     text: str
-    """The prompt text, before tokenization."""
+    """The prompt as the model reads it (chat template applied), as reward functions see it."""
+    prompt_ids: tuple[int, ...] = ()
+    """Token ids fed to the engine (special tokens and chat template included)."""
+    columns: Mapping[str, Any] = field(default_factory=dict)
+    """The dataset row's other columns (e.g. ``answer``, ``data_source``), passed through to the
+    reward functions and the rollout log."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +46,8 @@ class PromptShard:
     shard_id: int
     """Unique within a step; a shard whose actor dies is re-queued under the same id."""
     prompts: tuple[PromptItem, ...]
-    """The prompts of this shard; each is sampled ``n`` times."""
+    """The prompts of this shard; each is sampled ``n`` times, so a prompt's group of samples
+    is always produced (and re-queued) whole."""
 
 
 @dataclass(frozen=True)
@@ -46,37 +63,241 @@ class SamplingSpec:
     seed: int | None = None
     """Base seed; a generator derives per-request seeds from it so that a step is reproducible."""
 
+    @classmethod
+    def for_step(cls, rollout_cfg: Any, seed: int, step: int) -> SamplingSpec:
+        """The sampling of PPO step ``step`` (1-based) of a run: the one definition of it.
+
+        ``rollout_cfg`` is the run's :class:`~ray_rlhf.config.schema.RolloutConfig`. The seed
+        depends only on (run seed, step), so a resumed or recovered run samples exactly what an
+        undisturbed run samples.
+        """
+        return cls(n=rollout_cfg.samples_per_prompt, max_new_tokens=rollout_cfg.max_new_tokens,
+                   temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
+                   seed=seed * _SEED_STRIDE + step)
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
+def ragged_rows(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat gather indices of the given ``rows`` of a ragged array, and the new offsets.
+
+    Shape: offsets (N+1,), rows (M,) -> (indices (sum of the rows' lengths,), new offsets (M+1,)).
+    Vectorised: no Python loop over rows.
+    """
+    starts, lengths = offsets[:-1][rows], np.diff(offsets)[rows]
+    new = _offsets(lengths)
+    within = np.arange(new[-1], dtype=np.int64) - np.repeat(new[:-1], lengths)
+    return np.repeat(starts, lengths) + within, new
+
+
+def pad_ragged(values: np.ndarray, offsets: np.ndarray, pad: float | int, left: bool = False,
+               width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A ragged array as a dense (N, W) matrix plus a 0/1 mask, with one scatter (no row loop).
+
+    Row ``i`` holds ``values[offsets[i]:offsets[i+1]]``, at the start (right padding) or the end
+    (``left=True``) of the row; the rest is ``pad``. ``W = width`` or the longest row (at least 1).
+
+    Shape: values (L,), offsets (N+1,) -> (dense (N, W), mask (N, W) int8, 1 = value).
+    """
+    lengths = np.diff(offsets)
+    n = len(lengths)
+    w = max(int(lengths.max(initial=0)), 1) if width is None else int(width)
+    dense = np.full((n, w), pad, dtype=values.dtype)
+    mask = np.zeros((n, w), dtype=np.int8)
+    row = np.repeat(np.arange(n), lengths)
+    col = np.arange(len(values), dtype=np.int64) - np.repeat(offsets[:-1], lengths)
+    if left:
+        col = col + np.repeat(w - lengths, lengths)
+    dense[row, col] = values
+    mask[row, col] = 1
+    return dense, mask
+
 
 @dataclass
-class Rollout:
-    """One completion of one prompt, as sampled by a generator."""
+class RolloutBatch:
+    """Completions as columns: one entry per sequence, token columns flat with offsets.
 
-    prompt_index: int
-    """Index of the prompt in the dataset."""
-    sample_index: int
-    """Which of the ``n`` samples of that prompt (0-based)."""
-    prompt: str
-    response: str
-    prompt_ids: list[int]
-    response_ids: list[int]
-    """Generated token ids, EOS included when the model stopped on it."""
-    sampler_logprobs: list[float]
-    """Log-probability of each response token under the sampler, one per ``response_ids``."""
-    finish_reason: str
-    """``"stop"`` (EOS) or ``"length"`` (hit ``max_new_tokens``)."""
-    policy_version: int
-    """Version of the weights the generator held when it sampled this rollout."""
-    generator_id: str = ""
-    """Which generator produced it (for diagnostics)."""
-    reward: float | None = None
-    """Total scalar reward, set by the reward actor."""
-    reward_parts: dict[str, float] = field(default_factory=dict)
-    """Unweighted score of each reward source, keyed by its name."""
+    Sequence ``i`` has prompt tokens ``prompt_ids[prompt_offsets[i]:prompt_offsets[i+1]]`` and
+    response tokens (EOS included when sampled) ``response_ids[response_offsets[i]:...]``;
+    ``sampler_logprobs`` is aligned with ``response_ids``. Rows are ordered by
+    (``prompt_index``, ``sample_index``) within a shard; :meth:`concat` keeps shard order.
+    """
+
+    prompt_index: np.ndarray
+    """Dataset index of each sequence's prompt. Shape (N,), int64."""
+    sample_index: np.ndarray
+    """Which of the ``n`` samples of that prompt (0-based). Shape (N,), int64."""
+    policy_version: np.ndarray
+    """Weight version the generator held when it sampled the sequence. Shape (N,), int64."""
+    finish_reason: np.ndarray
+    """``"stop"`` (EOS) or ``"length"`` (hit ``max_new_tokens``). Shape (N,), str."""
+    generator_id: np.ndarray
+    """Which generator produced it (diagnostics). Shape (N,), str."""
+    prompt_ids: np.ndarray
+    """Prompt tokens, flat. Shape (sum of prompt lengths,), int32."""
+    prompt_offsets: np.ndarray
+    """Shape (N+1,), int64."""
+    response_ids: np.ndarray
+    """Response tokens, flat. Shape (sum of response lengths,), int32."""
+    response_offsets: np.ndarray
+    """Shape (N+1,), int64."""
+    sampler_logprobs: np.ndarray
+    """The sampler's log-probability of each response token, flat, aligned with
+    ``response_ids``. Shape (sum of response lengths,), float32."""
+    prompt: list[str]
+    """Prompt text of each sequence (as the model read it)."""
+    response: list[str]
+    """Decoded response of each sequence."""
+    reward: np.ndarray
+    """Total scalar reward, NaN until the reward actor scores the batch. Shape (N,), float64."""
+    reward_parts: dict[str, np.ndarray] = field(default_factory=dict)
+    """Unweighted score of each reward source, keyed by its name. Each shape (N,), float64."""
+    columns: dict[str, list] = field(default_factory=dict)
+    """The prompt rows' other dataset columns, one value per sequence."""
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_sequences(cls, *, prompt_index: Sequence[int], sample_index: Sequence[int],
+                       prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                       sampler_logprobs: Sequence[Sequence[float]], prompt: Sequence[str],
+                       response: Sequence[str], finish_reason: Sequence[str], policy_version: int | Sequence[int],
+                       generator_id: str | Sequence[str] = "", columns: Mapping[str, list] | None = None,
+                       reward: Sequence[float] | None = None) -> RolloutBatch:
+        """A batch from per-sequence Python lists (tests, the transformers sampler)."""
+        n = len(prompt_index)
+        plen = np.array([len(x) for x in prompt_ids], dtype=np.int64)
+        rlen = np.array([len(x) for x in response_ids], dtype=np.int64)
+        flat = lambda rows, dt: np.fromiter((v for r in rows for v in r), dtype=dt, count=-1)  # noqa: E731
+        versions = np.full(n, policy_version, np.int64) if np.isscalar(policy_version) else np.asarray(policy_version)
+        gids = [generator_id] * n if isinstance(generator_id, str) else list(generator_id)
+        return cls(
+            prompt_index=np.asarray(prompt_index, dtype=np.int64).reshape(n),
+            sample_index=np.asarray(sample_index, dtype=np.int64).reshape(n),
+            policy_version=versions.astype(np.int64).reshape(n),
+            finish_reason=np.asarray(list(finish_reason), dtype=str).reshape(n),
+            generator_id=np.asarray(gids, dtype=str).reshape(n),
+            prompt_ids=flat(prompt_ids, np.int32), prompt_offsets=_offsets(plen),
+            response_ids=flat(response_ids, np.int32), response_offsets=_offsets(rlen),
+            sampler_logprobs=flat(sampler_logprobs, np.float32),
+            prompt=list(prompt), response=list(response),
+            reward=np.full(n, np.nan) if reward is None else np.asarray(reward, dtype=np.float64),
+            columns={k: list(v) for k, v in (columns or {}).items()},
+        )
+
+    @classmethod
+    def concat(cls, batches: Sequence[RolloutBatch]) -> RolloutBatch:
+        """The batches one after the other (offsets shifted; no per-token Python work)."""
+        if not batches:
+            raise ValueError("RolloutBatch.concat needs at least one batch")
+        if len(batches) == 1:
+            return batches[0]
+
+        def cat_offsets(name: str) -> np.ndarray:
+            parts, base = [np.zeros(1, np.int64)], 0
+            for b in batches:
+                off = getattr(b, name)
+                parts.append(off[1:] + base)
+                base += int(off[-1])
+            return np.concatenate(parts)
+
+        parts_keys = set(batches[0].reward_parts)
+        col_keys = set(batches[0].columns)
+        if any(set(b.reward_parts) != parts_keys or set(b.columns) != col_keys for b in batches):
+            raise ValueError("RolloutBatch.concat: batches carry different reward parts or columns")
+        cat = lambda name: np.concatenate([getattr(b, name) for b in batches])  # noqa: E731
+        return cls(
+            prompt_index=cat("prompt_index"), sample_index=cat("sample_index"),
+            policy_version=cat("policy_version"), finish_reason=cat("finish_reason"),
+            generator_id=cat("generator_id"), prompt_ids=cat("prompt_ids"),
+            prompt_offsets=cat_offsets("prompt_offsets"), response_ids=cat("response_ids"),
+            response_offsets=cat_offsets("response_offsets"), sampler_logprobs=cat("sampler_logprobs"),
+            prompt=[p for b in batches for p in b.prompt], response=[r for b in batches for r in b.response],
+            reward=cat("reward"),
+            reward_parts={k: np.concatenate([b.reward_parts[k] for b in batches]) for k in sorted(parts_keys)},
+            columns={k: [v for b in batches for v in b.columns[k]] for k in sorted(col_keys)},
+        )
+
+    # ---- views --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.prompt_index)
 
     @property
-    def key(self) -> tuple[int, int]:
-        """(prompt_index, sample_index): unique within a step."""
-        return (self.prompt_index, self.sample_index)
+    def prompt_lengths(self) -> np.ndarray:
+        """Shape (N,), int64."""
+        return np.diff(self.prompt_offsets)
+
+    @property
+    def response_lengths(self) -> np.ndarray:
+        """Shape (N,), int64."""
+        return np.diff(self.response_offsets)
+
+    @property
+    def scored(self) -> bool:
+        """Whether every sequence has a (finite) reward."""
+        return bool(len(self)) and bool(np.isfinite(self.reward).all())
+
+    def keys(self) -> list[tuple[int, int]]:
+        """(prompt_index, sample_index) of every sequence: unique within a step."""
+        return list(zip(self.prompt_index.tolist(), self.sample_index.tolist()))
+
+    def select(self, rows: np.ndarray | Sequence[int]) -> RolloutBatch:
+        """The given rows, in the given order (vectorised gather of the token columns)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        p_idx, p_off = ragged_rows(self.prompt_offsets, rows)
+        r_idx, r_off = ragged_rows(self.response_offsets, rows)
+        pick = rows.tolist()
+        return dataclasses.replace(
+            self, prompt_index=self.prompt_index[rows], sample_index=self.sample_index[rows],
+            policy_version=self.policy_version[rows], finish_reason=self.finish_reason[rows],
+            generator_id=self.generator_id[rows], prompt_ids=self.prompt_ids[p_idx], prompt_offsets=p_off,
+            response_ids=self.response_ids[r_idx], response_offsets=r_off,
+            sampler_logprobs=self.sampler_logprobs[r_idx],
+            prompt=[self.prompt[i] for i in pick], response=[self.response[i] for i in pick],
+            reward=self.reward[rows], reward_parts={k: v[rows] for k, v in self.reward_parts.items()},
+            columns={k: [v[i] for i in pick] for k, v in self.columns.items()},
+        )
+
+    def with_rewards(self, reward: np.ndarray, parts: Mapping[str, np.ndarray]) -> RolloutBatch:
+        """This batch scored: ``reward`` (N,) and each source's unweighted ``parts`` (N,)."""
+        reward = np.asarray(reward, dtype=np.float64)
+        if reward.shape != (len(self),):
+            raise ValueError(f"reward has shape {reward.shape}, the batch {len(self)} sequences")
+        return dataclasses.replace(self, reward=reward,
+                                   reward_parts={k: np.asarray(v, dtype=np.float64) for k, v in parts.items()})
+
+    # ---- the rollout log ------------------------------------------------------------------
+    def to_arrow(self, step: int) -> pa.Table:
+        """The batch as rows of the rollout log (:data:`ROLLOUT_SCHEMA` columns first, then one
+        ``reward_part/<source>`` column per source and the dataset's columns). Token columns
+        become Arrow list arrays over the same flat buffers."""
+        n = len(self)
+
+        def lists(values: np.ndarray, offsets: np.ndarray, typ: pa.DataType) -> pa.Array:
+            return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=typ))
+
+        cols: dict[str, Any] = {
+            "step": pa.array(np.full(n, step, np.int64)),
+            "prompt_index": pa.array(self.prompt_index), "sample_index": pa.array(self.sample_index),
+            "policy_version": pa.array(self.policy_version),
+            "generator_id": pa.array(self.generator_id.tolist(), pa.string()),
+            "prompt": pa.array(self.prompt, pa.string()), "response": pa.array(self.response, pa.string()),
+            "response_tokens": pa.array(self.response_lengths),
+            "finish_reason": pa.array(self.finish_reason.tolist(), pa.string()),
+            "reward": pa.array(self.reward, pa.float64()),
+            "prompt_ids": lists(self.prompt_ids, self.prompt_offsets, pa.int32()),
+            "response_ids": lists(self.response_ids, self.response_offsets, pa.int32()),
+            "sampler_logprobs": lists(self.sampler_logprobs, self.response_offsets, pa.float32()),
+        }
+        for name, values in self.reward_parts.items():
+            cols[f"reward_part/{name}"] = pa.array(values, pa.float64())
+        for name, values in self.columns.items():
+            if name not in cols:
+                cols[name] = pa.array(values)
+        return pa.table(cols)
 
 
 ROLLOUT_SCHEMA = pa.schema(
@@ -91,23 +312,46 @@ ROLLOUT_SCHEMA = pa.schema(
         ("response_tokens", pa.int64()),
         ("finish_reason", pa.string()),
         ("reward", pa.float64()),
+        ("prompt_ids", pa.list_(pa.int32())),
+        ("response_ids", pa.list_(pa.int32())),
+        ("sampler_logprobs", pa.list_(pa.float32())),
     ]
 )
-"""Fixed Arrow schema of the rollout log (one row per completion)."""
+"""The fixed columns of the rollout log (one row per completion); after them come one
+``reward_part/<source>`` column per reward source and the dataset's own columns."""
 
 
-def rollouts_to_table(step: int, rollouts: list[Rollout]) -> pa.Table:
-    """Rows of :data:`ROLLOUT_SCHEMA` for the given rollouts."""
-    cols: dict[str, list] = {name: [] for name in ROLLOUT_SCHEMA.names}
-    for r in rollouts:
-        cols["step"].append(step)
-        cols["prompt_index"].append(r.prompt_index)
-        cols["sample_index"].append(r.sample_index)
-        cols["policy_version"].append(r.policy_version)
-        cols["generator_id"].append(r.generator_id)
-        cols["prompt"].append(r.prompt)
-        cols["response"].append(r.response)
-        cols["response_tokens"].append(len(r.response_ids))
-        cols["finish_reason"].append(r.finish_reason)
-        cols["reward"].append(r.reward)
-    return pa.table(cols, schema=ROLLOUT_SCHEMA)
+@dataclass(frozen=True)
+class RolloutSummary:
+    """The small statistics of one step's scored batch that the driver logs (no token arrays)."""
+
+    count: int
+    reward_mean: float
+    reward_std: float
+    """Population standard deviation (ddof=0)."""
+    reward_min: float
+    reward_max: float
+    reward_parts: dict[str, float]
+    """Mean unweighted score per source."""
+    length_mean: float
+    length_max: int
+    finished_frac: float
+    response_tokens: int
+    version_min: int
+    version_mean: float
+
+    @classmethod
+    def of(cls, batch: RolloutBatch) -> RolloutSummary:
+        if not len(batch):
+            raise ValueError("RolloutSummary needs at least one sequence")
+        if not batch.scored:
+            raise ValueError("RolloutSummary needs a scored batch (a reward is NaN)")
+        lengths = batch.response_lengths
+        return cls(
+            count=len(batch), reward_mean=float(batch.reward.mean()), reward_std=float(batch.reward.std()),
+            reward_min=float(batch.reward.min()), reward_max=float(batch.reward.max()),
+            reward_parts={k: float(v.mean()) for k, v in sorted(batch.reward_parts.items())},
+            length_mean=float(lengths.mean()), length_max=int(lengths.max()),
+            finished_frac=float((batch.finish_reason == "stop").mean()), response_tokens=int(lengths.sum()),
+            version_min=int(batch.policy_version.min()), version_mean=float(batch.policy_version.mean()),
+        )

@@ -94,6 +94,29 @@ def load_prompts(path, column: str = "prompt") -> list[str]:
     return prompts
 
 
+def tokenize_prompts(prompts: list[str], tokenizer, max_prompt_tokens: int, source: str = "the dataset") -> list[PromptItem]:
+    """Tokenize every prompt once (special tokens included, as the engine and the learner see
+    them) and check its length: the one prompt-length check of a run.
+
+    Raises :class:`UserError` naming the longest prompt when one exceeds ``max_prompt_tokens``, or
+    an empty one.
+    """
+    ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    lengths = [len(x) for x in ids]
+    worst = max(range(len(prompts)), key=lengths.__getitem__)
+    if lengths[worst] > max_prompt_tokens:
+        n_over = sum(n > max_prompt_tokens for n in lengths)
+        raise UserError(
+            f"prompt {worst} of {source} is {lengths[worst]} tokens, longer than data.max_prompt_tokens="
+            f"{max_prompt_tokens} ({n_over} prompts too long); raise data.max_prompt_tokens "
+            f"(and generators.max_model_len) or shorten the prompts"
+        )
+    empty = next((i for i, n in enumerate(lengths) if n == 0), None)
+    if empty is not None:
+        raise UserError(f"prompt {empty} of {source} is empty after tokenization; drop it from the dataset")
+    return [PromptItem(index=i, text=t, prompt_ids=tuple(int(v) for v in x)) for i, (t, x) in enumerate(zip(prompts, ids))]
+
+
 class PromptStream:
     """An endless, deterministic stream of prompts: a fresh shuffle every epoch.
 
@@ -105,10 +128,10 @@ class PromptStream:
     uninterrupted stream would have.
     """
 
-    def __init__(self, prompts: list[str], seed: int):
+    def __init__(self, prompts: list[PromptItem] | list[str], seed: int):
         if len(prompts) == 0:
             raise UserError("the prompt set is empty; give at least one prompt")
-        self._prompts = list(prompts)
+        self._prompts = [p if isinstance(p, PromptItem) else PromptItem(index=i, text=p) for i, p in enumerate(prompts)]
         self._seed = int(seed)
         self._epoch = 0
         self._position = 0
@@ -143,8 +166,7 @@ class PromptStream:
         while len(items) < n:
             order = self._order_for(self._epoch)
             take = min(n - len(items), len(order) - self._position)
-            for idx in order[self._position : self._position + take]:
-                items.append(PromptItem(index=int(idx), text=self._prompts[idx]))
+            items.extend(self._prompts[int(idx)] for idx in order[self._position : self._position + take])
             self._position += take
             if self._position == len(order):
                 self._epoch += 1

@@ -20,7 +20,7 @@ import functools
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -268,8 +268,3 @@ def parameter_count(path) -> int:
                     n *= d
                 total += n
     return total
-
-
-def preset_summary(preset: str) -> dict:
-    """The preset's fields as a dict (for logs and benchmark metadata)."""
-    return asdict(get_preset(preset))

@@ -27,15 +27,17 @@ import inspect
 import math
 import resource
 import time
-from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+import numpy as np
 
 from ray_rlhf.errors import UserError
-from ray_rlhf.records import Rollout
+from ray_rlhf.records import RolloutBatch, RolloutSummary
 
 MODEL_KEY = "model"
-"""Key of the reward model's score in :attr:`Rollout.reward_parts`."""
+"""Key of the reward model's score in :attr:`RolloutBatch.reward_parts`."""
 
 _FIX_IMPORT = "check reward.functions and that the module is importable (PYTHONPATH / --working-dir)"
 
@@ -200,16 +202,22 @@ class RewardScorer:
 
     # -- public API ---------------------------------------------------------------------------
 
-    def score(self, rollouts: list[Rollout]) -> list[Rollout]:
-        """Copies of ``rollouts`` with ``reward`` and ``reward_parts`` filled (inputs untouched).
+    def score(self, *batches: RolloutBatch) -> tuple[RolloutBatch, RolloutSummary]:
+        """The batches concatenated and scored (``reward`` and ``reward_parts`` filled), and the
+        small summary the driver logs. Run it with Ray's ``num_returns=2`` and hand it the
+        generators' ObjectRefs: the learner then takes the first result by reference.
 
         Raises :class:`RewardError` if any source fails on any sample; nothing is returned then.
         """
-        where = [f"prompt {r.prompt_index} sample {r.sample_index}" for r in rollouts]
-        parts = self._score_texts([r.prompt for r in rollouts], [r.response for r in rollouts], where,
-                                  [(r.prompt_index, r.sample_index) for r in rollouts])
-        self._scored += len(rollouts)
-        return [replace(r, reward=self._total(p), reward_parts=p) for r, p in zip(rollouts, parts)]
+        batch = RolloutBatch.concat(batches)
+        keys = batch.keys()
+        where = [f"prompt {p} sample {j}" for p, j in keys]
+        parts = self._score_texts(batch.prompt, batch.response, where, keys)
+        self._scored += len(batch)
+        names = [spec for spec, _, _ in self.functions] + ([MODEL_KEY] if self.model_path else [])
+        columns = {name: np.array([p[name] for p in parts], dtype=np.float64) for name in names}
+        scored = batch.with_rewards(np.array([self._total(p) for p in parts], dtype=np.float64), columns)
+        return scored, RolloutSummary.of(scored)
 
     def validate(self, prompt: str = "Tell me a story.", response: str = " Once there was a tree.") -> dict[str, float]:
         """Score one synthetic sample through every source; returns its ``reward_parts``.

@@ -1,6 +1,8 @@
-"""Versioned weight broadcast from the learner to the generators (see :mod:`ray_rlhf.sync.base`)."""
+"""Versioned weight broadcast from the learner to the generators.
 
-from ray_rlhf.sync.base import LoadReport, SyncResult, WeightSyncError, broadcast, verify
-from ray_rlhf.sync.checksum import state_dict_checksum
-
-__all__ = ["LoadReport", "SyncResult", "WeightSyncError", "broadcast", "verify", "state_dict_checksum"]
+Driver side: :class:`~ray_rlhf.sync.broadcaster.WeightBroadcaster` (the owner) and its backends
+(:mod:`.backends`). Learner side: :class:`~ray_rlhf.sync.sender.WeightSender`. Generator side:
+:class:`~ray_rlhf.sync.receiver.WeightReceiver`. Shared: records and protocols (:mod:`.types`),
+checksums (:mod:`.checksum`), the collective transport (:mod:`.collective`, :mod:`.flat`) and the
+vLLM read-back (:mod:`.vllm_readback`).
+"""

@@ -16,8 +16,10 @@ the sender broadcasts a 2-element header (version, layout fingerprint) and then 
 per dtype (a single call for a single-dtype model); receivers unflatten into views and load them
 through ``Generator.load_weights`` -- the same path as the object-store backend.
 
-Driver-side calls need Ray actor handles: the learner's send and the generators' receives block
-on each other and must run concurrently.
+This module is the transport only. The learner owns a :class:`CollectiveSender` (through
+:class:`~ray_rlhf.sync.sender.WeightSender`), each generator a :class:`CollectiveReceiver`
+(through :class:`~ray_rlhf.sync.receiver.WeightReceiver`); the group's membership is decided on
+the driver by :class:`~ray_rlhf.sync.backends.CollectiveBackend`.
 """
 
 from __future__ import annotations
@@ -26,29 +28,12 @@ import datetime
 import time
 import uuid
 import zlib
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from ray_rlhf.sync.base import SyncResult, WeightSyncError, call, verify, wait
 from ray_rlhf.sync.flat import FlatLayout, flatten, layout_of, unflatten
-
-
-@dataclass(frozen=True)
-class GroupInfo:
-    """How to reach one weight-broadcast group (made by the learner, handed to generators)."""
-
-    host: str
-    """Address of the learner's TCPStore (its node IP)."""
-    port: int
-    group_name: str
-    """Unique per membership; prefixes every store key."""
-    world_size: int
-    """1 learner + number of generators."""
-    backend: str = "gloo"
-    """``"gloo"`` (CPU tensors) or ``"nccl"`` (CUDA tensors)."""
-    timeout_s: float = 300.0
+from ray_rlhf.sync.types import GroupInfo, SyncResult, WeightSyncError
 
 
 def _node_ip() -> str:
@@ -177,61 +162,3 @@ class CollectiveReceiver:
     def close(self) -> None:
         _shutdown(self._pg)
         self._pg = self._bufs = self._store = self._tcp_store = None
-
-
-class CollectiveSourceMixin:
-    """The learner actor's side of the collective backend, on top of its ``hf_state_dict()``."""
-
-    _weight_sender: CollectiveSender | None = None
-
-    def weight_group_open(self, world_size: int, backend: str = "gloo", timeout_s: float = 300.0) -> GroupInfo:
-        if self._weight_sender is None:
-            self._weight_sender = CollectiveSender()
-        return self._weight_sender.open(world_size, backend, timeout_s)
-
-    def weight_group_connect(self) -> None:
-        self._weight_sender.connect(self.hf_state_dict())
-
-    def weight_group_send(self, version: int) -> SyncResult:
-        return self._weight_sender.send(self.hf_state_dict(), version)
-
-    def weight_group_close(self) -> None:
-        if self._weight_sender is not None:
-            self._weight_sender.close()
-
-
-def open_group(learner, generators: list, backend: str = "gloo", timeout_s: float = 300.0) -> GroupInfo:
-    """Build the broadcast group for the current pool: learner rank 0, ``generators[i]`` rank i+1."""
-    info = wait([call(learner, "weight_group_open", len(generators) + 1, backend, timeout_s)])[0]
-    joins = [call(g, "join_weight_group", info, i + 1) for i, g in enumerate(generators)]
-    wait([call(learner, "weight_group_connect")] + joins)
-    return info
-
-
-def close_group(learner, generators: list) -> None:
-    """Tear the group down on every member still alive (dead generators are skipped)."""
-    for g in generators:
-        try:
-            wait([call(g, "leave_weight_group")])
-        except Exception:  # noqa: BLE001 - a dead actor has nothing to leave
-            pass
-    wait([call(learner, "weight_group_close")])
-
-
-def broadcast_collective(learner, generators: list, version: int, verify_weights: bool = True) -> SyncResult:
-    """One sync over the open group: the learner's send and every generator's receive, concurrently.
-
-    ``generators`` must be exactly the group's members in rank order (as passed to
-    :func:`open_group`). Returns the learner's :class:`SyncResult` with the wall time seen by the
-    driver; with ``verify_weights`` checks every engine against the learner's checksum.
-    """
-    t0 = time.perf_counter()
-    refs = [call(learner, "weight_group_send", version)]
-    refs += [call(g, "receive_weights", version, verify_weights) for g in generators]
-    sent = wait(refs)[0]
-    seconds = time.perf_counter() - t0
-    checksum, vsec = "", 0.0
-    if verify_weights:
-        checksum = wait([call(learner, "weights_checksum")])[0]
-        vsec = verify(checksum, generators, version)
-    return SyncResult(version, "collective", sent.bytes, seconds, len(generators), checksum, vsec)

@@ -24,9 +24,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -199,7 +199,7 @@ def good_run(tmp_path_factory, tiny_policy_path) -> Path:
     from ray_rlhf import checkpoint
     from ray_rlhf.config import load_config
     from ray_rlhf.data.prompts import PromptStream, bundled_prompts_path, load_prompts
-    from ray_rlhf.learner import Learner
+    from ray_rlhf.learning.learner import Learner
 
     cfg = load_config("tiny")
     learner = Learner(str(tiny_policy_path), cfg.ppo, cfg.kl, seed=cfg.seed)
@@ -267,7 +267,7 @@ def _remote(cause: Exception, where: str = "RewardScorer.score"):
 def test_user_error_unwrapped_from_ray_errors():
     from ray.exceptions import ActorDiedError
 
-    from ray_rlhf.cli import user_error_of
+    from ray_rlhf.errors import user_error_of
     from ray_rlhf.rewards.scorer import RewardError
 
     msg = "reward function 'm:f' raised KeyError: 'x' on prompt 3 sample 1; fix the function"

@@ -1,4 +1,4 @@
-"""``python -m benchmarks.run --quick`` end to end: the outputs exist and are well formed.
+"""``python -m ray_rlhf.bench.run --quick`` end to end: the outputs exist and are well formed.
 
 Checks structure and sanity (keys present, numbers finite, positive where a time or a rate must
 be), never the timings themselves: on shared CPUs those are noise.
@@ -34,7 +34,7 @@ def quick_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     cache = tmp_path_factory.getbasetemp() / "models"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out), "--cache-dir", str(cache)],
+        [sys.executable, "-m", "ray_rlhf.bench.run", "--quick", "--out", str(out), "--cache-dir", str(cache)],
         cwd=REPO, capture_output=True, text=True, timeout=840,
         env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"},
     )

@@ -24,7 +24,7 @@ from ray.cluster_utils import Cluster
 
 from ray_rlhf.config import load_config
 from ray_rlhf.metrics import read_rollouts
-from ray_rlhf.train import run
+from ray_rlhf.run.driver import run
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -92,7 +92,7 @@ def test_pool_grows_and_shrinks_with_the_cluster(tmp_path, tiny_policy_path, clu
 
 def test_pool_below_min_is_a_clear_error(tmp_path, tiny_policy_path, cluster):
     """The only generator's node leaves and no replacement may start: PoolError naming the fix."""
-    from ray_rlhf.pool import PoolError
+    from ray_rlhf.generation.pool import PoolError
 
     def remove_worker(step, system):
         worker = next(n for n in cluster.worker_nodes)

@@ -1,11 +1,11 @@
 """Fault tolerance on a real local Ray with real vLLM (CPU) generators and the tiny model.
 
-Two in-process runs of :func:`ray_rlhf.train.run`, 2 generators pulling shards of 2 prompts:
+Two in-process runs of :func:`ray_rlhf.run.driver.run`, 2 generators pulling shards of 2 prompts:
 
 * object-store sync, 4 steps: generator 0 is killed right after step 2's shards are dispatched
   (``faults.kill_generator``), the reward actor is killed before step 3's scoring
   (``faults.kill_reward_at_step``; Ray restarts it and retries the call), and a generator is killed
-  during step 3's weight sync (a test-only wrapper around ``RLHFSystem._send``).
+  during step 3's weight sync (a test-only wrapper around ``ObjectStoreBackend.send``).
 * collective (gloo) sync, 3 steps: a generator killed mid-rollout at step 2 and another killed
   while idle after step 2 (found dead at step 3's dispatch): the broadcast group is rebuilt for
   each new membership.
@@ -26,10 +26,10 @@ import ray
 
 from ray_rlhf.config import load_config
 from ray_rlhf.data.prompts import PromptStream, bundled_prompts_path, load_prompts
-from ray_rlhf.launch import RLHFSystem
+from ray_rlhf.generation.pool import ACTOR_DEAD_ERRORS
 from ray_rlhf.metrics import read_rollouts
-from ray_rlhf.pool import ACTOR_DEAD_ERRORS
-from ray_rlhf.train import run
+from ray_rlhf.run.driver import run
+from ray_rlhf.sync.backends import ObjectStoreBackend
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -90,18 +90,19 @@ def wait_dead(handle, tries: int = 100) -> None:
 
 def test_generator_and_reward_deaths_lose_and_duplicate_nothing(tmp_path, cache, fresh_ray, monkeypatch):
     steps = 4
-    send = RLHFSystem._send
+    send = ObjectStoreBackend.send
     killed_in_sync: list[str] = []
 
-    def send_with_a_death(self, version):
+    def send_with_a_death(self, version, members, record_checksum):
         """Kill a generator after the pre-sync liveness check, so the sync itself meets it dead."""
         if version == 3 and not killed_in_sync:
-            gid = self.pool.kill(0)
+            gid, handle = next(iter(members.items()))
+            ray.kill(handle, no_restart=True)
             killed_in_sync.append(gid)
-            wait_dead(self.pool.members[gid].handle)
-        return send(self, version)
+            wait_dead(handle)
+        return send(self, version, members, record_checksum)
 
-    monkeypatch.setattr(RLHFSystem, "_send", send_with_a_death)
+    monkeypatch.setattr(ObjectStoreBackend, "send", send_with_a_death)
     reward_pids: dict[int, int] = {}
 
     def reward_pid(step, system):

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ray_rlhf.errors import UserError
 from ray_rlhf.records import PromptItem, PromptShard, SamplingSpec
-from ray_rlhf.sync.base import WeightSyncError, verify
+from ray_rlhf.sync.broadcaster import compare_checksums
 from ray_rlhf.sync.checksum import state_dict_checksum
+from ray_rlhf.sync.types import WeightSyncError
+from tests.batches import sequences
 
 pytestmark = pytest.mark.integration
 
@@ -39,15 +40,35 @@ def hf(model_dir):
 
 @pytest.fixture(scope="module")
 def gen(model_dir):
-    from ray_rlhf.generator import Generator
+    from ray_rlhf.generation.generator import Generator
 
-    g = Generator(model_dir, "gen-test", max_model_len=96, max_prompt_tokens=24, seed=0, kv_cache_gib=1)
+    g = Generator(model_dir, "gen-test", max_model_len=96, seed=0, kv_cache_gib=1)
     yield g
     g.shutdown()
 
 
-def shard(*texts, start=0):
-    return PromptShard(0, tuple(PromptItem(start + i, t) for i, t in enumerate(texts)))
+@pytest.fixture(scope="module")
+def tok(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def shard(tok, *texts, start=0):
+    items = tuple(PromptItem(start + i, t, tuple(tok(t).input_ids)) for i, t in enumerate(texts))
+    return PromptShard(0, items)
+
+
+def generate(gen, shard, spec):
+    """The generator's sequences (the report checked on the way)."""
+    report, batch = gen.generate(shard, spec)
+    assert report.sequences == len(batch) and report.tokens == len(batch.response_ids)
+    assert report.generator_id == gen.generator_id and report.version == gen.version
+    return sequences(batch)
+
+
+def verify(checksum, gen, version):
+    compare_checksums(checksum, version, [gen.weights_checksum()], [gen.weights_status()])
 
 
 def eos_friendly(state: dict[str, torch.Tensor], eos_id: int) -> dict[str, torch.Tensor]:
@@ -73,22 +94,10 @@ def hf_logprobs(model, prompt_ids, response_ids, temperature=1.0) -> torch.Tenso
     return logits.log_softmax(-1).gather(-1, torch.tensor(response_ids)[:, None])[:, 0]
 
 
-def test_prompt_too_long_is_a_user_error_naming_index_length_and_key(gen):
-    long_text = "a b c d e f g h i j k l m n o p q r s t u v w x y z " * 2
-    with pytest.raises(UserError) as e:
-        gen.generate(shard("short", long_text, start=7), SamplingSpec(n=1, max_new_tokens=4))
-    msg = str(e.value)
-    assert "prompt 8 is" in msg and "data.max_prompt_tokens=24" in msg
-    n_tokens = int(msg.split("prompt 8 is ")[1].split()[0])
-    assert n_tokens > 24
-    with pytest.raises(UserError, match="generators.max_model_len=96"):
-        gen.generate(shard("short"), SamplingSpec(n=1, max_new_tokens=95))
-
-
 def test_samples_ids_and_sampler_logprobs_match_hf(gen, hf):
     model, tok = hf
     spec = SamplingSpec(n=3, max_new_tokens=12, temperature=1.0, seed=11)
-    out = gen.generate(shard(*PROMPTS[:2]), spec)
+    out = generate(gen, shard(tok, *PROMPTS[:2]), spec)
     assert [r.key for r in out] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
     for r in out:
         # Prompt ids are HF's tokenization, BOS included once.
@@ -102,35 +111,35 @@ def test_samples_ids_and_sampler_logprobs_match_hf(gen, hf):
     # n samples of one prompt are different draws.
     assert len({tuple(r.response_ids) for r in out[:3]}) == 3
     # processed logprobs: under temperature T, the log-prob of the tempered distribution.
-    hot = gen.generate(shard(PROMPTS[0]), SamplingSpec(n=1, max_new_tokens=8, temperature=0.6, seed=3))[0]
+    hot = generate(gen, shard(tok, PROMPTS[0]), SamplingSpec(n=1, max_new_tokens=8, temperature=0.6, seed=3))[0]
     ref = hf_logprobs(model, hot.prompt_ids, hot.response_ids, temperature=0.6)
     torch.testing.assert_close(torch.tensor(hot.sampler_logprobs), ref, atol=2e-3, rtol=0)
 
 
-def test_seeded_generation_is_reproducible(gen):
+def test_seeded_generation_is_reproducible(gen, tok):
     spec = SamplingSpec(n=2, max_new_tokens=10, seed=5)
-    a = gen.generate(shard(*PROMPTS[:3]), spec)
-    b = gen.generate(shard(*PROMPTS[:3]), spec)
+    a = generate(gen, shard(tok, *PROMPTS[:3]), spec)
+    b = generate(gen, shard(tok, *PROMPTS[:3]), spec)
     assert [(r.response_ids, r.sampler_logprobs) for r in a] == [(r.response_ids, r.sampler_logprobs) for r in b]
-    c = gen.generate(shard(*PROMPTS[:3]), SamplingSpec(n=2, max_new_tokens=10, seed=6))
+    c = generate(gen, shard(tok, *PROMPTS[:3]), SamplingSpec(n=2, max_new_tokens=10, seed=6))
     assert [r.response_ids for r in a] != [r.response_ids for r in c]
     # A prompt's samples depend on its dataset index, not on the shard it travels in.
-    alone = gen.generate(PromptShard(1, (PromptItem(1, PROMPTS[1]),)), spec)
+    alone = generate(gen, shard(tok, PROMPTS[1], start=1), spec)
     assert [r.response_ids for r in alone] == [r.response_ids for r in a if r.prompt_index == 1]
 
 
 def test_new_weights_change_outputs_vary_lengths_and_bump_version(gen, hf):
     model, tok = hf
     spec = SamplingSpec(n=4, max_new_tokens=16, seed=21)
-    before = gen.generate(shard(*PROMPTS), spec)
+    before = generate(gen, shard(tok, *PROMPTS), spec)
     state = eos_friendly(model.state_dict(), tok.eos_token_id)
     report = gen.load_weights(1, state)
     assert report.version == 1 and gen.version == 1
     assert report.bytes == sum(t.numel() * 4 for t in state.values())
     assert report.received_checksum == state_dict_checksum(state)
-    verify(state_dict_checksum(state), [gen], 1)  # the engine holds exactly what was sent
+    verify(state_dict_checksum(state), gen, 1)  # the engine holds exactly what was sent
 
-    after = gen.generate(shard(*PROMPTS), spec)
+    after = generate(gen, shard(tok, *PROMPTS), spec)
     assert [r.response_ids for r in after] != [r.response_ids for r in before]
     assert {r.policy_version for r in after} == {1}
     reasons = {r.finish_reason for r in after}
@@ -161,7 +170,7 @@ def test_checksum_verify_fails_after_a_corrupted_or_partial_load(gen, hf):
     report = gen.load_weights(2, sent)
     assert report.received_checksum != want  # the generator can tell it was the transport
     with pytest.raises(WeightSyncError, match=f"generator gen-test engine weights checksum .* != learner checksum {want}"):
-        verify(want, [gen], 2)
+        verify(want, gen, 2)
 
     # 2. A tensor missing from the payload: refused before the engine is touched.
     partial = {k: v for k, v in learner.items() if k != "model.layers.0.mlp.down_proj.weight"}
@@ -172,9 +181,9 @@ def test_checksum_verify_fails_after_a_corrupted_or_partial_load(gen, hf):
     # 3. The engine itself loading only part of a fused layer (v_proj missing from qkv_proj):
     #    vLLM leaves uninitialised rows there without an error; the engine read-back sees it.
     gen.load_weights(2, learner)
-    verify(want, [gen], 2)
+    verify(want, gen, 2)
     no_v = [(k, v) for k, v in learner.items() if k != "model.layers.1.self_attn.v_proj.weight"]
-    gen._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": no_v})
+    gen.weights.engine.reload(no_v)  # straight into the engine, past the receiver's check
     assert gen.weights_checksum() != want
 
     # A good load repairs it.
@@ -186,4 +195,4 @@ def test_info_and_ping(gen):
     info = gen.info()
     assert info["generator_id"] == "gen-test" == gen.ping()
     assert info["peak_rss_bytes"] >= info["rss_bytes"] > 0 and info["pid"] > 0
-    assert info["version"] == gen.version == gen.get_version()
+    assert info["version"] == gen.version == gen.weights_status().version

@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from ray_rlhf.config import load_config
-from ray_rlhf.train import run
+from ray_rlhf.run.driver import run
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration]
 

@@ -7,15 +7,17 @@ steps (~1 s each on 2 cores) while the KL to the reference stays bounded by the 
 
 from __future__ import annotations
 
+import math
 import statistics
 
+import numpy as np
 import pytest
 import torch
 
+from ray_rlhf.bench.hf_sampler import hf_generate
 from ray_rlhf.config import load_config
 from ray_rlhf.data.prompts import PromptStream, bundled_prompts_path, load_prompts
-from ray_rlhf.hf_sampler import hf_generate
-from ray_rlhf.learner import Learner, is_finite_stats
+from ray_rlhf.learning.learner import Learner
 from ray_rlhf.records import SamplingSpec
 from ray_rlhf.rewards.rules import letter_frequency
 
@@ -33,10 +35,9 @@ def test_learner_alone_raises_reward_with_bounded_kl(tiny_policy_path):
         prompts = stream.next_batch(cfg.rollout.prompts_per_step)
         sampling = SamplingSpec(n=cfg.rollout.samples_per_prompt, max_new_tokens=cfg.rollout.max_new_tokens, seed=step)
         rollouts = hf_generate(learner.model.lm, learner.tokenizer, prompts, sampling, policy_version=learner.version)
-        for r in rollouts:
-            r.reward = letter_frequency(r.prompt, r.response)
-        stats = learner.step(rollouts)
-        assert is_finite_stats(stats), stats
+        scores = [letter_frequency(p, r) for p, r in zip(rollouts.prompt, rollouts.response)]
+        stats = learner.step(rollouts.with_rewards(np.array(scores), {}))
+        assert all(math.isfinite(v) for v in stats.to_dict().values()), stats
         rewards.append(stats.score_mean)
         kls.append(stats.kl_ref)
     first, last = statistics.mean(rewards[:4]), statistics.mean(rewards[-4:])

@@ -1,6 +1,6 @@
 """Stop a tiny run after step 2 and resume it to step 4: the same numbers as an uninterrupted run.
 
-Three in-process runs of :func:`ray_rlhf.train.run` on the tiny preset (Ray + real vLLM, CPU),
+Three in-process runs of :func:`ray_rlhf.run.driver.run` on the tiny preset (Ray + real vLLM, CPU),
 each in a fresh Ray (``ray.shutdown()`` between runs, as a new driver process would have):
 
 * A: 4 steps uninterrupted, ``checkpoint.every=2``;
@@ -46,7 +46,7 @@ def _run(out: Path, cache: Path, *extra: str) -> list[dict]:
     import ray
 
     from ray_rlhf.config import load_config
-    from ray_rlhf.train import run
+    from ray_rlhf.run.driver import run
 
     cfg = load_config("tiny", [*OVERRIDES, f"output_dir={out}", f"model.cache_dir={cache}", *extra])
     try:

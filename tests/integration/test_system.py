@@ -17,7 +17,7 @@ import pytest
 import ray
 
 from ray_rlhf.config import load_config
-from ray_rlhf.train import run
+from ray_rlhf.run.driver import run
 
 pytestmark = pytest.mark.integration
 

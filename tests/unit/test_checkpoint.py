@@ -2,7 +2,7 @@
 validation of whole vs incomplete/corrupt directories, and loading that never unpickles.
 
 No Ray. The fake learner writes small but well-formed files (real safetensors, a real torch zip);
-the last tests use the real :class:`~ray_rlhf.learner.Learner` on the tiny model.
+the last tests use the real :class:`~ray_rlhf.learning.learner.Learner` on the tiny model.
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def test_every_torch_load_in_the_package_is_weights_only():
 
 def test_learner_load_state_refuses_a_malicious_optimizer_pickle(tmp_path, tiny_policy_path):
     from ray_rlhf.config.schema import KLConfig, PPOConfig
-    from ray_rlhf.learner import Learner
+    from ray_rlhf.learning.learner import Learner
 
     learner = Learner(str(tiny_policy_path), PPOConfig(epochs=1, minibatch_size=8, micro_batch_size=8), KLConfig())
     d = tmp_path / "ckpt"

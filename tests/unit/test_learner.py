@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import copy
-
+import numpy as np
 import pytest
 import torch
 
+from ray_rlhf.bench.hf_sampler import hf_generate
 from ray_rlhf.config.schema import KLConfig, PPOConfig
-from ray_rlhf.hf_sampler import hf_generate
-from ray_rlhf.learner import Learner, collate
-from ray_rlhf.models.policy import PolicyWithValueHead
-from ray_rlhf.records import PromptItem, Rollout, SamplingSpec
+from ray_rlhf.learning.batch import collate
+from ray_rlhf.learning.learner import Learner
+from ray_rlhf.records import PromptItem, SamplingSpec
 from ray_rlhf.sync.checksum import state_dict_checksum
+from tests.batches import make_batch
 
 PROMPTS = ["The cat sat on", "Once upon a time", "Water is", "Tell me a story about a dog"]
 
 
 def _rollout(prompt_ids, response_ids, reward=1.0, version=0):
-    return Rollout(prompt_index=0, sample_index=0, prompt="p", response="r", prompt_ids=prompt_ids,
-                   response_ids=response_ids, sampler_logprobs=[-1.0] * len(response_ids),
-                   finish_reason="stop", policy_version=version, reward=reward)
+    return dict(prompt_ids=prompt_ids, response_ids=response_ids, reward=reward, policy_version=version)
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +30,11 @@ def learner(tiny_policy_path):
 def rollouts(learner):
     items = [PromptItem(i, p) for i, p in enumerate(PROMPTS)]
     out = hf_generate(learner.model.lm, learner.tokenizer, items, SamplingSpec(n=2, max_new_tokens=12, seed=1))
-    for k, r in enumerate(out):
-        r.reward = float(k % 3)
-    return out
+    return out.with_rewards(np.arange(len(out)) % 3.0, {})
 
 
 def test_collate_pads_prompts_left_and_responses_right():
-    b = collate([_rollout([5, 6, 7], [8]), _rollout([9], [10, 11, 12], reward=2.0, version=3)], pad_id=2)
+    b = collate(make_batch([_rollout([5, 6, 7], [8]), _rollout([9], [10, 11, 12], reward=2.0, version=3)]), pad_id=2)
     assert b.prompt_ids.tolist() == [[5, 6, 7], [2, 2, 9]]
     assert b.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert b.response_ids.tolist() == [[8, 2, 2], [10, 11, 12]]
@@ -49,7 +45,7 @@ def test_collate_pads_prompts_left_and_responses_right():
 
 def test_collate_refuses_unscored_rollouts():
     with pytest.raises(ValueError, match="scored"):
-        collate([_rollout([1], [2], reward=None)], pad_id=0)
+        collate(make_batch([_rollout([1], [2], reward=None)]), pad_id=0)
 
 
 def test_padded_forward_matches_unpadded_hf_forward(learner, rollouts):
@@ -57,11 +53,13 @@ def test_padded_forward_matches_unpadded_hf_forward(learner, rollouts):
     batch = collate(rollouts, learner.pad_id)
     with torch.no_grad():
         out = learner.model(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask)
-        for i, r in enumerate(rollouts):
-            ids = torch.tensor([r.prompt_ids + r.response_ids])
-            logits = learner.model.lm(ids).logits[0, len(r.prompt_ids) - 1 : -1]
-            expected = logits.log_softmax(-1).gather(-1, torch.tensor(r.response_ids)[:, None]).squeeze(-1)
-            n = len(r.response_ids)
+        for i in range(len(rollouts)):
+            p_ids = rollouts.prompt_ids[rollouts.prompt_offsets[i]:rollouts.prompt_offsets[i + 1]].tolist()
+            r_ids = rollouts.response_ids[rollouts.response_offsets[i]:rollouts.response_offsets[i + 1]].tolist()
+            ids = torch.tensor([p_ids + r_ids])
+            logits = learner.model.lm(ids).logits[0, len(p_ids) - 1 : -1]
+            expected = logits.log_softmax(-1).gather(-1, torch.tensor(r_ids)[:, None]).squeeze(-1)
+            n = len(r_ids)
             torch.testing.assert_close(out.logprobs[i, :n], expected, atol=1e-5, rtol=1e-5)
     assert out.values.shape == batch.response_ids.shape
     assert torch.all(out.entropy[batch.response_mask.bool()] > 0)
@@ -130,7 +128,7 @@ def test_save_and_load_state_round_trip(tiny_policy_path, rollouts, tmp_path):
     # the reference stays the initial model, not the checkpoint
     assert state_dict_checksum(b.reference.state_dict()) != b.weights_checksum()
     # the next step is identical (optimizer moments, RNG for minibatch shuffling restored)
-    sa, sb = a.step(copy.deepcopy(rollouts)), b.step(copy.deepcopy(rollouts))
+    sa, sb = a.step(rollouts), b.step(rollouts)
     assert sa.policy_loss == pytest.approx(sb.policy_loss, rel=1e-5, abs=1e-7)
     assert b.weights_checksum() == a.weights_checksum()
     # the saved policy is a plain Hugging Face checkpoint

@@ -8,14 +8,18 @@ import pytest
 import torch
 
 from ray_rlhf.metrics import MetricsLogger, RolloutLogger, read_rollouts, rollout_file, rollout_stats
-from ray_rlhf.records import ROLLOUT_SCHEMA, Rollout
+from ray_rlhf.records import ROLLOUT_SCHEMA, RolloutBatch, RolloutSummary
+from tests.batches import make_batch
 
 
 def rollout(p, s, reward, n_tokens, finish="stop", version=3, parts=None, response="r"):
-    return Rollout(prompt_index=p, sample_index=s, prompt=f"prompt {p}", response=response,
-                   prompt_ids=[1, 2], response_ids=list(range(n_tokens)), sampler_logprobs=[-1.0] * n_tokens,
-                   finish_reason=finish, policy_version=version, generator_id=f"g{s}", reward=reward,
-                   reward_parts=parts or {})
+    return dict(prompt_index=p, sample_index=s, prompt=f"prompt {p}", response=response, prompt_ids=[1, 2],
+                response_ids=list(range(n_tokens)), sampler_logprobs=[-1.0] * n_tokens, finish_reason=finish,
+                policy_version=version, generator_id=f"g{s}", reward=reward, reward_parts=parts or {})
+
+
+def batch(*rows) -> RolloutBatch:
+    return make_batch(list(rows))
 
 
 def read_jsonl(path):
@@ -101,8 +105,8 @@ def test_progress_bar_postfix(tmp_path, capsys):
 
 
 def test_rollout_parquet_round_trip_and_resume(tmp_path):
-    step1 = [rollout(0, 0, 0.5, 3), rollout(0, 1, -1.0, 4, finish="length", response="né\nwith unicode")]
-    step2 = [rollout(1, 0, 2.0, 1)]
+    step1 = batch(rollout(0, 0, 0.5, 3), rollout(0, 1, -1.0, 4, finish="length", response="né\nwith unicode"))
+    step2 = batch(rollout(1, 0, 2.0, 1))
     with RolloutLogger(tmp_path) as log:
         path = log.write(1, step1)
         log.write(2, step2)
@@ -116,12 +120,13 @@ def test_rollout_parquet_round_trip_and_resume(tmp_path):
                                                                                  (3, 1, 0)]
     assert rows[1] == {"step": 1, "prompt_index": 0, "sample_index": 1, "policy_version": 3, "generator_id": "g1",
                        "prompt": "prompt 0", "response": "né\nwith unicode", "response_tokens": 4,
-                       "finish_reason": "length", "reward": -1.0}
+                       "finish_reason": "length", "reward": -1.0, "prompt_ids": [1, 2],
+                       "response_ids": [0, 1, 2, 3], "sampler_logprobs": [-1.0] * 4}
     # Resume after step 1: later files go, and rewriting a step replaces its file.
     with RolloutLogger(tmp_path, resume_from_step=1) as log:
         assert not rollout_file(tmp_path, 2).exists() and not rollout_file(tmp_path, 3).exists()
-        log.write(2, [rollout(7, 0, 9.0, 2)])
-        log.write(2, [rollout(8, 0, 9.0, 2)])
+        log.write(2, batch(rollout(7, 0, 9.0, 2)))
+        log.write(2, batch(rollout(8, 0, 9.0, 2)))
     assert [(r["step"], r["prompt_index"]) for r in read_rollouts(tmp_path).to_pylist()] == [(1, 0), (1, 0), (2, 8)]
     assert not list((tmp_path / "rollouts").glob("*.tmp"))
 
@@ -134,12 +139,12 @@ def test_read_rollouts_empty(tmp_path):
 
 
 def test_rollout_stats_hand_computed():
-    rs = [
+    rs = RolloutSummary.of(batch(
         rollout(0, 0, 1.0, 2, "stop", version=4, parts={"f": 0.5, "model": 1.0}),
         rollout(0, 1, 3.0, 6, "length", version=3, parts={"f": 1.5, "model": -1.0}),
         rollout(1, 0, -1.0, 4, "stop", version=4, parts={"f": 1.0, "model": 0.0}),
         rollout(1, 1, 1.0, 8, "stop", version=2, parts={"f": 0.0, "model": 2.0}),
-    ]
+    ))
     s = rollout_stats(rs, learner_version=4)
     # rewards 1, 3, -1, 1: mean 1; deviations 0, 2, -2, 0 -> variance (0+4+4+0)/4 = 2 -> std sqrt(2)
     # lengths 2, 6, 4, 8: mean 5, max 8; finished 3 of 4; lags 0, 1, 0, 2: mean 0.75, max 2
@@ -163,6 +168,6 @@ def test_rollout_stats_hand_computed():
 
 def test_rollout_stats_rejects_unscored_or_empty():
     with pytest.raises(ValueError, match="at least one"):
-        rollout_stats([])
+        RolloutSummary.of(batch(rollout(0, 0, 1.0, 1)).select([]))
     with pytest.raises(ValueError, match="scored"):
-        rollout_stats([rollout(0, 0, None, 1)])
+        RolloutSummary.of(batch(rollout(0, 0, None, 1)))

@@ -6,17 +6,20 @@ import pytest
 import torch
 
 from ray_rlhf.errors import UserError
-from ray_rlhf.records import Rollout
 from ray_rlhf.rewards import rules
 from ray_rlhf.rewards.scorer import MODEL_KEY, RewardError, RewardScorer, check_reward_model, check_sources
+from tests.batches import make_batch
 
 FIX = "tests.unit.reward_fixtures"
 
 
-def make_rollout(response: str, prompt_index: int = 0, sample_index: int = 0, prompt: str = "Q:") -> Rollout:
-    return Rollout(prompt_index=prompt_index, sample_index=sample_index, prompt=prompt, response=response,
-                   prompt_ids=[0, 5], response_ids=list(range(len(response))), sampler_logprobs=[0.0] * len(response),
-                   finish_reason="stop", policy_version=0)
+def make_rollout(response: str, prompt_index: int = 0, sample_index: int = 0, prompt: str = "Q:") -> dict:
+    return dict(prompt_index=prompt_index, sample_index=sample_index, prompt=prompt, response=response)
+
+
+def score(scorer, rollouts: list[dict]):
+    """The scored batch of ``scorer.score`` on a batch made of ``rollouts``."""
+    return scorer.score(make_batch(rollouts))[0]
 
 
 def one_line(exc: BaseException) -> str:
@@ -68,8 +71,8 @@ def test_rules_keyword_parameters():
 
 def test_every_rule_is_a_valid_reward_spec():
     specs = [(f"ray_rlhf.rewards.rules:{name}", 1.0) for name in rules.__all__]
-    scored = RewardScorer(specs).score([make_rollout("Hello there.")])
-    assert set(scored[0].reward_parts) == {s for s, _ in specs}
+    scored = score(RewardScorer(specs), [make_rollout("Hello there.")])
+    assert set(scored.reward_parts) == {s for s, _ in specs}
 
 
 # --------------------------------------------------------------------------- weighted sum
@@ -78,17 +81,29 @@ def test_every_rule_is_a_valid_reward_spec():
 def test_weighted_sum_and_parts():
     scorer = RewardScorer([("ray_rlhf.rewards.rules:letter_frequency", 2.0), (f"{FIX}:response_chars", -0.5),
                            (f"{FIX}:tensor_half", 1.0)])
-    inputs = [make_rollout("eel", 0, 0), make_rollout("xyzw", 0, 1)]
-    out = scorer.score(inputs)
+    inputs = make_batch([make_rollout("eel", 0, 0), make_rollout("xyzw", 0, 1)])
+    out, summary = scorer.score(inputs)
     # "eel": 2 * (2/3) - 0.5 * 3 + 0.5 = 4/3 - 1.5 + 0.5 = 1/3
     # "xyzw": 2 * 0 - 0.5 * 4 + 0.5 = -1.5
-    assert out[0].reward == pytest.approx(1 / 3)
-    assert out[1].reward == pytest.approx(-1.5)
-    assert out[0].reward_parts == {"ray_rlhf.rewards.rules:letter_frequency": pytest.approx(2 / 3),
-                                   f"{FIX}:response_chars": 3.0, f"{FIX}:tensor_half": 0.5}
-    assert all(type(v) is float for v in out[0].reward_parts.values())
-    assert [r.key for r in out] == [(0, 0), (0, 1)]
-    assert inputs[0].reward is None and inputs[0].reward_parts == {}  # inputs untouched
+    assert out.reward[0] == pytest.approx(1 / 3)
+    assert out.reward[1] == pytest.approx(-1.5)
+    assert {k: v[0] for k, v in out.reward_parts.items()} == {
+        "ray_rlhf.rewards.rules:letter_frequency": pytest.approx(2 / 3), f"{FIX}:response_chars": 3.0,
+        f"{FIX}:tensor_half": 0.5}
+    assert out.keys() == [(0, 0), (0, 1)]
+    assert not inputs.scored and inputs.reward_parts == {}  # inputs untouched
+    # the summary the driver logs: mean (1/3 - 1.5) / 2, population std |1/3 + 1.5| / 2
+    assert summary.count == 2 and summary.reward_mean == pytest.approx((1 / 3 - 1.5) / 2)
+    assert summary.reward_std == pytest.approx((1 / 3 + 1.5) / 2)
+    assert summary.reward_parts[f"{FIX}:response_chars"] == pytest.approx(3.5)
+
+
+def test_score_concatenates_the_batches_of_several_shards():
+    scorer = RewardScorer([(f"{FIX}:response_chars", 1.0)])
+    a, b = make_batch([make_rollout("ab", 0, 0)]), make_batch([make_rollout("abc", 1, 0), make_rollout("a", 1, 1)])
+    out, summary = scorer.score(a, b)
+    assert out.keys() == [(0, 0), (1, 0), (1, 1)] and out.reward.tolist() == [2.0, 3.0, 1.0]
+    assert summary.count == 3 and summary.reward_max == 3.0
 
 
 # ---------------------------------------------------------------------------- spec errors
@@ -157,8 +172,8 @@ def test_other_config_errors():
 def test_failing_sample_fails_whole_call(fn, needle):
     spec = f"{FIX}:{fn}"
     scorer = RewardScorer([(f"{FIX}:one", 1.0), (spec, 1.0)])
-    batch = [make_rollout("fine", 0, 0), make_rollout("fine", 3, 0),
-             make_rollout("it went boom\nand then " + "x" * 60, 3, 1)]
+    batch = make_batch([make_rollout("fine", 0, 0), make_rollout("fine", 3, 0),
+                        make_rollout("it went boom\nand then " + "x" * 60, 3, 1)])
     with pytest.raises(RewardError) as err:
         scorer.score(batch)
     msg = one_line(err.value)
@@ -167,7 +182,7 @@ def test_failing_sample_fails_whole_call(fn, needle):
     assert "on prompt 3 sample 1" in msg
     assert "(response 'it went boom\\nand then xxxxxxxxxxxxxxxxxx'...)" in msg  # 40-char excerpt
     assert (err.value.source, err.value.prompt_index, err.value.sample_index) == (spec, 3, 1)
-    assert all(r.reward is None for r in batch)
+    assert not batch.scored
     # Picklable with its fields, as Ray ships it back to the driver.
     again = pickle.loads(pickle.dumps(err.value))
     assert str(again) == msg and again.prompt_index == 3 and again.source == spec
@@ -184,7 +199,7 @@ def test_validate_and_ping():
 
 def test_info_reports_memory_and_counts():
     scorer = RewardScorer([(f"{FIX}:one", 1.0)])
-    scorer.score([make_rollout("a"), make_rollout("b", 1)])
+    score(scorer, [make_rollout("a"), make_rollout("b", 1)])
     info = scorer.info()
     assert info["scored"] == 2 and info["model_params"] == 0
     assert info["peak_rss_mb"] >= info["rss_mb"] * 0.5 > 0
@@ -215,13 +230,12 @@ def model_rollouts():
 def test_reward_model_scores_one_float_per_rollout(reward_path):
     scorer = RewardScorer([("ray_rlhf.rewards.rules:letter_frequency", 0.5)], model_path=str(reward_path),
                           model_weight=2.0, batch_size=3)
-    out = scorer.score(model_rollouts())
+    out = score(scorer, model_rollouts())
     assert len(out) == len(TEXTS)
-    for r in out:
-        m = r.reward_parts[MODEL_KEY]
-        assert type(m) is float
-        assert r.reward == pytest.approx(2.0 * m + 0.5 * rules.letter_frequency(r.prompt, r.response))
-    assert len({r.reward_parts[MODEL_KEY] for r in out}) > 1  # the text matters
+    for i in range(len(out)):
+        m = out.reward_parts[MODEL_KEY][i]
+        assert out.reward[i] == pytest.approx(2.0 * m + 0.5 * rules.letter_frequency(out.prompt[i], out.response[i]))
+    assert len(set(out.reward_parts[MODEL_KEY].tolist())) > 1  # the text matters
     assert not scorer.model.training and not any(p.requires_grad for p in scorer.model.parameters())
     assert scorer.info()["model_params"] > 0
 
@@ -229,7 +243,7 @@ def test_reward_model_scores_one_float_per_rollout(reward_path):
 def test_reward_model_deterministic_and_batch_invariant(reward_path):
     def scores(batch_size):
         scorer = RewardScorer([], model_path=str(reward_path), batch_size=batch_size)
-        return [r.reward for r in scorer.score(model_rollouts())]
+        return score(scorer, model_rollouts()).reward.tolist()
 
     batched, again, unbatched = scores(4), scores(4), scores(1)
     assert batched == again
@@ -243,7 +257,7 @@ def test_reward_model_matches_direct_forward(reward_path):
     tok = AutoTokenizer.from_pretrained(reward_path)
     model = AutoModelForSequenceClassification.from_pretrained(reward_path, dtype=torch.float32).eval()
     scorer = RewardScorer([], model_path=str(reward_path), batch_size=8)
-    got = [r.reward_parts[MODEL_KEY] for r in scorer.score(model_rollouts())]
+    got = score(scorer, model_rollouts()).reward_parts[MODEL_KEY].tolist()
     with torch.no_grad():
         want = [model(**tok("Tell me a story:" + t, return_tensors="pt")).logits[0, 0].item() for t in TEXTS]
     assert got == pytest.approx(want, abs=1e-5)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ray_rlhf.sync.base import SyncResult, WeightSyncError, verify
+from ray_rlhf.sync.broadcaster import compare_checksums
 from ray_rlhf.sync.checksum import canonical, state_dict_checksum, tensor_bytes
 from ray_rlhf.sync.flat import FlatLayout, flatten, layout_of, unflatten
+from ray_rlhf.sync.types import SinkInfo, SyncResult, WeightSyncError
 
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -90,24 +91,13 @@ def test_checksum_ignores_rotary_inv_freq_and_merges_zero_encodings():
     assert state_dict_checksum({"w": a}) == state_dict_checksum({"w": b})
 
 
-class _FakeGenerator:
-    def __init__(self, gid, checksum, version):
-        self.gid, self.checksum, self.version = gid, checksum, version
-
-    def weights_checksum(self):
-        return self.checksum
-
-    def info(self):
-        return {"generator_id": self.gid, "version": self.version, "received_checksum": "r"}
-
-
 def test_verify_names_the_generator_and_both_checksums():
-    good = _FakeGenerator("g0", "abc", 3)
-    assert verify("abc", [good, _FakeGenerator("g1", "abc", 3)], 3) >= 0
+    g0, g1 = SinkInfo("g0", 3, "r"), SinkInfo("g1", 3, "r")
+    compare_checksums("abc", 3, ["abc", "abc"], [g0, g1])  # equal: no error
     with pytest.raises(WeightSyncError, match=r"generator g1 .*checksum xyz != learner checksum abc"):
-        verify("abc", [good, _FakeGenerator("g1", "xyz", 3)], 3)
+        compare_checksums("abc", 3, ["abc", "xyz"], [g0, g1])
     with pytest.raises(WeightSyncError, match="generator g1 holds version 2, expected 3"):
-        verify("abc", [good, _FakeGenerator("g1", "abc", 2)], 3)
+        compare_checksums("abc", 3, ["abc", "abc"], [g0, SinkInfo("g1", 2, "r")])
 
 
 def test_sync_result_is_a_plain_record():

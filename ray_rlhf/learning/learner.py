@@ -3,7 +3,7 @@
 A plain class (the driver wraps it with ``ray.remote`` at launch; tests build it in-process).
 One call to :meth:`Learner.step` takes a batch of scored rollouts and
 
-1. collates them into padded tensors (:func:`collate`);
+1. collates them into padded tensors (:func:`~ray_rlhf.learning.batch.collate`);
 2. computes, without gradients, the current policy's logprobs ("old"), values and the reference
    logprobs (:meth:`Learner.prepare`);
 3. turns the scores into per-token rewards with a KL penalty, and those into GAE advantages;
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,79 +29,11 @@ from ray_rlhf.algo.kl import AdaptiveKLController, FixedKLController, kl_estimat
 from ray_rlhf.algo.losses import aggregate, explained_variance, policy_loss, value_loss
 from ray_rlhf.algo.masked import masked_mean, masked_whiten
 from ray_rlhf.config.schema import KLConfig, PPOConfig
+from ray_rlhf.learning.batch import PreparedBatch, TensorBatch, collate
 from ray_rlhf.models.policy import PolicyWithValueHead, reference_logprobs
-from ray_rlhf.records import Rollout
-
-
-@dataclass
-class TensorBatch:
-    """A rollout batch as padded tensors. Masks: 1 = real token."""
-
-    prompt_ids: torch.Tensor
-    """Shape: (B, P), LEFT-padded."""
-    prompt_mask: torch.Tensor
-    """Shape: (B, P)."""
-    response_ids: torch.Tensor
-    """Shape: (B, T), RIGHT-padded."""
-    response_mask: torch.Tensor
-    """Shape: (B, T), float."""
-    sampler_logprobs: torch.Tensor
-    """Sampler's logprob of each response token. Shape: (B, T), 0 at padding."""
-    scores: torch.Tensor
-    """Scalar reward per sequence. Shape: (B,)."""
-    policy_versions: torch.Tensor
-    """Policy version each sequence was sampled with. Shape: (B,)."""
-
-    def __len__(self) -> int:
-        return self.prompt_ids.shape[0]
-
-    def select(self, idx: torch.Tensor) -> "TensorBatch":
-        return TensorBatch(**{k: v[idx] for k, v in self.__dict__.items()})
-
-
-def collate(rollouts: list[Rollout], pad_id: int) -> TensorBatch:
-    """Pad scored rollouts into a :class:`TensorBatch` (prompts left-padded, responses right-padded)."""
-    if not rollouts:
-        raise ValueError("empty rollout batch")
-    if any(r.reward is None for r in rollouts):
-        raise ValueError("every rollout must be scored before the learner sees it")
-    B = len(rollouts)
-    P = max(len(r.prompt_ids) for r in rollouts)
-    T = max(max(len(r.response_ids) for r in rollouts), 1)
-    prompt_ids = torch.full((B, P), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((B, P), dtype=torch.long)
-    response_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    response_mask = torch.zeros((B, T), dtype=torch.float32)
-    sampler_logprobs = torch.zeros((B, T), dtype=torch.float32)
-    for i, r in enumerate(rollouts):
-        p, n = len(r.prompt_ids), len(r.response_ids)
-        prompt_ids[i, P - p :] = torch.tensor(r.prompt_ids, dtype=torch.long)
-        prompt_mask[i, P - p :] = 1
-        if n:
-            response_ids[i, :n] = torch.tensor(r.response_ids, dtype=torch.long)
-            response_mask[i, :n] = 1.0
-            sampler_logprobs[i, :n] = torch.tensor(r.sampler_logprobs, dtype=torch.float32)
-    return TensorBatch(
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
-        response_ids=response_ids,
-        response_mask=response_mask,
-        sampler_logprobs=sampler_logprobs,
-        scores=torch.tensor([float(r.reward) for r in rollouts], dtype=torch.float32),
-        policy_versions=torch.tensor([r.policy_version for r in rollouts], dtype=torch.long),
-    )
-
-
-@dataclass
-class PreparedBatch:
-    """A batch plus everything PPO needs that is fixed during the update. Shapes (B, T)."""
-
-    batch: TensorBatch
-    old_logprobs: torch.Tensor
-    old_values: torch.Tensor
-    ref_logprobs: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
+from ray_rlhf.records import RolloutBatch
+from ray_rlhf.sync.sender import WeightSender
+from ray_rlhf.sync.types import GroupInfo, SyncResult
 
 
 @dataclass
@@ -176,6 +107,8 @@ class Learner:
             AdaptiveKLController(kl.beta, kl.target, kl.horizon) if kl.adaptive else FixedKLController(kl.beta)
         )
         self.rng = torch.Generator().manual_seed(seed)
+        self.weights = WeightSender(self.model.lm.state_dict)
+        """The weight-source side of the broadcast (the ``weight*`` methods delegate to it)."""
         self.version = 0
         """Policy version: 0 = initial weights, +1 per update."""
 
@@ -184,7 +117,7 @@ class Learner:
     def prepare(self, batch: TensorBatch) -> tuple[PreparedBatch, dict[str, float]]:
         """Old logprobs, values, reference logprobs, per-token rewards and GAE advantages."""
         self.model.eval()
-        b = self._to_device(batch)
+        b = batch.to(self.device)
         mask = b.response_mask
         olds, vals, refs = [], [], []
         for idx in torch.arange(len(b)).split(self.ppo.micro_batch_size):
@@ -273,8 +206,8 @@ class Learner:
         }
 
     # ---- the whole step ---------------------------------------------------------------------
-    def step(self, rollouts: list[Rollout]) -> LearnerStats:
-        """One PPO step on scored rollouts; returns diagnostics and bumps :attr:`version`."""
+    def step(self, rollouts: RolloutBatch) -> LearnerStats:
+        """One PPO step on a scored batch; returns diagnostics and bumps :attr:`version`."""
         t0 = time.perf_counter()
         batch = collate(rollouts, self.pad_id)
         prep, pstats = self.prepare(batch)
@@ -313,17 +246,27 @@ class Learner:
             optimizer_steps=int(ustats["optimizer_steps"]),
         )
 
-    # ---- weights for the generators ----------------------------------------------------------
+    # ---- weights for the generators (the WeightSource surface; see ray_rlhf.sync) ---------------
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The policy LM's weights under Hugging Face checkpoint names, as CPU tensors (value head
         excluded): what the generators load."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.lm.state_dict().items()}
+        return self.weights.export()
 
     def weights_checksum(self) -> str:
         """:func:`~ray_rlhf.sync.checksum.state_dict_checksum` of :meth:`hf_state_dict`."""
-        from ray_rlhf.sync.checksum import state_dict_checksum
+        return self.weights.checksum()
 
-        return state_dict_checksum(self.model.lm.state_dict())
+    def weight_group_open(self, world_size: int, backend: str = "gloo", timeout_s: float = 300.0) -> GroupInfo:
+        return self.weights.group_open(world_size, backend, timeout_s)
+
+    def weight_group_connect(self) -> None:
+        self.weights.group_connect()
+
+    def weight_group_send(self, version: int) -> SyncResult:
+        return self.weights.group_send(version)
+
+    def weight_group_close(self) -> None:
+        self.weights.group_close()
 
     def ping(self) -> int:
         return self.version
@@ -372,8 +315,6 @@ class Learner:
     def _inputs(self, b: TensorBatch):
         return b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask
 
-    def _to_device(self, b: TensorBatch) -> TensorBatch:
-        return TensorBatch(**{k: v.to(self.device) for k, v in b.__dict__.items()})
 
 
 def _add(acc: dict[str, float], new: dict[str, float]) -> dict[str, float]:
@@ -391,8 +332,3 @@ def _load_hf_state(directory: Path) -> dict[str, torch.Tensor]:
     for f in sorted(directory.glob("*.safetensors")):
         state.update(load_file(str(f)))
     return state
-
-
-def is_finite_stats(stats: LearnerStats) -> bool:
-    """True when no diagnostic is NaN/inf (a diverged update)."""
-    return all(math.isfinite(v) for v in asdict(stats).values())

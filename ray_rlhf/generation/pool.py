@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ray_rlhf.errors import UserError
-from ray_rlhf.records import PromptItem, PromptShard, Rollout, SamplingSpec
+from ray_rlhf.records import PromptItem, PromptShard, SamplingSpec
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,6 @@ class Member:
     generator_id: str
     handle: Any
     pg: Any
-    shards_done: int = 0
 
 
 @dataclass
@@ -60,6 +58,8 @@ class PoolEvents:
     started: list[str] = field(default_factory=list)
     requeued_shards: int = 0
     shards_per_member: dict[str, int] = field(default_factory=dict)
+    generate_seconds: dict[str, float] = field(default_factory=dict)
+    """Seconds each member spent inside its engine on this call's shards."""
 
 
 class GeneratorPool:
@@ -67,11 +67,11 @@ class GeneratorPool:
 
     ``actor_cls`` is the ``ray.remote``-wrapped Generator class; ``actor_kwargs(generator_id)``
     gives its constructor arguments; ``bundle`` is the resources of one actor (e.g.
-    ``{"CPU": 0.5}`` or ``{"GPU": 1}``); ``on_join(handles)`` brings new actors to the current
-    weight version before they take work.
+    ``{"CPU": 0.5}`` or ``{"GPU": 1}``); ``on_join({id: handle})`` brings new actors to the
+    current weight version before they take work (the weight broadcaster's ``join``).
 
     A dead member is noticed where the pool next talks to it: a failed ``generate`` call (its shard
-    is re-queued), a failed weight sync, or :meth:`check_alive`. It is then dropped and replaced
+    is re-queued) or a weight sync that found it silent (:meth:`remove_lost`). It is then dropped and replaced
     (at most ``max_restarts`` replacements in a run). A replacement waits ``placement_timeout_s``
     for room when the pool is below ``min_size``, only ``replace_timeout_s`` otherwise: when a node
     has left, the pool carries on smaller and :meth:`grow` refills it once the cluster has room.
@@ -87,7 +87,7 @@ class GeneratorPool:
         size: int,
         min_size: int,
         max_size: int,
-        on_join: Callable[[list[Any]], None],
+        on_join: Callable[[dict[str, Any]], None],
         max_restarts: int = 3,
         placement_timeout_s: float = 60.0,
         replace_timeout_s: float = 5.0,
@@ -100,8 +100,6 @@ class GeneratorPool:
         """Replacements started for dead members so far (bounded by ``max_restarts``)."""
         self.members: dict[str, Member] = {}
         self._ids = itertools.count()
-        self.membership_version = 0
-        """Bumped whenever a member joins or leaves (the collective backend rebuilds its group)."""
         self.events = PoolEvents()
         """Deaths, starts and re-queues since the last :meth:`generate` began (one step's worth)."""
         started = self._start(size, timeout_s=placement_timeout_s)
@@ -113,8 +111,9 @@ class GeneratorPool:
 
     # ---- membership ----------------------------------------------------------------------------
     @property
-    def handles(self) -> list[Any]:
-        return [m.handle for m in self.members.values()]
+    def handles(self) -> dict[str, Any]:
+        """Live members: generator id -> actor handle, in joining order."""
+        return {gid: m.handle for gid, m in self.members.items()}
 
     def __len__(self) -> int:
         return len(self.members)
@@ -138,14 +137,13 @@ class GeneratorPool:
         alive = self._answering(started, timeout_s=None)  # waits for each engine to come up
         while alive:
             try:
-                self.on_join([m.handle for m in alive])  # current weights before any work
+                self.on_join({m.generator_id: m.handle for m in alive})  # current weights before any work
                 break
             except ACTOR_DEAD_ERRORS:  # one died while syncing: sync the others again
                 alive = self._answering(alive, timeout_s=60)
         for m in alive:
             self.members[m.generator_id] = m
         if alive:
-            self.membership_version += 1
             self.events.started += [m.generator_id for m in alive]
         return [m.generator_id for m in alive]
 
@@ -174,7 +172,6 @@ class GeneratorPool:
         m = self.members.pop(gid, None)
         if m is not None:
             self._release(m)
-            self.membership_version += 1
 
     def _died(self, gid: str) -> None:
         """Record and drop a member found dead."""
@@ -207,16 +204,6 @@ class GeneratorPool:
         want = self.max_size - len(self)
         return self._start(want, timeout_s=timeout_s) if want > 0 else []
 
-    def check_alive(self, timeout_s: float = 60.0) -> list[str]:
-        """Drop members that no longer answer (e.g. their node left, or killed while idle); returns
-        their ids. Call it while the pool is idle: a busy member answers only after its shard."""
-        members = list(self.members.values())
-        alive = {m.generator_id for m in self._answering(members, timeout_s)}
-        dead = [m.generator_id for m in members if m.generator_id not in alive]
-        for gid in dead:
-            self._died(gid)
-        return dead
-
     def kill(self, index: int) -> str:
         """Fault injection: ``ray.kill`` the member at position ``index`` (kept in the pool, so the
         pool finds out the way it would in production: a failed call)."""
@@ -224,27 +211,37 @@ class GeneratorPool:
         ray.kill(self.members[gid].handle, no_restart=True)
         return gid
 
+    def remove_lost(self, lost: list[str] | tuple[str, ...]) -> list[str]:
+        """Drop members found dead elsewhere (e.g. during a weight sync) and start replacements."""
+        for gid in lost:
+            self._died(gid)
+        return self.replace(len(lost)) if lost else []
+
     # ---- work ----------------------------------------------------------------------------------
     def generate(
         self, shards: list[PromptShard], sampling: SamplingSpec, kill_after_dispatch: list[int] = ()
-    ) -> tuple[list[Rollout], PoolEvents]:
+    ) -> tuple[list[Any], PoolEvents]:
         """Run every shard on some live member; exactly one result per (prompt, sample).
 
-        Each shard is in flight on at most one member at a time and its result is kept only when
-        the call returned; a shard whose member died is re-queued at the front.
+        Returns one ObjectRef of a :class:`~ray_rlhf.records.RolloutBatch` per shard, in shard
+        order (the batches stay in the object store; the reward actor takes the refs), and the
+        step's :class:`PoolEvents`. Each shard is in flight on at most one member at a time and
+        its result is kept only when the call returned; a shard whose member died is re-queued at
+        the front. A generator's own error (not a death) is raised as it is.
         """
         events = self.events = PoolEvents()
         queue: deque[PromptShard] = deque(shards)
         idle: deque[str] = deque(self.members)
-        inflight: dict[Any, tuple[str, PromptShard]] = {}
-        done: dict[int, list[Rollout]] = {}
+        inflight: dict[Any, tuple[str, PromptShard, Any]] = {}
+        done: dict[int, Any] = {}
         for_kill = list(kill_after_dispatch)
         while queue or inflight:
             while queue and idle:
                 gid = idle.popleft()
                 if gid in self.members:
                     shard = queue.popleft()
-                    inflight[self.members[gid].handle.generate.remote(shard, sampling)] = (gid, shard)
+                    report, batch = self.members[gid].handle.generate.options(num_returns=2).remote(shard, sampling)
+                    inflight[report] = (gid, shard, batch)
             for index in for_kill:
                 log.warning("fault injection: killing generator %s", self.kill(index))
             for_kill = []
@@ -252,9 +249,9 @@ class GeneratorPool:
                 self.replace(0)  # raises PoolError below min_size
                 raise PoolError(f"no live generator for {len(queue)} shards")
             ready, _ = ray.wait(list(inflight), num_returns=1)
-            gid, shard = inflight.pop(ready[0])
+            gid, shard, batch = inflight.pop(ready[0])
             try:
-                result = ray.get(ready[0])
+                report = ray.get(ready[0])
             except ACTOR_DEAD_ERRORS:
                 log.warning("generator %s died; re-queueing shard %d", gid, shard.shard_id)
                 events.requeued_shards += 1
@@ -262,20 +259,13 @@ class GeneratorPool:
                 self._died(gid)
                 idle.extend(self.replace(1))
                 continue
-            except ray.exceptions.RayTaskError as e:
-                if isinstance(getattr(e, "cause", None), UserError):
-                    raise e.cause from None
-                raise
             if shard.shard_id in done:  # cannot happen with one dispatch per shard; guard anyway
                 raise PoolError(f"shard {shard.shard_id} completed twice")
-            done[shard.shard_id] = result
+            done[shard.shard_id] = batch
             events.shards_per_member[gid] = events.shards_per_member.get(gid, 0) + 1
+            events.generate_seconds[gid] = events.generate_seconds.get(gid, 0.0) + report.seconds
             idle.append(gid)
-        return [r for sid in sorted(done) for r in done[sid]], events
-
-    def call_all(self, method: str, *args, **kwargs) -> list[Any]:
-        """Call ``method`` on every member and wait (e.g. ``info``)."""
-        return ray.get([getattr(m.handle, method).remote(*args, **kwargs) for m in self.members.values()])
+        return [done[sid] for sid in sorted(done)], events
 
     def shutdown(self) -> None:
         for gid in list(self.members):

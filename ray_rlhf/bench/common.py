@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark sections: actor start-up, step batches, peak memory, averages."""
+"""Helpers shared by the benchmark sections: actors (through the run's own constructors), step
+batches, peak memory, averages."""
 
 from __future__ import annotations
 
@@ -11,46 +12,30 @@ import ray
 
 from ray_rlhf.config.schema import RunConfig
 from ray_rlhf.data.prompts import PromptStream
-from ray_rlhf.generator import Generator
-from ray_rlhf.launch import LearnerActor
+from ray_rlhf.learning.group import LearnerGroup
 from ray_rlhf.records import PromptItem, SamplingSpec
+from ray_rlhf.run.actors import generator_actor, generator_kwargs
 
 WARMUP_STEPS = 1
 """Steps left out of every per-step average: step 1 pays one-off costs (first kernels, allocator)."""
 
 
-def step_batches(cfg: RunConfig, prompts: list[str], steps: int) -> list[tuple[int, list[PromptItem], SamplingSpec]]:
-    """The (step, prompts, sampling) of steps 1..``steps``, exactly as ``ray_rlhf.train.run`` draws them."""
+def step_batches(cfg: RunConfig, prompts: list[PromptItem], steps: int) -> list[tuple[int, list[PromptItem], SamplingSpec]]:
+    """The (step, prompts, sampling) of steps 1..``steps``, exactly as the driver draws them."""
     stream = PromptStream(prompts, seed=cfg.seed)
-    r = cfg.rollout
-    return [
-        (step, stream.next_batch(r.prompts_per_step),
-         SamplingSpec(n=r.samples_per_prompt, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                      top_p=r.top_p, seed=cfg.seed * 1_000_003 + step))
-        for step in range(1, steps + 1)
-    ]
+    return [(step, stream.next_batch(cfg.rollout.prompts_per_step), SamplingSpec.for_step(cfg.rollout, cfg.seed, step))
+            for step in range(1, steps + 1)]
 
 
 def start_generators(cfg: RunConfig, model_path, n: int, tag: str) -> list:
-    """``n`` Generator actors with the run's resources and engine settings (as ``RLHFSystem`` starts them)."""
-    g = cfg.generators
-    cls = ray.remote(num_cpus=g.num_cpus, num_gpus=g.num_gpus)(Generator)
-    handles = [
-        cls.remote(model_path=str(model_path), generator_id=f"{tag}-{i}", max_model_len=g.max_model_len,
-                   max_prompt_tokens=cfg.data.max_prompt_tokens, seed=cfg.seed,
-                   tensor_parallel_size=g.tensor_parallel_size, kv_cache_gib=g.kv_cache_gib)
-        for i in range(n)
-    ]
-    return handles
+    """``n`` Generator actors built exactly as a run builds them (resources and engine settings)."""
+    cls = generator_actor(cfg)
+    return [cls.remote(**generator_kwargs(cfg, model_path, f"{tag}-{i}")) for i in range(n)]
 
 
 def start_learner(cfg: RunConfig, model_path):
-    """A LearnerActor with the run's resources and PPO settings (as ``RLHFSystem`` starts it)."""
-    lc = cfg.learner
-    return ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus)(LearnerActor).remote(
-        model_path=str(model_path), ppo=cfg.ppo, kl=cfg.kl, seed=cfg.seed, device=lc.device,
-        temperature=cfg.rollout.temperature, critic_path=cfg.model.critic_path, torch_threads=lc.torch_threads,
-    )
+    """A learner rank built exactly as a run builds it (a one-rank :class:`LearnerGroup`); returns its handle."""
+    return LearnerGroup(cfg, model_path).source
 
 
 def _peak_rss(_instance=None) -> dict:

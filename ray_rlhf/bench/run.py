@@ -1,4 +1,4 @@
-"""``python -m benchmarks.run [--quick] [--out DIR]``: every benchmark in one run.
+"""``python -m ray_rlhf.bench.run [--quick] [--out DIR]``: every benchmark in one run.
 
 Writes ``results.json``, ``results.md`` and PNG plots to ``DIR`` (default
 ``benchmarks/results/<timestamp>/``). Full mode: the ``small`` preset, weight sync on tiny, small
@@ -22,14 +22,14 @@ from pathlib import Path
 
 import ray
 
-from benchmarks import bound as bound_mod
-from benchmarks import generation, report, weightsync
-from benchmarks.common import kill, start_generators, start_learner, step_batches
-from benchmarks.endtoend import run_endtoend
 from ray_rlhf import preflight
+from ray_rlhf.bench import bound as bound_mod
+from ray_rlhf.bench import generation, report, weightsync
+from ray_rlhf.bench.common import kill, start_generators, start_learner, step_batches
+from ray_rlhf.bench.endtoend import run_endtoend
 from ray_rlhf.config import load_config
-from ray_rlhf.launch import init_ray
 from ray_rlhf.models.factory import parameter_count
+from ray_rlhf.run.cluster import init_ray
 
 log = logging.getLogger("benchmarks")
 
@@ -43,7 +43,7 @@ MODES = {
 
 
 def _parse(argv):
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m ray_rlhf.bench.run", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny preset, few steps, one sync size (< 3 min)")
     ap.add_argument("--out", type=Path, default=None, help="output directory (default benchmarks/results/<timestamp>)")
     ap.add_argument("--steps", type=int, default=None, help="PPO steps end to end (default: 8 full, 3 quick)")
@@ -85,16 +85,12 @@ def main(argv=None) -> int:
 
 
 def _init_ray(cfg, address: str | None) -> None:
-    """Join ``address`` as the trainer would; else start a private local Ray (no dashboard), with the
-    trainer's runtime env. A plain ``ray.init()`` would join any cluster already started on this
-    machine (e.g. by another job's ``ray start``) and measure its other work too."""
+    """Join ``address`` as the trainer would; else start a private local Ray. A plain
+    ``ray.init()`` would join any cluster already started on this machine (e.g. by another job's
+    ``ray start``) and measure its other work too."""
     if address:
         cfg.ray.address = address
-        init_ray(cfg)
-        return
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])),
-           "TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
-    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
+    init_ray(cfg, private=not address)
 
 
 def measure(cfg, m: dict, mode: str) -> dict:

@@ -1,4 +1,4 @@
-"""Section 1 (end to end) and section 5 (memory): the real PPO loop, ``ray_rlhf.train.run``.
+"""Section 1 (end to end) and section 5 (memory): the real PPO loop, ``ray_rlhf.run.driver.run``.
 
 Phases of one step, in seconds, from the run's ``metrics.jsonl``:
 
@@ -10,7 +10,7 @@ Phases of one step, in seconds, from the run's ``metrics.jsonl``:
 - ``orchestration`` = ``time/step`` minus the five above: Ray calls and transfers around the
   learner, batching, metrics logging.
 
-Peak memory of every actor is read in ``train.run``'s ``on_finish`` hook, before shutdown.
+Peak memory of every actor is read in the driver's ``on_finish`` hook, before shutdown.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.common import actor_peak_rss, driver_peak_rss, mean_after_warmup
-from ray_rlhf import train
+from ray_rlhf.bench.common import actor_peak_rss, driver_peak_rss, mean_after_warmup
 from ray_rlhf.config.schema import RunConfig
+from ray_rlhf.run.driver import run
 
 PHASES = {
     "generate": "time/generate",
@@ -43,14 +43,15 @@ def run_endtoend(cfg: RunConfig) -> dict:
     """Run ``cfg.steps`` PPO steps; return per-step rows, warm-up-skipped means and actor memory."""
     memory: list[dict] = []
 
-    def on_finish(system) -> None:
-        for i, h in enumerate(system.pool.handles):
+    def on_finish(actors) -> None:
+        for i, h in enumerate(actors.pool.handles.values()):
             memory.append({"actor": f"generator-{i}", **actor_peak_rss(h)})
-        memory.append({"actor": "learner", **actor_peak_rss(system.learner)})
-        memory.append({"actor": "reward", **actor_peak_rss(system.reward)})
+        for i, h in enumerate(actors.learners.ranks):
+            memory.append({"actor": "learner" if i == 0 else f"learner-{i}", **actor_peak_rss(h)})
+        memory.append({"actor": "reward", **actor_peak_rss(actors.reward)})
         memory.append({"actor": "driver", **driver_peak_rss()})
 
-    out = train.run(cfg, on_finish=on_finish)
+    out = run(cfg, on_finish=on_finish)
     rows = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines() if line.strip()]
     per_step = []
     for m in rows:

@@ -7,14 +7,16 @@ Engine settings (ENV-NOTES.md): ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and
 ``distributed_executor_backend="uni"`` keep the engine in this process, so tensors handed to
 ``collective_rpc`` (weight loads, read-backs) are passed by reference, not serialised.
 
-Token ids: prompts are tokenized here with the engine's own (Hugging Face) tokenizer and
-``add_special_tokens=True`` -- the ids the engine sees, BOS included exactly when HF tokenization
-adds it -- and returned in :attr:`Rollout.prompt_ids`. The learner uses these ids as they are.
+Token ids: prompts arrive tokenized (:attr:`PromptItem.prompt_ids`, made once when the dataset is
+loaded: chat template, special tokens and the prompt-length check live there), so the engine sees
+exactly the ids the learner will score.
 
 Sampler log-probs: the engine runs with ``logprobs_mode="processed_logprobs"`` and requests
 ``logprobs=0``. ``logprobs=0`` returns exactly the sampled token's log-prob (``logprobs=1`` adds the
 top-1 token besides it); "processed" means after temperature and top-p, i.e. the log-prob under the
 distribution the token was actually drawn from (vLLM's default is the raw model distribution).
+``flat_logprobs=True`` returns them as one flat list per completion, so a batch is assembled with
+NumPy and no per-token Python work.
 
 CPU thread pinning (``omp_threads_bind``): vLLM 0.32 binds OpenMP threads only in its
 multiprocess executor; the in-process ``uni`` executor binds nothing (and sets torch to 1
@@ -34,14 +36,17 @@ import logging
 import os
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from ray_rlhf.errors import UserError
-from ray_rlhf.records import PromptShard, Rollout, SamplingSpec
-from ray_rlhf.sync.base import LoadReport, WeightSyncError
-from ray_rlhf.sync.checksum import IGNORED_SUFFIXES, named_tensors, state_dict_checksum, tensor_bytes
+import numpy as np
 
-__all__ = ["Generator", "core_list_for", "request_seed", "state_dict_checksum"]
+from ray_rlhf.errors import UserError
+from ray_rlhf.records import PromptShard, RolloutBatch, SamplingSpec
+from ray_rlhf.sync.receiver import WeightReceiver
+from ray_rlhf.sync.types import GroupInfo, LoadReport, SinkInfo
+
+__all__ = ["Generator", "ShardReport", "VllmEngine", "core_list_for", "request_seed"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,40 @@ def request_seed(base: int | None, prompt_index: int) -> int | None:
     return int.from_bytes(digest, "little") % _SEED_RANGE
 
 
+@dataclass(frozen=True)
+class ShardReport:
+    """The small first return of :meth:`Generator.generate` (the batch is the second): what the
+    pool needs to account for a shard without fetching its tokens."""
+
+    shard_id: int
+    generator_id: str
+    sequences: int
+    tokens: int
+    """Response tokens generated."""
+    seconds: float
+    """Wall time inside the engine."""
+    version: int
+    """Weight version the shard was sampled with."""
+
+
+class VllmEngine:
+    """The :class:`~ray_rlhf.sync.receiver.Engine` of one in-process ``vllm.LLM``: load and read back."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def reload(self, weights) -> None:
+        """One ``reload_weights`` call (never a second ``model.load_weights`` on CPU: the repacked
+        layers reject it); prefix-cache entries computed with the old weights are dropped."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()
+
+    def read_back(self):
+        from ray_rlhf.sync.vllm_readback import engine_hf_state_dict
+
+        return self.llm.collective_rpc(engine_hf_state_dict)[0]
+
+
 def core_list_for(index: int, cores_per_engine: int = 1) -> str:
     """Round-robin core list for the ``index``-th engine, over the cores this process may use."""
     cores = sorted(os.sched_getaffinity(0))
@@ -71,13 +110,12 @@ def core_list_for(index: int, cores_per_engine: int = 1) -> str:
 
 
 class Generator:
-    """One vLLM engine, in-process; produces :class:`Rollout` records and loads new weights.
+    """One vLLM engine, in-process; produces :class:`RolloutBatch` es and loads new weights.
 
     Args:
         model_path: Hugging Face model directory (config, safetensors, tokenizer).
         generator_id: name stamped on every rollout (diagnostics, pool bookkeeping).
         max_model_len: engine context length (``generators.max_model_len``).
-        max_prompt_tokens: longest accepted prompt (``data.max_prompt_tokens``).
         seed: engine seed (unseeded requests draw from it).
         dtype: engine weight dtype; the learner must send this dtype.
         gpu_memory_utilization: GPU memory fraction (GPU only; None: vLLM's default).
@@ -92,7 +130,6 @@ class Generator:
         model_path: str | Path,
         generator_id: str,
         max_model_len: int,
-        max_prompt_tokens: int,
         seed: int = 0,
         dtype: str = "float32",
         gpu_memory_utilization: float | None = None,
@@ -105,12 +142,7 @@ class Generator:
             raise UserError(f"model directory {model_path} has no config.json; check model.path or build the model first")
         self.generator_id = generator_id
         self.max_model_len = int(max_model_len)
-        self.max_prompt_tokens = int(max_prompt_tokens)
         self.tensor_parallel_size = int(tensor_parallel_size)
-        self.version = 0
-        """Policy version of the weights the engine holds (0: as loaded from ``model_path``)."""
-        self._received_checksum = ""
-        self._group = None  # CollectiveReceiver while in a weight group
         self._bind_cpus(omp_threads_bind)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(kv_cache_gib)))  # vLLM parses whole GiB
@@ -132,10 +164,17 @@ class Generator:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         t0 = time.perf_counter()
         self._llm = vllm.LLM(**kwargs)
-        self._tokenizer = self._llm.get_tokenizer()
-        self._hf_names = set(self._engine_state()) if self.tensor_parallel_size == 1 else None
+        engine = VllmEngine(self._llm)
+        names = set(engine.read_back()) if self.tensor_parallel_size == 1 else None
+        self.weights = WeightReceiver(engine, generator_id, names)
+        """The weight-sink side of the broadcast (every ``*weight*`` method below delegates to it)."""
         self._warm_up()
         self.startup_seconds = time.perf_counter() - t0
+
+    @property
+    def version(self) -> int:
+        """Policy version of the weights the engine holds (0: as loaded from ``model_path``)."""
+        return self.weights.version
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -160,141 +199,94 @@ class Generator:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        ids = self._tokenize(["a"])[0] or [0]
-        self._llm.generate([TokensPrompt(prompt_token_ids=ids)], SamplingParams(max_tokens=1), use_tqdm=False)
-
-    def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        return [list(x) for x in self._tokenizer(texts, add_special_tokens=True)["input_ids"]]
-
-    def _engine_state(self):
-        from ray_rlhf.sync.vllm_readback import engine_hf_state_dict
-
-        return self._llm.collective_rpc(engine_hf_state_dict)[0]
+        ids = self._llm.get_tokenizer()("a", add_special_tokens=True)["input_ids"] or [0]
+        self._llm.generate([TokensPrompt(prompt_token_ids=list(ids))], SamplingParams(max_tokens=1), use_tqdm=False)
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, shard: PromptShard, sampling: SamplingSpec) -> list[Rollout]:
+    def generate(self, shard: PromptShard, sampling: SamplingSpec) -> tuple[ShardReport, RolloutBatch]:
         """``sampling.n`` completions of every prompt of ``shard``, ordered by (prompt, sample).
 
-        Raises :class:`UserError` before any engine work if a prompt is empty or longer than
-        ``max_prompt_tokens``, or if prompt + ``max_new_tokens`` exceeds ``max_model_len``.
+        Returns a small :class:`ShardReport` and the :class:`RolloutBatch` (run it with Ray's
+        ``num_returns=2`` so the pool can account for the shard without fetching the batch).
+        Prompt ids are used as they are (tokenized and length-checked when the dataset was loaded).
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        t0 = time.perf_counter()
         prompts = list(shard.prompts)
-        ids = self._tokenize([p.text for p in prompts])
-        for p, x in zip(prompts, ids):
-            if not x:
-                raise UserError(f"prompt {p.index} is empty after tokenization; drop it from the dataset")
-            if len(x) > self.max_prompt_tokens:
-                raise UserError(
-                    f"prompt {p.index} is {len(x)} tokens long, more than data.max_prompt_tokens="
-                    f"{self.max_prompt_tokens}; shorten the prompt or raise data.max_prompt_tokens"
-                )
-            if len(x) + sampling.max_new_tokens > self.max_model_len:
-                raise UserError(
-                    f"prompt {p.index} ({len(x)} tokens) + rollout.max_new_tokens={sampling.max_new_tokens} exceeds "
-                    f"generators.max_model_len={self.max_model_len}; raise it or shorten prompts/responses"
-                )
+        if any(not p.prompt_ids for p in prompts):
+            raise ValueError(f"{self.generator_id}: shard {shard.shard_id} holds a prompt without token ids")
         params = [
-            SamplingParams(
-                n=sampling.n,
-                max_tokens=sampling.max_new_tokens,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                seed=request_seed(sampling.seed, p.index),
-                logprobs=0,
-            )
+            SamplingParams(n=sampling.n, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                           top_p=sampling.top_p, seed=request_seed(sampling.seed, p.index), logprobs=0,
+                           flat_logprobs=True)
             for p in prompts
         ]
-        outs = self._llm.generate([TokensPrompt(prompt_token_ids=x) for x in ids], params, use_tqdm=False)
-        rollouts = []
-        for p, x, out in zip(prompts, ids, outs):
-            for j, c in enumerate(sorted(out.outputs, key=lambda c: c.index)):
-                if c.finish_reason not in ("stop", "length"):
-                    raise RuntimeError(f"{self.generator_id}: prompt {p.index} sample {j} finished with {c.finish_reason!r}")
-                resp = list(c.token_ids)
-                lps = [float(c.logprobs[t][tok].logprob) for t, tok in enumerate(resp)]
-                rollouts.append(
-                    Rollout(
-                        prompt_index=p.index,
-                        sample_index=j,
-                        prompt=p.text,
-                        response=c.text,
-                        prompt_ids=list(x),
-                        response_ids=resp,
-                        sampler_logprobs=lps,
-                        finish_reason=c.finish_reason,
-                        policy_version=self.version,
-                        generator_id=self.generator_id,
-                    )
-                )
-        return rollouts
+        outs = self._llm.generate([TokensPrompt(prompt_token_ids=list(p.prompt_ids)) for p in prompts], params,
+                                  use_tqdm=False)
+        completions = [(p, j, c) for p, out in zip(prompts, outs)
+                       for j, c in enumerate(sorted(out.outputs, key=lambda c: c.index))]
+        for p, j, c in completions:
+            if c.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"{self.generator_id}: prompt {p.index} sample {j} finished with {c.finish_reason!r}")
+        n = len(completions)
+        plen = np.array([len(p.prompt_ids) for p, _, _ in completions], dtype=np.int64)
+        rlen = np.array([len(c.token_ids) for _, _, c in completions], dtype=np.int64)
+        batch = RolloutBatch(
+            prompt_index=np.array([p.index for p, _, _ in completions], dtype=np.int64).reshape(n),
+            sample_index=np.array([j for _, j, _ in completions], dtype=np.int64).reshape(n),
+            policy_version=np.full(n, self.version, dtype=np.int64),
+            finish_reason=np.array([c.finish_reason for _, _, c in completions], dtype=str).reshape(n),
+            generator_id=np.full(n, self.generator_id),
+            prompt_ids=np.concatenate([np.asarray(p.prompt_ids, np.int32) for p, _, _ in completions]
+                                      + [np.zeros(0, np.int32)]),
+            prompt_offsets=np.concatenate([[0], np.cumsum(plen)]).astype(np.int64),
+            response_ids=np.concatenate([np.asarray(c.token_ids, np.int32) for _, _, c in completions]
+                                        + [np.zeros(0, np.int32)]),
+            response_offsets=np.concatenate([[0], np.cumsum(rlen)]).astype(np.int64),
+            sampler_logprobs=np.concatenate([np.asarray(c.logprobs.logprobs, np.float32) for _, _, c in completions]
+                                            + [np.zeros(0, np.float32)]),
+            prompt=[p.text for p, _, _ in completions], response=[c.text for _, _, c in completions],
+            reward=np.full(n, np.nan),
+            columns={k: [p.columns[k] for p, _, _ in completions] for k in (prompts[0].columns if prompts else {})},
+        )
+        if len(batch.sampler_logprobs) != len(batch.response_ids):
+            raise RuntimeError(f"{self.generator_id}: vLLM returned {len(batch.sampler_logprobs)} logprobs for "
+                               f"{len(batch.response_ids)} tokens")
+        report = ShardReport(shard.shard_id, self.generator_id, n, int(rlen.sum()), time.perf_counter() - t0,
+                             self.version)
+        return report, batch
 
-    # ------------------------------------------------------------------ weights
+    # ------------------------------------------------------------------ weights (WeightSink)
 
-    def load_weights(self, version: int, weights, verify: bool = True) -> LoadReport:
-        """Load a full HF-named state dict (mapping or (name, tensor) pairs) as ``version``.
+    def load_weights(self, version: int, weights, record_checksum: bool = True) -> LoadReport:
+        """Load a full HF-named state dict as ``version`` (see :meth:`WeightReceiver.load`)."""
+        return self.weights.load(version, weights, record_checksum)
 
-        One ``reload_weights`` call per sync (never a second ``model.load_weights`` on CPU: the
-        repacked layers reject it). A payload missing an engine tensor, or carrying an unknown
-        one, is refused BEFORE the engine is touched (the engine would keep stale weights for a
-        missing layer). Prefix-cache entries computed with the old weights are dropped.
-        With ``verify``, also records the checksum of the tensors as received.
-        """
-        pairs = [(n, t) for n, t in named_tensors(weights) if not n.endswith(IGNORED_SUFFIXES)]
-        if self._hf_names is not None:
-            got = {n for n, _ in pairs}
-            missing, extra = self._hf_names - got, got - self._hf_names
-            if missing or extra:
-                raise WeightSyncError(
-                    f"generator {self.generator_id}: version {version} payload is missing {sorted(missing)[:5]} "
-                    f"and has unknown {sorted(extra)[:5]}; not loaded (still version {self.version})"
-                )
-        self._received_checksum = state_dict_checksum(pairs) if verify else ""
-        t0 = time.perf_counter()
-        self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs})
-        self._llm.reset_prefix_cache()
-        seconds = time.perf_counter() - t0
-        self.version = int(version)
-        return LoadReport(self.version, tensor_bytes(pairs), seconds, self._received_checksum)
+    def join_weight_group(self, info: GroupInfo, rank: int) -> None:
+        self.weights.join_group(info, rank)
 
-    def weights_checksum(self) -> str:
-        """:func:`state_dict_checksum` of the weights the ENGINE computes with, read back in HF
-        naming (see :mod:`ray_rlhf.sync.vllm_readback`). Equal to the learner's checksum iff every
-        tensor arrived and loaded exactly. With tensor_parallel_size > 1 (no read-back yet) it
-        falls back to the checksum of the tensors as received, with a warning.
-        """
-        if self.tensor_parallel_size != 1:
-            log.warning("tensor_parallel_size > 1: weights_checksum is the received-tensor checksum")
-            return self._received_checksum
-        return state_dict_checksum(self._engine_state())
-
-    # ------------------------------------------------------------------ collective backend
-
-    def join_weight_group(self, group, rank: int) -> None:
-        """Join the learner's broadcast group (``group`` is a :class:`GroupInfo`) as ``rank`` >= 1."""
-        from ray_rlhf.sync.collective import CollectiveReceiver
-
-        self.leave_weight_group()
-        self._group = CollectiveReceiver(group, rank)
-
-    def receive_weights(self, version: int, verify: bool = True) -> LoadReport:
-        """Receive one broadcast (matching the learner's ``weight_group_send(version)``) and load it."""
-        if self._group is None:
-            raise RuntimeError(f"generator {self.generator_id} is in no weight group; join_weight_group first")
-        return self.load_weights(version, self._group.receive(version), verify)
+    def receive_weights(self, version: int, record_checksum: bool = True) -> LoadReport:
+        return self.weights.receive(version, record_checksum)
 
     def leave_weight_group(self) -> None:
-        if self._group is not None:
-            self._group.close()
-            self._group = None
+        self.weights.leave_group()
+
+    def weights_checksum(self) -> str:
+        """Checksum of the weights the ENGINE computes with (read back, see
+        :mod:`ray_rlhf.sync.vllm_readback`). With tensor_parallel_size > 1 (no read-back across
+        ranks yet) it is the received-tensor checksum, with a warning."""
+        if self.tensor_parallel_size != 1:
+            log.warning("tensor_parallel_size > 1: weights_checksum is the received-tensor checksum")
+            return self.weights.received_checksum
+        return self.weights.engine_checksum()
+
+    def weights_status(self) -> SinkInfo:
+        return self.weights.status()
 
     # ------------------------------------------------------------------ housekeeping
-
-    def get_version(self) -> int:
-        return self.version
 
     def ping(self) -> str:
         return self.generator_id
@@ -314,16 +306,16 @@ class Generator:
             "rss_bytes": rss,
             "peak_rss_bytes": peak,
             "cpu_affinity": sorted(os.sched_getaffinity(0)),
-            "received_checksum": self._received_checksum,
+            "received_checksum": self.weights.received_checksum,
             "startup_seconds": getattr(self, "startup_seconds", None),
         }
 
     def shutdown(self) -> None:
         """Leave any weight group, stop the engine and free its memory; the object is unusable after."""
-        self.leave_weight_group()
         llm = getattr(self, "_llm", None)
         if llm is None:
             return
+        self.leave_weight_group()
         self._llm = None
         try:
             llm.llm_engine.engine_core.shutdown()

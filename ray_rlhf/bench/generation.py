@@ -2,7 +2,7 @@
 
 Same prompts, sampling parameters and initial weights; EOS is allowed, so response lengths vary
 (the rate is total response tokens / wall time). The transformers baseline runs
-:func:`ray_rlhf.hf_sampler.hf_generate` in as many actors, with the same CPU share each, as the
+:func:`ray_rlhf.bench.hf_sampler.hf_generate` in as many actors, with the same CPU share each, as the
 vLLM generators, each on its share of the prompts; timed from the driver like standalone vLLM.
 """
 
@@ -29,9 +29,9 @@ class HFSampler:
 
     def generate(self, prompts: list[PromptItem], sampling: SamplingSpec) -> int:
         """Response tokens generated for ``prompts`` (``sampling.n`` samples each)."""
-        from ray_rlhf.hf_sampler import hf_generate
+        from ray_rlhf.bench.hf_sampler import hf_generate
 
-        return sum(len(r.response_ids) for r in hf_generate(self.model, self.tokenizer, prompts, sampling))
+        return len(hf_generate(self.model, self.tokenizer, prompts, sampling).response_ids)
 
     def ping(self) -> bool:
         return True

@@ -1,7 +1,7 @@
 """Section 2: the bound ``G + R + T + S`` -- what the parts of one PPO step cost on their own.
 
 - ``G``: standalone vLLM generation of the same step's prompts with the same sampling parameters
-  and seeds, on fresh :class:`~ray_rlhf.generator.Generator` actors with the same resources as the
+  and seeds, on fresh :class:`~ray_rlhf.generation.generator.Generator` actors with the same resources as the
   run's (``generators.num`` actors, ``generators.num_cpus`` each). Each actor gets ONE shard with
   its share of the prompts (a static split, no work queue); ``G`` is the driver's wall time from
   dispatch to the last result. Weights are the initial ones (version 0), as in the run's step 1.
@@ -22,8 +22,8 @@ import time
 import ray
 import torch
 
-from benchmarks.common import mean_after_warmup
-from ray_rlhf.pool import make_shards
+from ray_rlhf.bench.common import mean_after_warmup
+from ray_rlhf.generation.pool import make_shards
 from ray_rlhf.rewards.scorer import RewardScorer
 
 
@@ -41,12 +41,13 @@ def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
 
 
 def generate_standalone(generators: list, batch, sampling) -> tuple[list, float]:
-    """All of ``batch`` on ``generators``, one shard each; returns (rollouts in prompt order, seconds)."""
+    """All of ``batch`` on ``generators``, one shard each; returns (batches in prompt order, seconds)."""
     shards = make_shards(batch, math.ceil(len(batch) / len(generators)))
     t0 = time.perf_counter()
-    results = ray.get([g.generate.remote(s, sampling) for g, s in zip(generators, shards)])
+    refs = [g.generate.options(num_returns=2).remote(s, sampling) for g, s in zip(generators, shards)]
+    results = ray.get([batch for _, batch in refs])
     seconds = time.perf_counter() - t0
-    return [r for part in results for r in part], seconds
+    return results, seconds
 
 
 def run_bound(cfg, batches, generators, learner, learner_steps: int) -> dict:
@@ -58,10 +59,9 @@ def run_bound(cfg, batches, generators, learner, learner_steps: int) -> dict:
     for i, (step, batch, sampling) in enumerate(batches):
         rollouts, g_s = generate_standalone(generators, batch, sampling)
         t0 = time.perf_counter()
-        scored = scorer.score(rollouts)
+        scored, _ = scorer.score(*rollouts)
         r_s = time.perf_counter() - t0
-        row = {"step_index": step, "G": g_s, "R": r_s, "tokens": sum(len(r.response_ids) for r in rollouts),
-               "sequences": len(rollouts)}
+        row = {"step_index": step, "G": g_s, "R": r_s, "tokens": len(scored.response_ids), "sequences": len(scored)}
         if i < learner_steps:
             t0 = time.perf_counter()
             stats = ray.get(learner.step.remote(scored))

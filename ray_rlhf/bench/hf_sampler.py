@@ -1,20 +1,20 @@
 """Sampling with plain transformers ``generate``: the no-Ray, no-vLLM path to rollouts.
 
-Used to train the :class:`~ray_rlhf.learner.Learner` on its own (tests, debugging) and as the
-transformers baseline of the generation benchmark. Produces the same :class:`Rollout` records as
-:class:`~ray_rlhf.generator.Generator`.
+Used to train the :class:`~ray_rlhf.learning.learner.Learner` on its own (tests, debugging) and as
+the transformers baseline of the generation benchmark. Produces the same
+:class:`~ray_rlhf.records.RolloutBatch` as :class:`~ray_rlhf.generation.generator.Generator`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ray_rlhf.records import PromptItem, Rollout, SamplingSpec
+from ray_rlhf.records import PromptItem, RolloutBatch, SamplingSpec
 
 
 @torch.no_grad()
 def hf_generate(model, tokenizer, prompts: list[PromptItem], sampling: SamplingSpec, policy_version: int = 0,
-                batch_size: int = 64) -> list[Rollout]:
+                batch_size: int = 64) -> RolloutBatch:
     """``sampling.n`` samples per prompt with ``model.generate``; stops at EOS or the length limit.
 
     Sampler logprobs are those of the temperature-scaled distribution the tokens were drawn from.
@@ -25,10 +25,11 @@ def hf_generate(model, tokenizer, prompts: list[PromptItem], sampling: SamplingS
     model.eval()
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     items = [(p, k) for p in prompts for k in range(sampling.n)]
-    out: list[Rollout] = []
+    rows: dict[str, list] = {k: [] for k in ("prompt_index", "sample_index", "prompt_ids", "response_ids",
+                                             "sampler_logprobs", "prompt", "response", "finish_reason")}
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        ids = [tokenizer(p.text)["input_ids"] for p, _ in chunk]
+        ids = [list(p.prompt_ids) or tokenizer(p.text)["input_ids"] for p, _ in chunk]
         P = max(map(len, ids))
         input_ids = torch.tensor([[pad] * (P - len(x)) + x for x in ids])
         attention = (torch.arange(P)[None, :] >= torch.tensor([P - len(x) for x in ids])[:, None]).long()
@@ -42,12 +43,11 @@ def hf_generate(model, tokenizer, prompts: list[PromptItem], sampling: SamplingS
         for row, ((prompt, k), prompt_ids) in enumerate(zip(chunk, ids)):
             toks = new[row].tolist()
             n = toks.index(eos) + 1 if eos in toks else len(toks)
-            out.append(Rollout(
-                prompt_index=prompt.index, sample_index=k, prompt=prompt.text,
-                response=tokenizer.decode(toks[:n], skip_special_tokens=True), prompt_ids=prompt_ids,
-                response_ids=toks[:n], sampler_logprobs=logprobs[row, :n].tolist(),
-                finish_reason="stop" if eos in toks[:n] else "length", policy_version=policy_version,
-                generator_id="hf",
-            ))
+            for key, value in (("prompt_index", prompt.index), ("sample_index", k), ("prompt_ids", prompt_ids),
+                               ("response_ids", toks[:n]), ("sampler_logprobs", logprobs[row, :n].tolist()),
+                               ("prompt", prompt.text),
+                               ("response", tokenizer.decode(toks[:n], skip_special_tokens=True)),
+                               ("finish_reason", "stop" if eos in toks[:n] else "length")):
+                rows[key].append(value)
     model.train(was_training)
-    return out
+    return RolloutBatch.from_sequences(**rows, policy_version=policy_version, generator_id="hf")

@@ -1,8 +1,9 @@
 """Section 4: weight-sync time vs model size and vs number of generators, both backends.
 
-Real actors: a learner actor holding the model and :class:`~ray_rlhf.generator.Generator` actors
-with in-process vLLM engines. One sync = :func:`ray_rlhf.sync.broadcast` (the call the driver
-makes every step) with ``verify`` off, so the time is the transfer plus the engines' weight load.
+Real actors: a learner actor holding the model and
+:class:`~ray_rlhf.generation.generator.Generator` actors with in-process vLLM engines. One sync =
+:meth:`ray_rlhf.sync.broadcaster.WeightBroadcaster.publish` (the call the driver makes every step)
+with ``verify`` off, so the time is the transfer plus the engines' weight load.
 ``object_store``: one ``ray.put`` pulled by every generator; ``collective``: a gloo broadcast over
 a group opened for those generators. Each configuration runs ``repeats + 1`` syncs; the first is a
 warm-up and the median of the rest is reported.
@@ -14,10 +15,9 @@ import statistics
 
 import ray
 
-from benchmarks.common import kill, start_generators, start_learner
+from ray_rlhf.bench.common import kill, start_generators, start_learner
 from ray_rlhf.models.factory import ensure_model, parameter_count
-from ray_rlhf.sync import base as sync
-from ray_rlhf.sync.collective import close_group, open_group
+from ray_rlhf.sync.broadcaster import WeightBroadcaster
 
 BACKENDS = ("object_store", "collective")
 
@@ -26,20 +26,18 @@ def measure(learner, generators: list, model: str, params: int, repeats: int, co
     """Rows of (model, backend, generators, median seconds, bytes) for each generator count."""
     rows, version = [], 10_000  # far from the run's versions; generators just take what they are sent
     for n in counts:
-        handles = generators[:n]
+        handles = {f"g{i}": g for i, g in enumerate(generators[:n])}
         for backend in BACKENDS:
-            if backend == "collective":
-                open_group(learner, handles, backend="gloo")
+            broadcaster = WeightBroadcaster(learner, backend, verify=False)
             times, nbytes = [], 0
             try:
-                for _ in range(repeats + 1):
+                for _ in range(repeats + 1):  # the first collective publish also opens the group
                     version += 1
-                    res = sync.broadcast(backend, learner, handles, version, verify_weights=False)
+                    res = broadcaster.publish(version, handles)
                     times.append(res.seconds)
                     nbytes = res.bytes
             finally:
-                if backend == "collective":
-                    close_group(learner, handles)
+                broadcaster.close(handles)
             med = statistics.median(times[1:])
             rows.append({"model": model, "params": params, "backend": backend, "generators": n, "bytes": nbytes,
                          "seconds": med, "all_seconds": times, "bytes_per_s": nbytes * n / med})

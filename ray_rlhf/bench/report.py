@@ -188,7 +188,7 @@ def rerender(out: Path) -> None:
     """Recompute comparisons, targets, ``results.md`` and plots from a saved ``results.json``."""
     import json
 
-    from benchmarks.generation import compare
+    from ray_rlhf.bench.generation import compare
 
     res = json.loads((out / "results.json").read_text())
     gen = res["generation"]
@@ -200,7 +200,7 @@ def rerender(out: Path) -> None:
     (out / "results.md").write_text(markdown(res))
 
 
-if __name__ == "__main__":  # python -m benchmarks.report DIR: re-render a finished run
+if __name__ == "__main__":  # python -m ray_rlhf.bench.report DIR: re-render a finished run
     import sys
 
     rerender(Path(sys.argv[1]))

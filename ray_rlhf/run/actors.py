@@ -1,0 +1,99 @@
+"""Building the actors of a run: the learner group, the reward actor, the generator pool and the
+weight broadcaster that connects them.
+
+The classes run as actors are plain classes (:class:`~ray_rlhf.learning.learner.Learner`,
+:class:`~ray_rlhf.rewards.scorer.RewardScorer`, :class:`~ray_rlhf.generation.generator.Generator`);
+``ray.remote`` is applied here, with the resources from the config. The benchmarks build their
+actors with the same functions.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from ray_rlhf.config.schema import RunConfig
+from ray_rlhf.generation.generator import Generator
+from ray_rlhf.generation.pool import GeneratorPool, request_capacity
+from ray_rlhf.learning.group import LearnerGroup
+from ray_rlhf.rewards.scorer import RewardScorer
+from ray_rlhf.sync.broadcaster import WeightBroadcaster
+
+log = logging.getLogger(__name__)
+
+
+def generator_kwargs(cfg: RunConfig, policy_path: str | Path, generator_id: str) -> dict[str, Any]:
+    """The :class:`Generator` constructor arguments of a run."""
+    g = cfg.generators
+    return dict(model_path=str(policy_path), generator_id=generator_id, max_model_len=g.max_model_len,
+                seed=cfg.seed, gpu_memory_utilization=g.gpu_memory_utilization if g.num_gpus else None,
+                tensor_parallel_size=g.tensor_parallel_size, kv_cache_gib=g.kv_cache_gib)
+
+
+def generator_actor(cfg: RunConfig) -> Any:
+    """The ``ray.remote`` Generator class with a run's resources."""
+    g = cfg.generators
+    return ray.remote(num_cpus=g.num_cpus, num_gpus=g.num_gpus, max_restarts=0)(Generator)
+
+
+def start_reward(cfg: RunConfig) -> Any:
+    """The reward actor. Scoring is stateless: Ray restarts a dead one and retries the call."""
+    rc = cfg.reward
+    actor = ray.remote(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, max_restarts=3, max_task_retries=3)(RewardScorer)
+    return actor.remote([(f.name, f.weight) for f in rc.functions], rc.model_path, rc.model_weight, rc.batch_size)
+
+
+@dataclass
+class RunActors:
+    """The live actors of one run."""
+
+    learners: LearnerGroup
+    reward: Any
+    """The reward actor (a ``RewardScorer``)."""
+    broadcaster: WeightBroadcaster
+    pool: GeneratorPool
+    capacity_requested: bool
+    """Whether the autoscaler was asked for room for ``generators.max`` generators."""
+
+    @classmethod
+    def start(cls, cfg: RunConfig, policy_path: str | Path) -> RunActors:
+        learners = LearnerGroup(cfg, policy_path)
+        reward = start_reward(cfg)
+        learners.ready()
+        ray.get(reward.ping.remote())  # surface construction errors before the generators start
+        broadcaster = WeightBroadcaster(learners.source, cfg.sync.backend, cfg.sync.verify,
+                                        group_backend="nccl" if cfg.learner.device == "cuda" else "gloo")
+        g = cfg.generators
+        bundle = {"CPU": g.num_cpus, **({"GPU": g.num_gpus} if g.num_gpus else {})}
+        capacity = request_capacity(bundle, cfg.pool_max)
+        pool = GeneratorPool(generator_actor(cfg), lambda gid: generator_kwargs(cfg, policy_path, gid), bundle,
+                             size=g.num, min_size=cfg.pool_min, max_size=cfg.pool_max, on_join=broadcaster.join,
+                             max_restarts=g.max_restarts)
+        return cls(learners, reward, broadcaster, pool, capacity)
+
+    def publish(self, version: int):
+        """Weights ``version`` to every generator; the ones lost on the way are replaced (and join
+        at ``version``)."""
+        result = self.broadcaster.publish(version, self.pool.handles)
+        if result.lost:
+            self.pool.remove_lost(result.lost)
+        return result
+
+    def maybe_grow(self, max_size: int) -> None:
+        """Elastic growth: add generators where the cluster has room now."""
+        if len(self.pool) < max_size:
+            added = self.pool.grow(timeout_s=1.0)
+            if added:
+                log.info("generator pool grew by %s to %d", added, len(self.pool))
+
+    def shutdown(self) -> None:
+        self.pool.shutdown()
+        self.learners.shutdown()
+        try:
+            ray.kill(self.reward)
+        except Exception:  # noqa: BLE001 - already gone
+            pass

@@ -1,0 +1,91 @@
+"""A generator's side of a weight broadcast: check, load into the engine, read back.
+
+:class:`WeightReceiver` is owned by the generator; the generator's public methods
+``load_weights``, ``join_weight_group``, ``receive_weights``, ``leave_weight_group``,
+``weights_checksum`` and ``weights_status`` (the :class:`~ray_rlhf.sync.types.WeightSink`
+surface) delegate here. The engine itself is reached through :class:`Engine`: one call that
+loads a full state dict (vLLM's ``reload_weights``) and one that reads the weights the engine
+computes with back in Hugging Face naming (:mod:`ray_rlhf.sync.vllm_readback`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import torch
+
+from ray_rlhf.sync.checksum import IGNORED_SUFFIXES, named_tensors, state_dict_checksum, tensor_bytes
+from ray_rlhf.sync.types import GroupInfo, LoadReport, SinkInfo, WeightSyncError
+
+
+class Engine(Protocol):
+    """The two engine operations a weight load needs."""
+
+    def reload(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        """Load a full Hugging Face-named state dict in one call."""
+
+    def read_back(self) -> dict[str, torch.Tensor]:
+        """The weights the engine computes with, in Hugging Face naming."""
+
+
+class WeightReceiver:
+    """Loads versioned weights into one engine; joins and leaves collective groups.
+
+    ``expected_names``: the engine's Hugging Face tensor names (from a read-back at start); a
+    payload missing one of them or carrying an unknown one is refused before the engine is
+    touched (vLLM would silently keep stale weights for a missing layer). None skips the check
+    (tensor parallelism, where one process holds only shards).
+    """
+
+    def __init__(self, engine: Engine, generator_id: str, expected_names: set[str] | None):
+        self.engine = engine
+        self.generator_id = generator_id
+        self.expected_names = expected_names
+        self.version = 0
+        """Version of the weights the engine holds (0: as loaded from the model directory)."""
+        self.received_checksum = ""
+        self._group = None  # CollectiveReceiver while in a group
+
+    def load(self, version: int, weights, record_checksum: bool = True) -> LoadReport:
+        """Load a full state dict (mapping or (name, tensor) pairs) as ``version``."""
+        pairs = [(n, t) for n, t in named_tensors(weights) if not n.endswith(IGNORED_SUFFIXES)]
+        if self.expected_names is not None:
+            got = {n for n, _ in pairs}
+            missing, extra = self.expected_names - got, got - self.expected_names
+            if missing or extra:
+                raise WeightSyncError(
+                    f"generator {self.generator_id}: version {version} payload is missing {sorted(missing)[:5]} "
+                    f"and has unknown {sorted(extra)[:5]}; not loaded (still version {self.version})"
+                )
+        self.received_checksum = state_dict_checksum(pairs) if record_checksum else ""
+        t0 = time.perf_counter()
+        self.engine.reload(pairs)
+        seconds = time.perf_counter() - t0
+        self.version = int(version)
+        return LoadReport(self.version, tensor_bytes(pairs), seconds, self.received_checksum)
+
+    def join_group(self, info: GroupInfo, rank: int) -> None:
+        from ray_rlhf.sync.collective import CollectiveReceiver
+
+        self.leave_group()
+        self._group = CollectiveReceiver(info, rank)
+
+    def receive(self, version: int, record_checksum: bool = True) -> LoadReport:
+        """Take part in one broadcast of the group and load what arrived."""
+        if self._group is None:
+            raise RuntimeError(f"generator {self.generator_id} is in no weight group; join_group first")
+        return self.load(version, self._group.receive(version), record_checksum)
+
+    def leave_group(self) -> None:
+        if self._group is not None:
+            self._group.close()
+            self._group = None
+
+    def engine_checksum(self) -> str:
+        """Checksum of the engine's read-back weights: equal to the learner's iff every tensor
+        arrived and loaded exactly."""
+        return state_dict_checksum(self.engine.read_back())
+
+    def status(self) -> SinkInfo:
+        return SinkInfo(self.generator_id, self.version, self.received_checksum)

@@ -1,0 +1,52 @@
+"""The learner's side of a weight broadcast: export, checksum, and the collective group's rank 0.
+
+:class:`WeightSender` is owned by the learner (rank 0 of the learner group); the learner's public
+methods ``hf_state_dict``, ``weights_checksum`` and ``weight_group_*`` (the
+:class:`~ray_rlhf.sync.types.WeightSource` surface) delegate here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ray_rlhf.sync.checksum import state_dict_checksum
+from ray_rlhf.sync.collective import CollectiveSender
+from ray_rlhf.sync.types import GroupInfo, SyncResult
+
+
+class WeightSender:
+    """Exports the policy's Hugging Face-named weights; rank 0 of a collective group when asked.
+
+    ``state_dict()`` returns the policy LM's state dict as the generators load it (Hugging Face
+    names, the generators' dtype, value head excluded). It is called at each export, so the
+    weights are always the current ones.
+    """
+
+    def __init__(self, state_dict: Callable[[], dict[str, torch.Tensor]]):
+        self._state_dict = state_dict
+        self._collective: CollectiveSender | None = None
+
+    def export(self) -> dict[str, torch.Tensor]:
+        """Detached CPU copies of the current weights (what the object-store backend ships)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self._state_dict().items()}
+
+    def checksum(self) -> str:
+        """:func:`~ray_rlhf.sync.checksum.state_dict_checksum` of the current weights."""
+        return state_dict_checksum(self._state_dict())
+
+    def group_open(self, world_size: int, backend: str = "gloo", timeout_s: float = 300.0) -> GroupInfo:
+        if self._collective is None:
+            self._collective = CollectiveSender()
+        return self._collective.open(world_size, backend, timeout_s)
+
+    def group_connect(self) -> None:
+        self._collective.connect(self._state_dict())
+
+    def group_send(self, version: int) -> SyncResult:
+        return self._collective.send(self._state_dict(), version)
+
+    def group_close(self) -> None:
+        if self._collective is not None:
+            self._collective.close()

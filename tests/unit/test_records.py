@@ -1,0 +1,115 @@
+"""The columnar RolloutBatch: construction, concat, select, padding (vs a slow loop), Parquet rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from ray_rlhf.learning.batch import collate
+from ray_rlhf.records import ROLLOUT_SCHEMA, RolloutBatch, SamplingSpec, pad_ragged, ragged_rows
+from tests.batches import make_batch
+
+
+def random_batch(rng: np.random.Generator, n: int, start: int = 0) -> RolloutBatch:
+    rows = []
+    for i in range(n):
+        p, r = int(rng.integers(1, 7)), int(rng.integers(0, 9))
+        rows.append(dict(prompt_index=start + i // 2, sample_index=i % 2, prompt_ids=rng.integers(3, 99, p).tolist(),
+                         response_ids=rng.integers(3, 99, r).tolist(), sampler_logprobs=(-rng.random(r)).tolist(),
+                         reward=float(rng.normal()), policy_version=int(rng.integers(0, 3)),
+                         response="x" * r, finish_reason="stop" if r % 2 else "length",
+                         columns={"answer": f"a{start + i}"}))
+    return make_batch(rows)
+
+
+def slow_pad(seqs: list[list], pad, left: bool) -> tuple[list[list], list[list]]:
+    """The obvious per-row loop that :func:`pad_ragged` replaces."""
+    w = max(max((len(s) for s in seqs), default=0), 1)
+    dense, mask = [], []
+    for s in seqs:
+        fill = [pad] * (w - len(s))
+        dense.append(fill + list(s) if left else list(s) + fill)
+        mask.append([0] * len(fill) + [1] * len(s) if left else [1] * len(s) + [0] * len(fill))
+    return dense, mask
+
+
+def rows_of(values: np.ndarray, offsets: np.ndarray) -> list[list]:
+    return [values[offsets[i]:offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_pad_ragged_matches_a_python_loop_on_random_rows(left):
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        b = random_batch(rng, int(rng.integers(1, 9)))
+        dense, mask = pad_ragged(b.response_ids, b.response_offsets, -7, left=left)
+        want_dense, want_mask = slow_pad(rows_of(b.response_ids, b.response_offsets), -7, left)
+        assert dense.tolist() == want_dense and mask.tolist() == want_mask
+
+
+def test_pad_ragged_by_hand():
+    # rows [1, 2], [], [3]: right -> [[1, 2], [0, 0], [3, 0]]; left -> [[1, 2], [0, 0], [0, 3]]
+    values, offsets = np.array([1, 2, 3]), np.array([0, 2, 2, 3])
+    assert pad_ragged(values, offsets, 0)[0].tolist() == [[1, 2], [0, 0], [3, 0]]
+    assert pad_ragged(values, offsets, 0, left=True)[0].tolist() == [[1, 2], [0, 0], [0, 3]]
+    assert pad_ragged(values, offsets, 0, left=True)[1].tolist() == [[1, 1], [0, 0], [0, 1]]
+
+
+def test_concat_then_select_equals_the_rows_picked_one_by_one():
+    rng = np.random.default_rng(1)
+    parts = [random_batch(rng, 3, 0), random_batch(rng, 5, 10), random_batch(rng, 1, 20)]
+    whole = RolloutBatch.concat(parts)
+    assert len(whole) == 9 and whole.keys() == [k for p in parts for k in p.keys()]
+    assert rows_of(whole.response_ids, whole.response_offsets) == [
+        r for p in parts for r in rows_of(p.response_ids, p.response_offsets)]
+    assert whole.columns["answer"] == [v for p in parts for v in p.columns["answer"]]
+    pick = [8, 0, 4, 4]
+    sub = whole.select(pick)
+    assert sub.keys() == [whole.keys()[i] for i in pick]
+    assert rows_of(sub.prompt_ids, sub.prompt_offsets) == [rows_of(whole.prompt_ids, whole.prompt_offsets)[i] for i in pick]
+    assert rows_of(sub.sampler_logprobs, sub.response_offsets) == [
+        rows_of(whole.sampler_logprobs, whole.response_offsets)[i] for i in pick]
+    assert sub.reward.tolist() == whole.reward[pick].tolist() and sub.columns["answer"] == [
+        whole.columns["answer"][i] for i in pick]
+
+
+def test_ragged_rows_gather_indices():
+    # offsets of rows [a, b], [c], [d, e, f]; rows 2, 0 -> indices 3, 4, 5, 0, 1; offsets 0, 3, 5
+    idx, off = ragged_rows(np.array([0, 2, 3, 6]), np.array([2, 0]))
+    assert idx.tolist() == [3, 4, 5, 0, 1] and off.tolist() == [0, 3, 5]
+
+
+def test_collate_equals_padding_each_sequence_by_hand():
+    rng = np.random.default_rng(2)
+    b = random_batch(rng, 7)
+    t = collate(b, pad_id=2)
+    prompts, pmask = slow_pad(rows_of(b.prompt_ids, b.prompt_offsets), 2, left=True)
+    responses, rmask = slow_pad(rows_of(b.response_ids, b.response_offsets), 2, left=False)
+    lps, _ = slow_pad(rows_of(b.sampler_logprobs, b.response_offsets), 0.0, left=False)
+    assert t.prompt_ids.tolist() == prompts and t.prompt_mask.tolist() == pmask
+    assert t.response_ids.tolist() == responses and t.response_mask.tolist() == rmask
+    assert np.allclose(t.sampler_logprobs.numpy(), np.array(lps, dtype=np.float32))
+    assert t.scores.tolist() == pytest.approx(b.reward.tolist()) and t.prompt_index.tolist() == b.prompt_index.tolist()
+
+
+def test_to_arrow_holds_the_fixed_schema_then_parts_and_columns():
+    rng = np.random.default_rng(3)
+    b = random_batch(rng, 4).with_rewards(np.arange(4.0), {"f": np.ones(4)})
+    table = b.to_arrow(step=7)
+    assert table.schema.names[: len(ROLLOUT_SCHEMA)] == ROLLOUT_SCHEMA.names
+    assert table.select(ROLLOUT_SCHEMA.names).cast(ROLLOUT_SCHEMA).schema == ROLLOUT_SCHEMA
+    assert table.schema.names[len(ROLLOUT_SCHEMA):] == ["reward_part/f", "answer"]
+    rows = table.to_pylist()
+    assert [r["step"] for r in rows] == [7] * 4 and [r["reward"] for r in rows] == [0.0, 1.0, 2.0, 3.0]
+    assert [r["response_ids"] for r in rows] == rows_of(b.response_ids, b.response_offsets)
+    assert isinstance(table.column("prompt_ids").type, pa.ListType)
+
+
+def test_sampling_for_step_is_one_seed_per_run_seed_and_step():
+    class Rollout:
+        samples_per_prompt, max_new_tokens, temperature, top_p = 4, 16, 1.0, 1.0
+
+    a, b = SamplingSpec.for_step(Rollout, 0, 1), SamplingSpec.for_step(Rollout, 1, 1)
+    assert a.n == 4 and a.max_new_tokens == 16 and a.seed == 1 and b.seed == 1_000_004
+    assert SamplingSpec.for_step(Rollout, 0, 1) == a
