@@ -1,10 +1,24 @@
-"""Pure PPO math: masked reductions, KL estimators and controllers, GAE, losses.
+"""Pure RL math: masked reductions, KL estimators and controllers, advantages, losses.
 
 Imports torch and the standard library only (no Ray, vLLM, transformers or config), so every
 function here is a function of tensors that a unit test can check by hand.
 """
 
-from ray_rlhf.algo.advantages import check_right_padded, gae, gae_reference
+from ray_rlhf.algo.advantages import (
+    check_right_padded,
+    discounted_returns,
+    dr_grpo_advantages,
+    dr_grpo_advantages_reference,
+    gae,
+    gae_reference,
+    grpo_advantages,
+    grpo_advantages_reference,
+    reinforce_pp_advantages,
+    reinforce_pp_advantages_reference,
+    rloo_advantages,
+    rloo_advantages_reference,
+)
+from ray_rlhf.algo.groups import group_index, group_moments, zero_std_groups
 from ray_rlhf.algo.kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
@@ -16,40 +30,74 @@ from ray_rlhf.algo.kl import (
     per_token_rewards,
 )
 from ray_rlhf.algo.losses import (
+    LOG_RATIO_BOUND,
+    KLLossStats,
     PolicyLossStats,
     ValueLossStats,
     aggregate,
+    dr_grpo_num_tokens,
     entropy_from_logits,
     explained_variance,
+    kl_loss,
     logprobs_from_logits,
     policy_loss,
     value_loss,
 )
-from ray_rlhf.algo.masked import masked_count, masked_mean, masked_sum, masked_var, masked_whiten
+from ray_rlhf.algo.masked import (
+    masked_count,
+    masked_mean,
+    masked_moment_sums,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    moments_from_sums,
+)
+from ray_rlhf.algo.off_policy import IS_MODES, ImportanceWeightStats, importance_weights
 
 __all__ = [
+    "IS_MODES",
+    "LOG_RATIO_BOUND",
     "AdaptiveKLController",
     "FixedKLController",
+    "ImportanceWeightStats",
+    "KLLossStats",
     "KL_ESTIMATORS",
     "PolicyLossStats",
     "ValueLossStats",
     "aggregate",
     "check_right_padded",
+    "discounted_returns",
+    "dr_grpo_advantages",
+    "dr_grpo_advantages_reference",
+    "dr_grpo_num_tokens",
     "entropy_from_logits",
     "explained_variance",
     "gae",
     "gae_reference",
+    "group_index",
+    "group_moments",
+    "grpo_advantages",
+    "grpo_advantages_reference",
+    "importance_weights",
     "kl_estimate",
     "kl_k1",
     "kl_k2",
     "kl_k3",
+    "kl_loss",
     "logprobs_from_logits",
     "masked_count",
     "masked_mean",
+    "masked_moment_sums",
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "moments_from_sums",
     "per_token_rewards",
     "policy_loss",
+    "reinforce_pp_advantages",
+    "reinforce_pp_advantages_reference",
+    "rloo_advantages",
+    "rloo_advantages_reference",
     "value_loss",
+    "zero_std_groups",
 ]

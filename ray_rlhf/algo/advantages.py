@@ -1,4 +1,4 @@
-"""Generalised advantage estimation over right-padded response tokens.
+"""Advantage estimators over right-padded response tokens: GAE, and the critic-free family.
 
 GAE, Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage
 Estimation", eq. 16 (with the TD residual of eq. 10)::
@@ -9,13 +9,38 @@ Estimation", eq. 16 (with the TD residual of eq. 10)::
 The episode ends after the last valid response token: the value after it is 0, and no advantage
 flows back from padding. Returns are the lambda-returns ``R_t = A_t + V(s_t)``, the value
 targets used by PPO.
+
+Critic-free estimators (no value model): GRPO, Dr. GRPO and RLOO use the other responses to the
+same prompt as the baseline of a sequence-level score and broadcast the result to every valid
+token; REINFORCE++ uses token-level returns normalised over the whole batch. Groups are given by
+``group_ids`` (see :mod:`ray_rlhf.algo.groups`). Every estimator has a slow ``*_reference``
+twin (plain Python loops) for the tests. All outputs are training targets: 0 at padding, and
+computed without gradient.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["gae", "gae_reference", "check_right_padded"]
+from ray_rlhf.algo.groups import group_moments, zero_std_groups
+from ray_rlhf.algo.masked import masked_moment_sums, moments_from_sums
+
+__all__ = [
+    "gae",
+    "gae_reference",
+    "check_right_padded",
+    "grpo_advantages",
+    "grpo_advantages_reference",
+    "dr_grpo_advantages",
+    "dr_grpo_advantages_reference",
+    "rloo_advantages",
+    "rloo_advantages_reference",
+    "discounted_returns",
+    "reinforce_pp_advantages",
+    "reinforce_pp_advantages_reference",
+]
 
 
 def check_right_padded(mask: torch.Tensor) -> None:
@@ -106,3 +131,235 @@ def gae_reference(
         torch.tensor(adv, dtype=values.dtype, device=values.device),
         torch.tensor(ret, dtype=values.dtype, device=values.device),
     )
+
+
+# ---- critic-free: group baselines ---------------------------------------------------------------
+
+
+def _check_group_inputs(scores: torch.Tensor, mask: torch.Tensor) -> None:
+    if mask.dim() != 2 or scores.shape != mask.shape[:1]:
+        raise ValueError(
+            f"scores must be (B,) and mask (B, T) with the same B; got {tuple(scores.shape)} and {tuple(mask.shape)}"
+        )
+
+
+def _broadcast(seq_adv: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) sequence advantages -> (B, T), 0 at padding, in ``scores``' float dtype."""
+    dtype = scores.dtype if scores.dtype.is_floating_point else torch.get_default_dtype()
+    a = seq_adv.to(dtype=dtype, device=mask.device)
+    return torch.where(mask.bool(), a[:, None], torch.zeros((), dtype=dtype, device=mask.device))
+
+
+@torch.no_grad()
+def grpo_advantages(
+    scores: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """GRPO outcome-supervision advantages: the score standardised within its prompt's group.
+
+    Shao et al. 2024, "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open
+    Language Models", sec. 4.1.2 (outcome supervision)::
+
+        A_{i,t} = (r_i - mean_g) / (std_g + eps)     for every valid token t of sequence i
+
+    with ``mean_g``, ``std_g`` over the samples of the group ``g`` of sequence i. ``std_g`` is the
+    SAMPLE standard deviation (Bessel, ``n_g - 1``), as ``torch.std`` in the reference
+    implementations (TRL's ``GRPOTrainer``, verl), so learning rates and ``eps`` carry over; for
+    a group of 2 it gives advantages of +-1/sqrt(2) (the population std would give +-1).
+    A group whose scores are all equal (:func:`~ray_rlhf.algo.groups.zero_std_groups`) gets
+    advantage exactly 0, never NaN, whatever ``eps``. A prompt's advantages depend only on its
+    own group. Every group needs >= 2 samples (``ValueError`` otherwise).
+
+    Shape:
+        scores: (B,) sequence-level rewards
+        group_ids: (B,) integer, equal ids = responses to the same prompt, any order
+        mask: (B, T), 1 = valid response token
+        returns: (B, T)
+    """
+    _check_group_inputs(scores, mask)
+    mean, std, _ = group_moments(scores, group_ids)
+    adv = (scores.to(torch.float64) - mean) / (std + eps)
+    adv = torch.where(zero_std_groups(scores, group_ids), 0.0, adv)
+    return _broadcast(adv, scores, mask)
+
+
+@torch.no_grad()
+def dr_grpo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Dr. GRPO advantages: the group-mean baseline without the std division.
+
+    Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective", section
+    "Dr. GRPO: Group Relative Policy Optimization Done Right"::
+
+        A_{i,t} = r_i - mean_g
+
+    Dividing by ``std_g`` up-weights prompts that are nearly always / never solved (a
+    question-level difficulty bias); dropping it removes that bias. The paper's other fix, the
+    length-unbiased loss aggregation, is done with :func:`~ray_rlhf.algo.losses.dr_grpo_num_tokens`
+    as the ``num_tokens`` of the losses. All-equal groups give exactly 0; groups need >= 2 samples.
+
+    Shape:
+        scores: (B,); group_ids: (B,) integer; mask: (B, T); returns (B, T)
+    """
+    _check_group_inputs(scores, mask)
+    mean, _, _ = group_moments(scores, group_ids)
+    adv = scores.to(torch.float64) - mean
+    adv = torch.where(zero_std_groups(scores, group_ids), 0.0, adv)
+    return _broadcast(adv, scores, mask)
+
+
+@torch.no_grad()
+def rloo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """RLOO advantages: the score minus the mean score of the OTHER samples of the group.
+
+    REINFORCE with a leave-one-out baseline: Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a
+    Baseline for Free!"; Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style
+    Optimization for Learning from Human Feedback in LLMs" (RLOO)::
+
+        A_{i,t} = r_i - (1 / (n_g - 1)) sum_{j in g, j != i} r_j  =  n_g / (n_g - 1) * (r_i - mean_g)
+
+    The baseline does not depend on r_i, so the estimator is unbiased. All-equal groups give
+    exactly 0; groups need >= 2 samples.
+
+    Shape:
+        scores: (B,); group_ids: (B,) integer; mask: (B, T); returns (B, T)
+    """
+    _check_group_inputs(scores, mask)
+    mean, _, size = group_moments(scores, group_ids)
+    n = size.to(torch.float64)
+    r = scores.to(torch.float64)
+    adv = r - (n * mean - r) / (n - 1)
+    adv = torch.where(zero_std_groups(scores, group_ids), 0.0, adv)
+    return _broadcast(adv, scores, mask)
+
+
+def _groups_of(scores: torch.Tensor, group_ids: torch.Tensor) -> list[list[float]]:
+    """For the references: the list of scores of each sample's group (including itself)."""
+    ids = group_ids.tolist()
+    s = [float(x) for x in scores]
+    return [[s[j] for j in range(len(s)) if ids[j] == ids[i]] for i in range(len(s))]
+
+
+def _broadcast_reference(seq_adv: list[float], scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    B, T = mask.shape
+    out = [[seq_adv[b] if bool(mask[b, t]) else 0.0 for t in range(T)] for b in range(B)]
+    dtype = scores.dtype if scores.dtype.is_floating_point else torch.get_default_dtype()
+    return torch.tensor(out, dtype=dtype, device=mask.device).reshape(B, T)
+
+
+def grpo_advantages_reference(
+    scores: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """The slow, obvious :func:`grpo_advantages`: for each sequence, loop over its group. For tests."""
+    adv = []
+    for r_i, group in zip((float(x) for x in scores), _groups_of(scores, group_ids)):
+        n = len(group)
+        mean = sum(group) / n
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (n - 1))
+        adv.append(0.0 if max(group) == min(group) else (r_i - mean) / (std + eps))
+    return _broadcast_reference(adv, scores, mask)
+
+
+def dr_grpo_advantages_reference(scores: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The slow, obvious :func:`dr_grpo_advantages`. For tests."""
+    adv = []
+    for r_i, group in zip((float(x) for x in scores), _groups_of(scores, group_ids)):
+        adv.append(0.0 if max(group) == min(group) else r_i - sum(group) / len(group))
+    return _broadcast_reference(adv, scores, mask)
+
+
+def rloo_advantages_reference(scores: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The slow, obvious :func:`rloo_advantages`: the baseline summed over the others. For tests."""
+    ids = group_ids.tolist()
+    s = [float(x) for x in scores]
+    adv = []
+    for i in range(len(s)):
+        others = [s[j] for j in range(len(s)) if ids[j] == ids[i] and j != i]
+        equal = all(o == s[i] for o in others)
+        adv.append(0.0 if equal else s[i] - sum(others) / len(others))
+    return _broadcast_reference(adv, scores, mask)
+
+
+# ---- critic-free: REINFORCE++ -------------------------------------------------------------------
+
+
+@torch.no_grad()
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Token-level discounted return-to-go: ``G_t = sum_{k >= t} gamma^(k - t) r_k`` over valid tokens.
+
+    A backward scan ``G_t = r_t + gamma * G_{t+1}`` with ``G`` = 0 after the last valid token
+    (for ``gamma == 1`` a reversed cumulative sum). Padding rewards are ignored; 0 at padding.
+
+    Shape:
+        rewards: (B, T) per-token rewards
+        mask: (B, T), 1 = valid response token, right-padded
+        returns: (B, T)
+    """
+    if rewards.dim() != 2 or mask.shape != rewards.shape:
+        raise ValueError(f"rewards and mask must both be (B, T); got {tuple(rewards.shape)} and {tuple(mask.shape)}")
+    check_right_padded(mask)
+    keep = mask.bool()
+    r = torch.where(keep, rewards, torch.zeros((), dtype=rewards.dtype, device=rewards.device))
+    if gamma == 1.0:
+        return r.flip(1).cumsum(1).flip(1) * keep.to(r.dtype)
+    out = torch.empty_like(r)
+    carry = r.new_zeros(r.shape[0])
+    for t in range(r.shape[1] - 1, -1, -1):
+        carry = r[:, t] + gamma * carry
+        out[:, t] = carry
+    return out
+
+
+@torch.no_grad()
+def reinforce_pp_advantages(
+    rewards_per_token: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    moments: tuple[torch.Tensor | float, torch.Tensor | float] | None = None,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """REINFORCE++ advantages: discounted token returns, normalised over the whole batch.
+
+    Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large Language Models"::
+
+        G_t = sum_{k >= t} gamma^(k - t) r_k                  (:func:`discounted_returns`)
+        A_t = (G_t - mean_batch(G)) / (std_batch(G) + eps)     over all valid tokens of the batch
+
+    ``rewards_per_token`` is supplied by the caller: typically the outcome score at the last
+    valid token plus ``-beta * KL_t`` at every token (:func:`~ray_rlhf.algo.kl.per_token_rewards`).
+    ``std`` is the sample (Bessel) std, as in :func:`~ray_rlhf.algo.masked.masked_whiten`.
+
+    ``moments = (mean, std)`` of the GLOBAL batch's returns, when this call sees only a shard of
+    it; if None, the moments of this call's own valid tokens are used. A shard computes them as::
+
+        sums = masked_moment_sums(discounted_returns(r, m, gamma), m)   # (3,)
+        all_reduce(sums, SUM)                                           # over the shards
+        adv = reinforce_pp_advantages(r, m, gamma, moments=moments_from_sums(sums))
+
+    Shape:
+        rewards_per_token: (B, T)
+        mask: (B, T), 1 = valid response token, right-padded
+        returns: (B, T), 0 at padding
+    """
+    returns = discounted_returns(rewards_per_token, mask, gamma)
+    mean, std = moments_from_sums(masked_moment_sums(returns, mask)) if moments is None else moments
+    mean = torch.as_tensor(mean, dtype=torch.float64, device=returns.device)
+    std = torch.as_tensor(std, dtype=torch.float64, device=returns.device)
+    adv = ((returns.to(torch.float64) - mean) / (std + eps)).to(returns.dtype)
+    return torch.where(mask.bool(), adv, torch.zeros((), dtype=adv.dtype, device=adv.device))
+
+
+def reinforce_pp_advantages_reference(
+    rewards_per_token: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, eps: float = 1e-8
+) -> torch.Tensor:
+    """The slow, obvious :func:`reinforce_pp_advantages` (whole batch): Python loops. For tests."""
+    B, T = rewards_per_token.shape
+    ret = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        n = int(mask[b].bool().sum())
+        r = [float(x) for x in rewards_per_token[b, :n]]
+        for t in range(n):
+            ret[b][t] = sum(gamma ** (k - t) * r[k] for k in range(t, n))
+    valid = [ret[b][t] for b in range(B) for t in range(T) if bool(mask[b, t])]
+    mean = sum(valid) / len(valid)
+    std = math.sqrt(sum((g - mean) ** 2 for g in valid) / max(len(valid) - 1, 1))
+    adv = [[(ret[b][t] - mean) / (std + eps) if bool(mask[b, t]) else 0.0 for t in range(T)] for b in range(B)]
+    return torch.tensor(adv, dtype=rewards_per_token.dtype, device=rewards_per_token.device)

@@ -6,6 +6,9 @@ valid tokens divided by ``num_tokens``. Pass ``num_tokens`` = the valid-token co
 (global) minibatch when a minibatch is split into micro-batches or data-parallel shards: the
 per-piece losses (and their gradients) then sum exactly to the full-minibatch token mean.
 
+Dr. GRPO's sequence-length-unbiased aggregation is the same reduction with a constant
+denominator: pass ``num_tokens = dr_grpo_num_tokens(num_sequences, max_response_len)``.
+
 Stats records hold plain floats, computed without gradient over this call's valid tokens (token
 means, not divided by ``num_tokens``); they are 0.0 when the mask has no valid token.
 """
@@ -17,13 +20,18 @@ from dataclasses import dataclass
 
 import torch
 
-from ray_rlhf.algo.kl import kl_k3
+from ray_rlhf.algo.kl import kl_estimate, kl_k3
 from ray_rlhf.algo.masked import masked_mean, masked_sum, masked_var
+from ray_rlhf.algo.off_policy import importance_weights
 
 __all__ = [
+    "LOG_RATIO_BOUND",
+    "KLLossStats",
     "PolicyLossStats",
     "ValueLossStats",
     "aggregate",
+    "dr_grpo_num_tokens",
+    "kl_loss",
     "policy_loss",
     "value_loss",
     "entropy_from_logits",
@@ -56,6 +64,34 @@ def aggregate(
     return total / num_tokens
 
 
+def dr_grpo_num_tokens(num_sequences: int, max_response_len: int) -> int:
+    """The constant ``num_tokens`` of Dr. GRPO's length-unbiased aggregation: ``B * L_max``.
+
+    Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective" (Dr. GRPO):
+    GRPO's per-sequence mean ``(1/|o_i|) sum_t l_{i,t}`` gives a short sequence's tokens more
+    weight than a long one's (and under-penalises long wrong answers). Dr. GRPO divides each
+    sequence's token SUM by one constant, the generation budget ``L_max``, then averages over
+    the ``B`` sequences::
+
+        L = (1/B) sum_i (1/L_max) sum_t m_{i,t} l_{i,t}  =  aggregate(l, m, num_tokens=B * L_max)
+
+    so every valid token has the same weight ``1 / (B L_max)`` whatever its sequence's length,
+    and the weight does not depend on the batch's content. ``num_sequences`` is the number of
+    sequences of the GLOBAL (mini)batch -- not of one micro-batch or shard -- so the pieces'
+    losses and gradients sum to the whole's, as with the token count; ``max_response_len`` is the
+    configured generation budget (max new tokens), not the longest response in the batch.
+
+    Returns an int > 0 to pass as ``num_tokens`` to :func:`aggregate`, :func:`policy_loss`,
+    :func:`kl_loss`, ...
+    """
+    if not (num_sequences >= 1 and max_response_len >= 1):
+        raise ValueError(
+            "dr_grpo_num_tokens needs num_sequences >= 1 (sequences in the global minibatch) and "
+            f"max_response_len >= 1 (the generation budget); got {num_sequences}, {max_response_len}"
+        )
+    return int(num_sequences) * int(max_response_len)
+
+
 @dataclass(frozen=True)
 class PolicyLossStats:
     """Diagnostics of one :func:`policy_loss` call, as token means over valid tokens."""
@@ -70,6 +106,22 @@ class PolicyLossStats:
     """Largest ratio over valid tokens."""
     dual_clipfrac: float
     """Fraction of valid tokens where the dual clip caps the loss (0.0 when dual clip is off)."""
+    is_weight_mean: float = 1.0
+    """Mean applied off-policy weight ``w_t`` (1.0 without ``behav_logp``); see ``off_policy``."""
+    is_weight_max: float = 1.0
+    """Largest raw weight ``pi_old / pi_behav`` before the cap (1.0 without ``behav_logp``)."""
+    is_truncated_frac: float = 0.0
+    """Fraction of valid tokens whose raw weight exceeds ``is_cap`` (0.0 without ``behav_logp``)."""
+
+
+@dataclass(frozen=True)
+class KLLossStats:
+    """Diagnostics of one :func:`kl_loss` call, over valid tokens."""
+
+    kl_mean: float
+    """Token mean of the per-token KL estimate (not divided by ``num_tokens``)."""
+    kl_max: float
+    """Largest per-token KL estimate."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +134,10 @@ class ValueLossStats:
     """Mean predicted value V(s_t)."""
     return_mean: float
     """Mean return target R_t."""
+
+
+LOG_RATIO_BOUND = 20.0
+"""Bound on ``|log(pi_new / pi_old)|`` in :func:`policy_loss` (and on the off-policy log-weight)."""
 
 
 def _token_stats(mask: torch.Tensor, **per_token: torch.Tensor) -> dict[str, float]:
@@ -101,27 +157,51 @@ def policy_loss(
     clip_eps: float,
     dual_clip: float | None = None,
     num_tokens: int | float | torch.Tensor | None = None,
+    *,
+    behav_logp: torch.Tensor | None = None,
+    is_cap: float = 2.0,
+    is_mode: str = "truncate",
 ) -> tuple[torch.Tensor, PolicyLossStats]:
-    """PPO clipped surrogate loss (to minimise), optionally dual-clipped.
+    """PPO clipped surrogate loss (to minimise), optionally dual-clipped and off-policy corrected.
 
     Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7, negated::
 
-        r_t  = exp(logp_t - old_logp_t)
+        r_t  = exp(clamp(logp_t - old_logp_t, -LOG_RATIO_BOUND, LOG_RATIO_BOUND))
         l_t  = max(-r_t A_t, -clip(r_t, 1 - eps, 1 + eps) A_t)
+
+    The log-ratio is clamped to +-``LOG_RATIO_BOUND`` = +-20 before the exponential: ``e^20`` =
+    4.9e8 (times any sane advantage) is finite in float32 / bfloat16, whereas an unclamped
+    log-ratio past ~88 overflows and makes the loss and the gradient inf / NaN. Inside the bound
+    nothing changes (bit for bit); a token beyond it contributes a finite loss and NO gradient
+    (the clamp is flat there) -- such a token is garbage (a sampler / learner mismatch), and
+    the dual clip caps its loss value as well.
 
     Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep Reinforcement
     Learning", AAAI 2020, the "Dual-clip PPO" objective ``max(min(r A, clip(r) A), c A)`` for
     ``A < 0``), for ``c = dual_clip > 1``: where ``A_t < 0`` the loss is capped,
     ``l_t = min(l_t, -c A_t) = min(l_t, c |A_t|)``, so a huge ratio on a bad token cannot blow up
-    the update. The loss is ``aggregate(l, mask, num_tokens)``. ``old_logp`` and ``advantages``
-    are treated as constants (detached); padding entries of all inputs are ignored, also in the
-    gradient.
+    the update.
+
+    Off-policy correction (keyword-only; see :mod:`ray_rlhf.algo.off_policy`): given the
+    sampler's ``behav_logp``, ``old_logp`` is the proximal policy and each token's loss is
+    multiplied by the detached weight ``w_t = min(pi_old / pi_behav, is_cap)`` (``is_mode=
+    "truncate"``: decoupled PPO of Hilton et al. 2022 / AReaL with a truncated weight, which is
+    also truncated importance sampling, TIS) or by ``pi_old / pi_behav`` with tokens above
+    ``is_cap`` dropped (``is_mode="mask"``, AReaL's implementation). ``l_t <- w_t l_t`` after
+    the clip and the dual clip. Without ``behav_logp`` the loss is exactly the plain PPO loss;
+    with ``behav_logp == old_logp`` too (w = 1.0).
+
+    The loss is ``aggregate(l, mask, num_tokens)``. ``old_logp``, ``behav_logp`` and
+    ``advantages`` are treated as constants (detached); padding entries of all inputs are
+    ignored, also in the gradient.
 
     Shape:
         logp: (B, T) log pi_new(y_t | ...), differentiable
-        old_logp: (B, T) log pi_old(y_t | ...) of the policy that collected the batch
+        old_logp: (B, T) log pi_old(y_t | ...): the policy that collected the batch, or the
+            proximal policy (the learner's log-probs at the start of the update) with behav_logp
         advantages: (B, T)
         mask: (B, T), 1 = valid response token
+        behav_logp: (B, T) log pi_behav(y_t | ...) of the sampler, or None
         returns: (scalar loss, :class:`PolicyLossStats`)
     """
     if not clip_eps > 0:
@@ -132,7 +212,7 @@ def policy_loss(
     old_logp = old_logp.detach()
     # padding is set to r = 1, A = 0 so junk there (inf, NaN) cannot reach the loss or its gradient
     adv = torch.where(keep, advantages.detach(), 0.0)
-    log_ratio = torch.where(keep, logp - old_logp, 0.0)
+    log_ratio = torch.where(keep, logp - old_logp, 0.0).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     ratio = torch.exp(log_ratio)
     surr = -adv * ratio
     surr_clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
@@ -146,6 +226,15 @@ def policy_loss(
         per_token = torch.where(dual, cap, per_token)
     else:
         dual = torch.zeros_like(clipped)
+    is_stats = {}
+    if behav_logp is not None:
+        w, ws = importance_weights(old_logp, behav_logp, mask, is_cap, is_mode, LOG_RATIO_BOUND)
+        per_token = per_token * w
+        is_stats = {
+            "is_weight_mean": ws.weight_mean,
+            "is_weight_max": ws.weight_max,
+            "is_truncated_frac": ws.truncated_frac,
+        }
     loss = aggregate(per_token, mask, num_tokens)
 
     with torch.no_grad():
@@ -153,7 +242,46 @@ def policy_loss(
         approx_kl = kl_k3(torch.zeros_like(r), log_ratio.detach())  # k3 with log(pi_new/pi_old)
         s = _token_stats(mask, clipfrac=clipped, approx_kl=approx_kl, ratio_mean=r, dual_clipfrac=dual)
         ratio_max = float(torch.where(keep, r, r.new_tensor(-math.inf)).max()) if keep.any() else 0.0
-    return loss, PolicyLossStats(ratio_max=ratio_max, **s)
+    return loss, PolicyLossStats(ratio_max=ratio_max, **s, **is_stats)
+
+
+def kl_loss(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    estimator: str = "k3",
+    num_tokens: int | float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, KLLossStats]:
+    """KL(pi || ref) as a differentiable loss term, as GRPO adds it (instead of a KL reward).
+
+    Shao et al. 2024, "DeepSeekMath", eq. 4, the k3 estimator of Schulman's "Approximating KL
+    Divergence" (see :func:`~ray_rlhf.algo.kl.kl_k3`), aggregated like every loss here::
+
+        k3_t = exp(ref_t - logp_t) - 1 - (ref_t - logp_t)
+        L    = aggregate(k3, mask, num_tokens),    d k3_t / d logp_t = 1 - exp(ref_t - logp_t)
+
+    The caller adds ``beta * L`` to the policy loss. Note on the gradient (for tokens sampled
+    from pi): E[d k3] = E_pi[(1 - ref/pi) d log pi] = d KL(ref || pi), the gradient of the
+    *forward* KL; ``"k2"`` (0.5 (logp - ref)^2) gives the gradient of KL(pi || ref); ``"k1"``
+    gives a zero-mean gradient. ``ref_logp`` is detached; padding is ignored, also in the gradient.
+
+    Shape:
+        logp: (B, T) log pi(y_t | ...), differentiable
+        ref_logp: (B, T) log pi_ref(y_t | ...)
+        mask: (B, T), 1 = valid response token
+        returns: (scalar loss, :class:`KLLossStats`)
+    """
+    keep = mask.bool()
+    # padding -> logp = ref = 0 (KL 0) so junk there (inf, NaN) cannot reach the loss or its gradient
+    lp = torch.where(keep, logp, 0.0)
+    ref = torch.where(keep, ref_logp.detach(), 0.0)
+    kl = kl_estimate(lp, ref, estimator)
+    loss = aggregate(kl, mask, num_tokens)
+    with torch.no_grad():
+        k = kl.detach()
+        kl_mean = _token_stats(mask, kl=k)["kl"]
+        kl_max = float(torch.where(keep, k, k.new_tensor(-math.inf)).max()) if keep.any() else 0.0
+    return loss, KLLossStats(kl_mean=kl_mean, kl_max=kl_max)
 
 
 def value_loss(

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["masked_sum", "masked_mean", "masked_var", "masked_whiten", "masked_count"]
+__all__ = [
+    "masked_sum",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "masked_count",
+    "masked_moment_sums",
+    "moments_from_sums",
+]
 
 
 def _valid(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,3 +116,45 @@ def masked_whiten(
     if not shift_mean:
         y = y + mean
     return y * m
+
+
+def masked_moment_sums(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The sums ``[n, sum_i m_i x_i, sum_i m_i x_i^2]`` over valid entries, in float64.
+
+    These add across shards: for rows split over data-parallel ranks, the element-wise sum
+    (an ``all_reduce(SUM)``) of each shard's result is the result of the whole batch, from which
+    :func:`moments_from_sums` gives the global mean and standard deviation. float64 keeps the
+    ``sum x^2 - (sum x)^2 / n`` of :func:`moments_from_sums` accurate for advantage-sized values.
+
+    Shape:
+        x: (B, T) (any shape)
+        mask: same as ``x``; 1 = valid
+        returns: (3,) float64
+    """
+    xv, m = _valid(x.to(torch.float64), mask)
+    return torch.stack([m.sum(), xv.sum(), (xv * xv).sum()])
+
+
+def moments_from_sums(sums: torch.Tensor, unbiased: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation from :func:`masked_moment_sums` (possibly summed over shards).
+
+    ``mean = S1 / n`` and ``std = sqrt((S2 - S1^2 / n) / (n - 1))`` (Bessel-corrected, the
+    convention of :func:`masked_var`), or divided by ``n`` when ``unbiased=False``; the
+    variance is clamped at 0 against round-off, and taken as 0 when ``n == 1``.
+
+    Raises ``ValueError`` when ``n == 0`` (no valid entry anywhere: there is no mean).
+
+    Shape:
+        sums: (3,) ``[n, S1, S2]``
+        returns: (mean, std), 0-d float64 tensors
+    """
+    if sums.shape != (3,):
+        raise ValueError(f"sums must be (3,) = [n, sum x, sum x^2] from masked_moment_sums; got {tuple(sums.shape)}")
+    sums = sums.to(torch.float64)
+    n, s1, s2 = sums[0], sums[1], sums[2]
+    if not n > 0:
+        raise ValueError("moments_from_sums: n = 0 valid entries (summed over all shards); there is no mean")
+    mean = s1 / n
+    sq_dev = (s2 - s1 * mean).clamp(min=0.0)  # sum_i (x_i - mean)^2
+    denom = (n - 1).clamp(min=1.0) if unbiased else n
+    return mean, (sq_dev / denom).sqrt()

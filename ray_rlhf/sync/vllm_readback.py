@@ -6,21 +6,40 @@ Runs inside the vLLM worker via ``llm.collective_rpc(engine_hf_state_dict)``. Wh
 - vLLM's CPU backend repacks every linear weight after loading (oneDNN handle or sgl-kernel
   packed blob captured in ``layer.cpu_linear``) and leaves ``layer.weight`` as an EMPTY tensor, so
   ``named_parameters()`` shows ``torch.Size([0])`` for all of them;
+- the LM head (``ParallelLMHead``, or the input embedding for models that compute logits with it,
+  e.g. Gemma 2 and Cohere) keeps its ``weight`` -- the embedding lookup reads it -- AND a packed
+  copy in ``cpu_linear`` that the logits are computed from. The two can disagree: after a
+  ``reload_weights`` whose payload has no ``lm_head.weight`` (the checkpoint form of a tied model),
+  a TIED ``lm_head`` (Llama/Qwen/GPT-2/Gemma 3/Granite with ``tie_word_embeddings``) shares the new
+  embedding tensor but its packed copy still holds the OLD matrix (vLLM 0.32 CPU: the layer got no
+  weights of its own, so it is not re-processed). The engine then samples from stale logits
+  (measured: 0.14-0.20 mean |log-prob| error) while ``lm_head.weight`` looks right;
 - ``reload_weights`` silently keeps the OLD weights of a layer that received none of its tensors
   (only a log warning) and leaves UNINITIALISED memory in the part of a fused layer that received
   only some (e.g. ``v_proj`` missing -> garbage rows in ``qkv_proj``, no warning at all).
 
-So the read-back probes the packed kernel itself: ``layer.cpu_linear(I, w, None)`` with ``I`` an
-identity block returns rows of ``W^T`` -- exactly, because each output element is ``w * 1`` plus
-exact zeros (checked bit-for-bit against the checkpoint on this machine for float32; the checksum
-also maps ``-0.0`` and subnormals to ``0`` in case a kernel flushes them). Fused tensors are split
-by the layer's ``output_sizes`` and renamed through the model's ``packed_modules_mapping``;
-embedding/LM-head rows padded beyond ``vocab_size`` are trimmed; a tied LM head is reported under
-``lm_head.weight`` as well.
+So the read-back probes the packed kernels themselves: ``layer.cpu_linear(I, w, None)`` with ``I``
+an identity block returns rows of ``W^T`` -- exactly, because each output element is ``w * 1``
+plus exact zeros (checked bit-for-bit against the checkpoint on this machine for float32; the
+checksum also maps ``-0.0`` and subnormals to ``0`` in case a kernel flushes them). The module the
+logits come from is found by running ``model.compute_logits`` once on a zero row and watching
+which ``cpu_linear`` it calls; its probe is reported as ``lm_head.weight`` (the name the HF state
+dict uses, tied or not). Fused tensors are split by the layer's ``output_sizes`` and renamed
+through the model's ``packed_modules_mapping`` (a one-element mapping -- Phi-3 -- means the
+checkpoint itself is fused: kept as is); GPT-2's Conv1D weights are transposed back to HF's
+``(in, out)``; embedding/LM-head rows padded beyond ``vocab_size`` are trimmed.
+
+Updating weights: :func:`reload_hf_weights` is the ``collective_rpc`` target that loads a full HF
+state dict correctly for every architecture of the matrix: the plain ``reload_weights`` call
+crashes on Gemma 2 when the tied ``lm_head.weight`` is in the payload (and leaves the layers on
+the meta device) and leaves a tied head stale when it is not. It drops the alias where vLLM has no
+such parameter, reloads, and :func:`refresh_logits_head` re-packs the head from its current weight.
 
 Limits: tensor_parallel_size 1 (each rank holds shards otherwise), dense models (MoE expert
-stacks are not mapped back), unquantised weights. On GPU the weights are not repacked and are
-read directly.
+stacks are not mapped back), unquantised weights, vLLM module names equal to HF names apart from
+the fusions above (models with a ``hf_to_vllm_mapper`` rename are not mapped back). On GPU the
+weights are not repacked and are read directly. Probing costs about one forward pass over
+``hidden_size`` tokens per linear layer (the LM head included).
 """
 
 from __future__ import annotations
@@ -28,31 +47,79 @@ from __future__ import annotations
 import torch
 
 _PROBE_ROWS = 1024
-"""Identity rows per probe call: bounds the probe's memory to 1024 x in_features."""
+"""Identity rows per probe call: bounds the probe's input to 1024 x in_features."""
+_PROBE_OUT_ELEMENTS = 1 << 26
+"""Bound on one probe call's output (rows x out_features): 256 MB in float32, so an LM head
+with a 150 k vocabulary is probed ~450 rows at a time."""
+
+_CONV1D_WEIGHTS: dict[str, tuple[str, ...]] = {"gpt2": ("c_attn", "c_proj", "c_fc")}
+"""``model_type`` -> module names whose HF weights are Conv1D ``(in, out)``: vLLM transposes them
+on load (``GPT2Model._transpose_conv1d``), the read-back transposes them back."""
+
+HEAD_NAME = "lm_head.weight"
+"""HF name of the output projection when vLLM's head is ``lm_head`` or the input embedding."""
+_EMBEDDINGS = ("embed_tokens", "wte")
 
 
 @torch.no_grad()
-def _linear_weight(layer: torch.nn.Module) -> torch.Tensor:
-    """The (out_features, in_features) weight a CPU-repacked linear layer computes with."""
+def _linear_weight(layer: torch.nn.Module, in_features: int | None = None) -> torch.Tensor:
+    """The (out_features, in_features) weight a CPU linear layer's ``cpu_linear`` computes with."""
     w = layer.weight
-    k = int(layer.input_size_per_partition)
+    k = int(in_features if in_features is not None else layer.input_size_per_partition)
+    n = int(w.shape[0]) if w.numel() else int(sum(getattr(layer, "output_partition_sizes", [0])) or 1)
+    step = max(1, min(_PROBE_ROWS, _PROBE_OUT_ELEMENTS // n))
     dtype = getattr(layer, "params_dtype", None) or w.dtype
     cols = []
-    for start in range(0, k, _PROBE_ROWS):
-        rows = min(_PROBE_ROWS, k - start)
+    for start in range(0, k, step):
+        rows = min(step, k - start)
         x = torch.zeros(rows, k, dtype=dtype)
         x[:, start : start + rows] = torch.eye(rows, dtype=dtype)
         cols.append(layer.cpu_linear(x, w, None))  # (rows, out) = I_block @ W^T
     return torch.cat(cols, dim=0).t().contiguous()
 
 
+@torch.no_grad()
+def logits_module(model: torch.nn.Module, hidden_size: int, dtype: torch.dtype) -> tuple[str, torch.nn.Module] | None:
+    """(name, module) whose ``cpu_linear`` computes the logits, or None when none does (GPU).
+
+    Found by calling ``model.compute_logits`` on one zero row with every candidate's ``cpu_linear``
+    wrapped to record the call: works whether the head is ``lm_head`` (tied or not) or the input
+    embedding itself (Gemma 2, Cohere).
+    """
+    candidates = [(n, m) for n, m in model.named_modules() if callable(getattr(m, "cpu_linear", None))]
+    if not candidates or not hasattr(model, "compute_logits"):
+        return None
+    called: list[tuple[str, torch.nn.Module]] = []
+    originals = {}
+    for name, mod in candidates:
+        orig = mod.cpu_linear
+        originals[name] = orig
+
+        def spy(x, w, b, _orig=orig, _name=name, _mod=mod):
+            called.append((_name, _mod))
+            return _orig(x, w, b)
+
+        mod.cpu_linear = spy
+    try:
+        model.compute_logits(torch.zeros(1, hidden_size, dtype=dtype))
+    finally:
+        for name, mod in candidates:
+            mod.cpu_linear = originals[name]
+    if len(called) != 1:
+        raise RuntimeError(f"expected compute_logits to call one packed linear, it called {[n for n, _ in called]}")
+    return called[0]
+
+
 def engine_hf_state_dict(worker) -> dict[str, torch.Tensor]:
     """``collective_rpc`` target: the worker model's weights as a Hugging Face state dict."""
     model = worker.model_runner.model
-    hf_config = worker.model_runner.model_config.hf_config
-    vocab = int(getattr(hf_config, "vocab_size", 0) or 0)
-    dtype = worker.model_runner.model_config.dtype
+    model_config = worker.model_runner.model_config
+    hf_config = model_config.hf_config
+    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    vocab = int(getattr(text_config, "vocab_size", 0) or 0)
+    dtype = model_config.dtype
     packed = dict(getattr(model, "packed_modules_mapping", {}) or {})
+    conv1d = _CONV1D_WEIGHTS.get(getattr(hf_config, "model_type", ""), ())
     out: dict[str, torch.Tensor] = {}
     for pname, param in model.named_parameters():
         mod_name, _, attr = pname.rpartition(".")
@@ -64,19 +131,94 @@ def engine_hf_state_dict(worker) -> dict[str, torch.Tensor]:
         if t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)  # e.g. a bias the CPU kernel keeps in float32; lossless back-cast
         parent, _, short = mod_name.rpartition(".")
-        if short in packed:
+        subs = packed.get(short)
+        if subs and len(subs) > 1:
             sizes = list(getattr(layer, "output_sizes", []))
-            subs = packed[short]
             if len(sizes) != len(subs) or sum(sizes) != t.shape[0]:
                 raise RuntimeError(f"cannot split {pname} {tuple(t.shape)} into {subs} by {sizes}")
             for sub, part in zip(subs, torch.split(t, sizes, dim=0)):
                 out[f"{parent}.{sub}.{attr}" if parent else f"{sub}.{attr}"] = part
             continue
-        if vocab and (mod_name.endswith("embed_tokens") or mod_name.endswith("lm_head")) and t.shape[0] > vocab:
+        if subs:  # one-element mapping: the checkpoint stores the fused tensor under that name
+            pname = f"{parent}.{subs[0]}.{attr}" if parent else f"{subs[0]}.{attr}"
+        if attr == "weight" and t.dim() == 2 and short in conv1d:
+            t = t.t().contiguous()
+        if vocab and t.dim() >= 1 and t.shape[0] > vocab and mod_name.endswith((*_EMBEDDINGS, "lm_head")):
             t = t[:vocab]
         out[pname] = t
-    if getattr(hf_config, "tie_word_embeddings", False) and "lm_head.weight" not in out:
-        emb = next((v for k, v in out.items() if k.endswith("embed_tokens.weight")), None)
+    head = logits_module(model, int(text_config.hidden_size), dtype)
+    if head is not None:  # the packed copy the logits come from, not the parameter
+        name, layer = head
+        t = _linear_weight(layer, in_features=layer.weight.shape[-1] or int(text_config.hidden_size))
+        key = HEAD_NAME if name == "lm_head" or name.endswith(_EMBEDDINGS) else f"{name}.weight"
+        out[key] = t[:vocab] if vocab and t.shape[0] > vocab else t
+    elif getattr(text_config, "tie_word_embeddings", False) and HEAD_NAME not in out:
+        emb = next((v for k, v in out.items() if k.endswith(tuple(f"{e}.weight" for e in _EMBEDDINGS))), None)
         if emb is not None:
-            out["lm_head.weight"] = emb
+            out[HEAD_NAME] = emb
     return out
+
+
+@torch.no_grad()
+def refresh_logits_head(worker) -> bool:
+    """``collective_rpc`` target: re-pack the logits head from its current weight; True if done.
+
+    Needed after ``reload_weights`` on CPU for tied heads (module docstring): the head shares the
+    reloaded embedding tensor but its packed copy is stale. Re-running the layer's
+    ``process_weights_after_loading`` rebuilds ``cpu_linear`` from ``layer.weight`` (the
+    embedding method keeps the weight). Cost: one copy of the LM head. A no-op (False) when the
+    engine has no packed head (GPU).
+    """
+    model = worker.model_runner.model
+    model_config = worker.model_runner.model_config
+    hf_config = model_config.hf_config
+    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    head = logits_module(model, int(text_config.hidden_size), model_config.dtype)
+    if head is None:
+        return False
+    _, layer = head
+    if layer.weight.numel() == 0:  # a repacked Linear head: reloaded with its own weights
+        return False
+    layer.quant_method.process_weights_after_loading(layer)
+    return True
+
+
+@torch.no_grad()
+def reload_hf_weights(worker, weights) -> list[str]:
+    """``collective_rpc`` target: ``reload_weights`` with a full HF state dict, safe for tied heads.
+
+    ``weights``: a mapping or (name, tensor) pairs named as the HF model's ``state_dict()`` -- for a
+    tied model that includes ``lm_head.weight``, the same tensor as the embedding. Measured on
+    vLLM 0.32 CPU, the plain ``reload_weights`` call gets a tied head wrong both ways:
+
+    - payload WITH ``lm_head.weight``: fails for models whose logits come from the embedding
+      module itself (Gemma 2: ``ValueError: There is no module or parameter named 'lm_head'``);
+    - payload WITHOUT it (checkpoint form): Llama/Qwen/GPT-2/Gemma 3/Granite keep computing logits
+      from the packed copy of the OLD embedding (silently).
+
+    So: drop ``lm_head.weight`` when the model ties it and has no parameter of that name (after
+    checking it equals the embedding it is tied to), reload, then :func:`refresh_logits_head`.
+    Returns the names dropped. Raises ``ValueError`` for a tied engine sent an untied head.
+    """
+    model = worker.model_runner.model
+    hf_config = worker.model_runner.model_config.hf_config
+    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    pairs = list(weights.items()) if hasattr(weights, "items") else [(str(n), t) for n, t in weights]
+    dropped: list[str] = []
+    if getattr(text_config, "tie_word_embeddings", False):
+        by_name = dict(pairs)
+        head = by_name.get(HEAD_NAME)
+        emb = next((t for n, t in pairs if n.endswith(tuple(f"{e}.weight" for e in _EMBEDDINGS))), None)
+        if head is not None and emb is not None and head is not emb and not torch.equal(head, emb):
+            raise ValueError(
+                f"{HEAD_NAME} differs from the input embedding, but the engine's model ties them "
+                "(tie_word_embeddings=True): the sender's model is untied; load it with the same config"
+            )
+        try:
+            model.get_parameter(HEAD_NAME)
+        except AttributeError:
+            pairs = [(n, t) for n, t in pairs if n != HEAD_NAME]
+            dropped.append(HEAD_NAME)
+    worker.reload_weights(weights_iterator=pairs)
+    refresh_logits_head(worker)
+    return dropped

@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from ray_rlhf.algo.losses import (
+    LOG_RATIO_BOUND,
     aggregate,
+    dr_grpo_num_tokens,
     entropy_from_logits,
     explained_variance,
+    kl_loss,
     logprobs_from_logits,
     policy_loss,
     value_loss,
@@ -223,3 +226,120 @@ def test_padding_junk_reaches_neither_loss_nor_gradient():
     assert loss.item() == pytest.approx(-3.3, rel=1e-6) and stats.ratio_max == pytest.approx(1.1)
     loss.backward()
     torch.testing.assert_close(logp.grad, torch.tensor([[-3.3, 0.0]]))
+
+
+# ---- the log-ratio clamp --------------------------------------------------------------------------
+
+# (log-ratio, A, dual_clip, expected loss) with clip_eps = 0.2; the clamp makes r = e^(+-20)
+EXTREME = [
+    # log r = 200 -> 20, A = 1: max(-e^20, -1.2) = -1.2 (clipped)
+    (200.0, 1.0, None, -1.2),
+    # log r = 200 -> 20, A = -1: max(e^20, 1.2) = e^20 = 4.85e8, finite (would be inf unclamped)
+    (200.0, -1.0, None, math.exp(20.0)),
+    # same with dual clip 3: capped at 3 |A| = 3
+    (200.0, -1.0, 3.0, 3.0),
+    # log r = -200 -> -20, A = 1: max(-e^-20, -0.8) = -e^-20 = -2.06e-9 (pessimistic, unclipped)
+    (-200.0, 1.0, None, -math.exp(-20.0)),
+    # log r = -200 -> -20, A = -1: max(e^-20, 0.8) = 0.8 (clipped)
+    (-200.0, -1.0, None, 0.8),
+]
+
+
+@pytest.mark.parametrize("log_ratio,adv,dual,expected", EXTREME)
+def test_extreme_log_ratio_gives_finite_loss_and_gradient(log_ratio, adv, dual, expected):
+    assert LOG_RATIO_BOUND == 20.0
+    old = torch.tensor([[-1.0]])
+    logp = (old + log_ratio).requires_grad_(True)
+    loss, stats = policy_loss(logp, old, torch.tensor([[adv]]), torch.ones(1, 1), clip_eps=EPS, dual_clip=dual)
+    assert math.isfinite(loss.item()) and loss.item() == pytest.approx(expected, rel=1e-5)
+    assert math.isfinite(stats.ratio_max) and math.isfinite(stats.approx_kl)
+    loss.backward()
+    # beyond the bound the clamp is flat: finite (zero) gradient instead of inf / NaN
+    assert torch.isfinite(logp.grad).all() and logp.grad.item() == 0.0
+
+
+def test_log_ratio_just_inside_the_bound_keeps_its_gradient():
+    # log r = 19: unclipped A < 0 branch, l = -A r, d l / d logp = -A r = e^19
+    old = torch.tensor([[-1.0]], dtype=torch.float64)
+    logp = (old + 19.0).requires_grad_(True)
+    loss, _ = policy_loss(logp, old, torch.tensor([[-1.0]], dtype=torch.float64), torch.ones(1, 1), clip_eps=EPS)
+    loss.backward()
+    assert loss.item() == pytest.approx(math.exp(19.0)) and logp.grad.item() == pytest.approx(math.exp(19.0))
+
+
+# ---- Dr. GRPO aggregation ---------------------------------------------------------------------------
+
+
+def test_dr_grpo_aggregation_by_hand():
+    x = torch.tensor([[1.0, 2.0, math.nan], [3.0, 50.0, 60.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    # B = 2 sequences, budget L_max = 4: (1/B) sum_i (1/L_max) sum_t = (1/2) ((1 + 2)/4 + 3/4) = 0.75
+    n = dr_grpo_num_tokens(2, 4)
+    assert n == 8 and aggregate(x, mask, num_tokens=n).item() == 0.75  # (1 + 2 + 3) / 8
+    with pytest.raises(ValueError, match="max_response_len"):
+        dr_grpo_num_tokens(2, 0)
+
+
+def test_dr_grpo_aggregation_weighs_every_token_equally_and_composes_over_micro_batches():
+    logp, old, adv, _, _, _, mask = _random_batch(2)  # 6 rows of lengths 8, 1, 5, 3, 7, 2
+    L_max = 8
+    n = dr_grpo_num_tokens(len(mask), L_max)  # 6 * 8 = 48, whatever the lengths
+    x = torch.ones_like(logp, requires_grad=True)
+    aggregate(x, mask, num_tokens=n).backward()
+    # every valid token, in a long or a short row, has weight 1 / (B L_max) = 1/48
+    # (GRPO's per-sequence mean would give 1 / (B |o_i|): 1/48 in the 8-token row, 1/6 in the 1-token row)
+    torch.testing.assert_close(x.grad, mask.to(x.dtype) / 48)
+    full_logp = logp.clone().requires_grad_(True)
+    full, _ = policy_loss(full_logp, old, adv, mask, clip_eps=EPS, num_tokens=n)
+    full.backward()
+    parts_logp = logp.clone().requires_grad_(True)
+    total = 0.0
+    for rows in SPLITS["minibatches"]:
+        part, _ = policy_loss(parts_logp[rows], old[rows], adv[rows], mask[rows], EPS, num_tokens=n)
+        part.backward()
+        total = total + part
+    assert total.item() == pytest.approx(full.item(), rel=1e-12)
+    torch.testing.assert_close(parts_logp.grad, full_logp.grad)
+
+
+# ---- KL as a loss -----------------------------------------------------------------------------------
+
+
+def test_kl_loss_k3_value_and_gradient_one_token():
+    # logp = -1, ref = -1.5: log r = ref - logp = -0.5
+    # k3 = e^-0.5 - 1 + 0.5 = 0.10653066; d k3 / d logp = 1 - e^-0.5 = 0.39346934
+    logp = torch.tensor([[-1.0]], requires_grad=True)
+    loss, stats = kl_loss(logp, torch.tensor([[-1.5]]), torch.ones(1, 1))
+    assert loss.item() == pytest.approx(math.exp(-0.5) - 0.5, rel=1e-6)
+    assert stats.kl_mean == pytest.approx(0.10653066, rel=1e-6) and stats.kl_max == stats.kl_mean
+    loss.backward()
+    assert logp.grad.item() == pytest.approx(1 - math.exp(-0.5), rel=1e-6)  # 0.39346934
+    # logp = -2, ref = -1: log r = 1; k3 = e - 2 = 0.71828183; gradient 1 - e = -1.71828183 (raise logp)
+    logp = torch.tensor([[-2.0]], requires_grad=True)
+    loss, _ = kl_loss(logp, torch.tensor([[-1.0]]), torch.ones(1, 1))
+    loss.backward()
+    assert loss.item() == pytest.approx(math.e - 2, rel=1e-6)
+    assert logp.grad.item() == pytest.approx(1 - math.e, rel=1e-6)
+
+
+def test_kl_loss_batch_num_tokens_padding_and_other_estimators():
+    logp = torch.tensor([[-1.0, -2.0, math.nan], [-0.7, -math.inf, 0.0]], requires_grad=True)  # junk padding
+    ref = torch.tensor([[-1.5, -1.0, 1.0], [-0.7, math.nan, 5.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    loss, stats = kl_loss(logp, ref, mask, num_tokens=10)
+    # k3 per token: 0.10653066, 0.71828183, 0 (logp = ref) -> sum 0.82481249 / 10
+    assert loss.item() == pytest.approx(0.082481249, rel=1e-6)
+    assert stats.kl_mean == pytest.approx(0.82481249 / 3, rel=1e-6) and stats.kl_max == pytest.approx(math.e - 2)
+    loss.backward()
+    # (1 - e^(ref - logp)) / 10 on valid tokens, exactly 0 (not NaN) on padding; no gradient into ref
+    expected = torch.tensor([[1 - math.exp(-0.5), 1 - math.e, 0.0], [0.0, 0.0, 0.0]]) / 10
+    torch.testing.assert_close(logp.grad, expected)
+    assert ref.grad is None
+    # k2 = 0.5 (logp - ref)^2 -> gradient logp - ref: 0.5 and -1.0 (token mean over 3 tokens)
+    lp = torch.tensor([[-1.0, -2.0, 0.0], [-0.7, 0.0, 0.0]], requires_grad=True)
+    loss, _ = kl_loss(lp, ref.detach().nan_to_num(), mask, estimator="k2")
+    assert loss.item() == pytest.approx((0.125 + 0.5 + 0.0) / 3)
+    loss.backward()
+    torch.testing.assert_close(lp.grad, torch.tensor([[0.5, -1.0, 0.0], [0.0, 0.0, 0.0]]) / 3)
+    with pytest.raises(ValueError, match="k4"):
+        kl_loss(lp, lp, mask, estimator="k4")

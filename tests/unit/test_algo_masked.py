@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from ray_rlhf.algo.masked import masked_count, masked_mean, masked_sum, masked_var, masked_whiten
+from ray_rlhf.algo.masked import (
+    masked_count,
+    masked_mean,
+    masked_moment_sums,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    moments_from_sums,
+)
 
 NAN = math.nan
 
@@ -66,3 +74,32 @@ def test_whiten_random_ragged_mean0_var1_padding_zero():
 def test_whiten_single_valid_token_is_zero():
     y = masked_whiten(torch.tensor([[5.0, 1.0]]), torch.tensor([[1, 0]]))
     torch.testing.assert_close(y, torch.zeros(1, 2))
+
+
+def test_moment_sums_and_moments_by_hand():
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0, NAN]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    sums = masked_moment_sums(x, mask)
+    # n = 4, sum = 1 + 2 + 3 + 4 = 10, sum of squares = 1 + 4 + 9 + 16 = 30
+    assert sums.dtype == torch.float64 and sums.tolist() == [4.0, 10.0, 30.0]
+    mean, std = moments_from_sums(sums)
+    # mean 2.5; sum of squared deviations 30 - 10 * 2.5 = 5; std = sqrt(5 / 3) (Bessel) or sqrt(5 / 4)
+    assert mean.item() == 2.5 and std.item() == pytest.approx(math.sqrt(5 / 3))
+    assert moments_from_sums(sums, unbiased=False)[1].item() == pytest.approx(math.sqrt(1.25))
+    # one valid entry: std 0; none: an error
+    assert moments_from_sums(torch.tensor([1.0, 3.0, 9.0]))[1].item() == 0.0
+    with pytest.raises(ValueError, match="n = 0"):
+        moments_from_sums(masked_moment_sums(x, torch.zeros(1, 5)))
+
+
+def test_moment_sums_add_across_shards():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 9, generator=g) * 3 + 1
+    mask = torch.arange(9)[None, :] < torch.tensor([9, 1, 4, 7, 2, 5])[:, None]
+    x[~mask] = NAN
+    shards = [[0, 3], [1], [2, 4, 5]]  # e.g. three data-parallel ranks
+    total = sum(masked_moment_sums(x[rows], mask[rows]) for rows in shards)  # the all_reduce(SUM)
+    torch.testing.assert_close(total, masked_moment_sums(x, mask))
+    mean, std = moments_from_sums(total)
+    assert mean.item() == pytest.approx(masked_mean(x, mask).item(), rel=1e-6)
+    assert std.item() ** 2 == pytest.approx(masked_var(x, mask).item(), rel=1e-6)
