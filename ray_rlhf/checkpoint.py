@@ -3,7 +3,8 @@
 Layout of ``<output_dir>/checkpoints/step_000010/``::
 
     policy/                 the policy LM in Hugging Face format (safetensors + tokenizer)
-    value_head.safetensors  the value head (critic/ too, with a separate critic)
+    value_head.safetensors  the value head (critic/ too, with a separate critic; neither for a
+                            critic-free estimator: learner.json says "critic": false)
     optimizer.pt            AdamW state (tensors and plain values; loaded with weights_only=True)
     rng.safetensors         torch RNG states of the learner
     learner.json            policy version, KL-controller state
@@ -11,25 +12,24 @@ Layout of ``<output_dir>/checkpoints/step_000010/``::
     COMPLETE                written last; a directory without it is never used
 
 A checkpoint is written into ``.tmp-step_000010-<random>`` and renamed into place only once
-``COMPLETE`` is in it, so a crash mid-write never leaves a half checkpoint that resume would pick up.
-Nothing is unpickled on load.
+``COMPLETE`` (a JSON list of its files and their sizes) is in it, so a crash mid-write never leaves
+a half checkpoint that resume would pick up; with ``checkpoint.location`` an object-store URI the
+same promise holds there (:mod:`ray_rlhf.storage`). Nothing is unpickled on load.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ray_rlhf.errors import UserError
+from ray_rlhf.storage import Checkpoint, LocalStore, ObjectStore
 
 MARKER = "COMPLETE"
-REQUIRED = ("policy", "value_head.safetensors", "optimizer.pt", "rng.safetensors", "learner.json", "driver.json")
+REQUIRED = ("policy", "optimizer.pt", "rng.safetensors", "learner.json", "driver.json")
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -42,67 +42,25 @@ def step_dir_name(step: int) -> str:
 
 def check_writable(output_dir: str | Path) -> None:
     """Fail early (before any expensive work) if checkpoints cannot be written."""
-    d = checkpoints_dir(output_dir)
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        probe = d / f".probe-{uuid.uuid4().hex}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(
-            f"cannot write checkpoints to {d}: {e.strerror or e}; set output_dir to a writable directory"
-        ) from None
+    LocalStore(output_dir).check_writable()
 
 
 def save(output_dir: str | Path, step: int, write_learner: Callable[[Path], None], driver_state: dict[str, Any],
          keep: int) -> Path:
     """Write a checkpoint atomically; ``write_learner(tmp_dir)`` writes the learner's part.
 
-    Either the whole checkpoint appears under its final name or nothing does: a failure anywhere
-    (including in ``write_learner``) removes the temporary directory and re-raises. Re-saving an
-    existing step moves the old copy aside first and deletes it only after the new one is in place.
+    Either the whole checkpoint appears under its final name or nothing does (see
+    :class:`~ray_rlhf.storage.LocalStore`). Re-saving an existing step moves the old copy aside
+    first and deletes it only after the new one is in place.
     """
-    root = checkpoints_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp-{step_dir_name(step)}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    old: Path | None = None
-    try:
-        write_learner(tmp)
-        (tmp / "driver.json").write_text(json.dumps(driver_state, indent=1, sort_keys=True))
-        (tmp / MARKER).write_text(str(step))
-        if final.exists():  # re-running a step after a resume: replace the old copy
-            old = root / f".tmp-old-{final.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not final.exists():
-            os.replace(old, final)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    prune(root, keep)
-    return final
+    store = LocalStore(output_dir)
+    files = {"driver.json": json.dumps(driver_state, indent=1, sort_keys=True).encode()}
+    return Path(store.save(step, lambda staging: store.write_part(staging, write_learner), files, keep).path)
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary and unmarked directories are skipped)."""
-    root = checkpoints_dir(output_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step_*") if p.is_dir() and (p / MARKER).is_file()]
-    return sorted(found, key=lambda p: p.name)
-
-
-def prune(root: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints; also remove stale temporary directories."""
-    done = sorted((p for p in root.glob("step_*") if (p / MARKER).is_file()), key=lambda p: p.name)
-    for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for tmp in root.glob(".tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    return [Path(c.path) for c in LocalStore(output_dir).list_complete()]
 
 
 def _safetensors_problem(path: Path, name: str) -> str | None:
@@ -135,6 +93,8 @@ def _safetensors_problem(path: Path, name: str) -> str | None:
 def _problems(path: Path) -> list[str]:
     """Everything wrong with checkpoint ``path`` that can be seen without loading tensors."""
     missing = [name for name in (MARKER, *REQUIRED) if not (path / name).exists()]
+    if not missing and _has_critic(path) and not (path / "value_head.safetensors").exists():
+        missing = ["value_head.safetensors"]
     if missing:
         return [f"missing {', '.join(missing)}"]
     problems = []
@@ -161,6 +121,13 @@ def _problems(path: Path) -> list[str]:
     return problems
 
 
+def _has_critic(path: Path) -> bool:
+    try:
+        return bool(json.loads((path / "learner.json").read_text()).get("critic", True))
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable: reported by the JSON check
+
+
 def validate(path: Path) -> dict[str, Any]:
     """Check a checkpoint directory is whole; return its driver state. One-line UserError if not.
 
@@ -179,15 +146,16 @@ def validate(path: Path) -> dict[str, Any]:
     return json.loads((path / "driver.json").read_text())
 
 
-def check_compatible(path: Path, policy_path: Path) -> None:
-    """The checkpoint's policy must have the run's model architecture (compares config.json shapes)."""
+def check_compatible(path: Path, policy_path: Path, theirs: dict | None = None) -> None:
+    """The checkpoint's policy must have the run's model architecture (compares config.json shapes;
+    ``theirs``: the checkpoint's policy config, when it is not in a local ``path``)."""
     keys = ("architectures", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "intermediate_size")
     try:
         mine = json.loads((Path(policy_path) / "config.json").read_text())
     except (OSError, ValueError):
         return  # the policy itself was checked by preflight; nothing to compare against
-    theirs = json.loads((Path(path) / "policy" / "config.json").read_text())
+    theirs = theirs if theirs is not None else json.loads((Path(path) / "policy" / "config.json").read_text())
     diff = [f"{k} {theirs.get(k)} vs {mine.get(k)}" for k in keys if theirs.get(k) != mine.get(k)]
     if diff:
         raise UserError(
@@ -209,6 +177,43 @@ def resolve_resume(output_dir: str | Path, resume: str) -> Path | None:
         found = complete_checkpoints(output_dir)
         return found[-1] if found else None
     return Path(resume)
+
+
+def find_resume(store: LocalStore | ObjectStore, resume: str) -> Checkpoint | None:
+    """The checkpoint a run resumes from in ``store`` (``auto``: its newest complete one;
+    ``never``: none, and the store must hold none; else a local checkpoint directory)."""
+    if resume in ("auto", "never"):
+        found = store.latest()
+        if isinstance(store, LocalStore):  # the newest MARKED one, complete or not: validated deeply after
+            marked = sorted(d for d in checkpoints_dir(store.root).glob("step_*") if (d / MARKER).is_file())
+            if marked and (found is None or Path(found.path) != marked[-1]):
+                found = Checkpoint(int(marked[-1].name.split("_")[1]), "", str(marked[-1]), {})
+        if resume == "never" and found is not None:
+            raise UserError(f"{store.uri} already holds checkpoints and checkpoint.resume=never; "
+                            "use checkpoint.resume=auto to continue it, or a new output_dir")
+        return found if resume == "auto" else None
+    path = Path(resume)
+    state = validate(path)
+    return Checkpoint(int(state["step"]), "", str(path), {})
+
+
+def read_state(store: LocalStore | ObjectStore, ckpt: Checkpoint, policy_path: Path) -> dict[str, Any]:
+    """A checkpoint's driver state, after checking it is whole and holds the run's model: a local
+    one is validated file by file (:func:`validate`); a remote one is whole by its marker (every
+    file listed with its size) and its JSON is read."""
+    if isinstance(store, LocalStore) or not ckpt.save_id:
+        state = validate(Path(ckpt.path))
+        check_compatible(Path(ckpt.path), policy_path)
+        return state
+    try:
+        state = json.loads(store.read_bytes(ckpt, "driver.json"))
+        int(state["step"]), int(state["version"]), dict(state["data"])
+        theirs = json.loads(store.read_bytes(ckpt, "policy/config.json"))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"checkpoint {ckpt.path} is unreadable ({type(e).__name__}: {e}); delete it (resume then "
+                        "takes the one before it) or start afresh with a new checkpoint.location") from None
+    check_compatible(Path(ckpt.path), policy_path, theirs=theirs)
+    return state
 
 
 RESUME_SENSITIVE = ("seed", "model", "data", "rollout", "ppo", "kl")

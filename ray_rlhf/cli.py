@@ -86,8 +86,15 @@ def run_command(func, args) -> int:
     Ray error; it is unwrapped to its one line. Ray is shut down before the line is printed, so the
     error is the last thing on stderr rather than buried under actors' log output.
     """
+    from ray_rlhf.run.preemption import EXIT_PREEMPTED, Preempted
+
     try:
         func(args)
+    except Preempted as p:
+        _stop_ray()
+        print(f"ray-rlhf: preempted by {p.signame} after step {p.step}; checkpoint {p.checkpoint} is complete. "
+              "Run the same command again to resume.", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         _stop_ray()
         print("ray-rlhf: interrupted", file=sys.stderr)

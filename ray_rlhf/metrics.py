@@ -136,7 +136,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: str | Path, total_steps: int | None = None, start_step: int = 0,
                  tensorboard: bool = True, progress_bar: bool = True, resume_from_step: int | None = None,
-                 postfix: dict[str, str] | None = None):
+                 postfix: dict[str, str] | None = None, sinks: list | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
@@ -146,6 +146,9 @@ class MetricsLogger:
         else:
             self._file = open(self.path, "w", encoding="utf-8")
         self.postfix = dict(DEFAULT_POSTFIX if postfix is None else postfix)
+        self.sinks = list(sinks or [])
+        """More :class:`~ray_rlhf.telemetry.sinks.MetricSink` s (Ray metrics, W&B): every row goes to
+        each of them too, and :meth:`gauge` / :meth:`increment` to the live ones."""
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -158,8 +161,11 @@ class MetricsLogger:
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc="ppo", unit="step", dynamic_ncols=True)
 
-    def log(self, step: int, row: dict[str, Any]) -> dict[str, int | float | None]:
-        """Append one step's metrics everywhere; returns the row as written to JSONL."""
+    def log(self, step: int, row: dict[str, Any], histograms: dict[str, Any] | None = None) -> dict[str, int | float | None]:
+        """Append one step's metrics everywhere; returns the row as written to JSONL.
+
+        ``histograms``: name -> array of values, written to TensorBoard only (e.g. the staleness of
+        every sample of the step)."""
         if self._file is None:
             raise RuntimeError("MetricsLogger is closed")
         clean: dict[str, int | float | None] = {"step": int(step)}
@@ -170,12 +176,30 @@ class MetricsLogger:
             for key, value in clean.items():
                 if key != "step":
                     self._tb.add_scalar(key, math.nan if value is None else value, global_step=step)
+            for key, values in (histograms or {}).items():
+                if len(values):
+                    self._tb.add_histogram(key, values, global_step=step)
             self._tb.flush()
         if self._bar is not None:
             shown = {label: clean[key] for label, key in self.postfix.items() if clean.get(key) is not None}
             self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
             self._bar.update(1)
+        row_only = {k: v for k, v in clean.items() if k != "step"}
+        for sink in self.sinks:
+            sink.write(int(step), row_only)
         return clean
+
+    def gauge(self, name: str, value: float) -> None:
+        """Set a live gauge (:data:`~ray_rlhf.telemetry.sinks.LIVE_GAUGES`) on the sinks that show them."""
+        for sink in self.sinks:
+            if hasattr(sink, "gauge"):
+                sink.gauge(name, value)
+
+    def increment(self, name: str, amount: float) -> None:
+        """Add to a live counter (:data:`~ray_rlhf.telemetry.sinks.LIVE_COUNTERS`)."""
+        for sink in self.sinks:
+            if hasattr(sink, "increment") and amount > 0:
+                sink.increment(name, amount)
 
     def close(self) -> None:
         """Flush and close every sink; safe to call twice."""
@@ -188,6 +212,9 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
     def __enter__(self) -> MetricsLogger:
         return self

@@ -9,6 +9,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ray_rlhf.config.schema import RunConfig
 from ray_rlhf.errors import UserError
@@ -49,14 +50,24 @@ def resolve_policy_path(cfg: RunConfig) -> Path:
     return Path(ensure_model("policy", cfg.model.preset, cfg.model.cache_dir, seed=cfg.model.init_seed))
 
 
-def load_and_check_prompts(cfg: RunConfig, tokenizer) -> list[PromptItem]:
-    """Load the prompt file, tokenize every prompt once and check its length (see
-    :func:`~ray_rlhf.data.prompts.tokenize_prompts`)."""
-    from ray_rlhf.data.prompts import bundled_prompts_path, load_prompts, tokenize_prompts
+def prompts_path(cfg: RunConfig) -> Path:
+    """``data.prompts_path``, with ``bundled:<name>`` (and empty) resolved to a bundled file."""
+    from ray_rlhf.data.prompts import bundled_path
 
-    path = cfg.data.prompts_path or bundled_prompts_path()
-    prompts = load_prompts(path, column=cfg.data.prompt_column)
-    items = tokenize_prompts(prompts, tokenizer, cfg.data.max_prompt_tokens, source=str(path))
+    spec = cfg.data.prompts_path or "bundled:prompts"
+    return bundled_path(spec.removeprefix("bundled:")) if spec.startswith("bundled:") else Path(spec)
+
+
+def load_and_check_prompts(cfg: RunConfig, tokenizer) -> list[PromptItem]:
+    """Load the prompt file (text or chat messages, plus its other columns), render and tokenize
+    every prompt once and check its length (see :func:`~ray_rlhf.data.prompts.tokenize_prompts`)."""
+    from ray_rlhf.data.prompts import load_prompt_table, tokenize_prompts
+
+    d = cfg.data
+    path = prompts_path(cfg)
+    table = load_prompt_table(path, column=d.prompt_column)
+    items = tokenize_prompts(table.prompts, tokenizer, d.max_prompt_tokens, source=str(path), columns=table.columns,
+                             chat_template=d.chat_template, system_prompt=d.system_prompt)
     if cfg.rollout.prompts_per_step > len(items):
         raise UserError(
             f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} exceeds the {len(items)} prompts in {path}"
@@ -74,24 +85,71 @@ def load_tokenizer(policy_path: Path):
         raise UserError(f"cannot load a tokenizer from {policy_path} ({e}); the model directory needs its tokenizer files") from None
 
 
+def reward_sources(cfg: RunConfig) -> dict:
+    """The reward actor's constructor arguments (what :func:`check_reward` checks)."""
+    rc = cfg.reward
+    return dict(functions=[(f.name, f.weight, f.kind) for f in rc.functions], model_path=rc.model_path,
+                model_weight=rc.model_weight, batch_size=rc.batch_size, remote=[r.model_dump() for r in rc.remote])
+
+
 def check_reward(cfg: RunConfig, prompts: list[PromptItem] | None = None) -> None:
-    """Import every reward function and read the reward model's config, before any actor starts;
-    then call each function once on a probe sample (the first prompt and a short plain response).
+    """Import every reward function (checking its signature against the dataset's columns), read
+    the reward model's config and reach every remote service, before any actor starts; then call
+    each function once on a probe sample (the first prompt, its columns and a short plain response).
 
     The probe catches a function that raises or returns NaN / a non-number on ordinary text in the
     driver, in a second, instead of in the reward actor after Ray and vLLM have started. (A function
     that fails only on some generated text still fails at its step, with the same one-line message.)
     """
+    from ray_rlhf.rewards.remote import RemoteReward
     from ray_rlhf.rewards.scorer import RewardScorer, check_sources
 
-    functions = [(f.name, f.weight) for f in cfg.reward.functions]
-    check_sources(functions, cfg.reward.model_path, cfg.reward.model_weight)
-    if functions:  # the functions only: the reward model's weights are not loaded here
-        probe = RewardScorer(functions)
+    sources = reward_sources(cfg)
+    columns = list(prompts[0].columns) if prompts else []
+    resolved = check_sources(sources["functions"], sources["model_path"], sources["model_weight"], sources["remote"],
+                             columns)
+    for _, _, source in resolved:
+        if isinstance(source, RemoteReward):
+            source.check_reachable()
+    if sources["functions"]:  # the functions only: no reward model weights, no remote request
+        probe = RewardScorer(sources["functions"], columns=columns)
         if prompts:
-            probe.validate(prompt=prompts[0].text)
+            probe.validate(prompt=prompts[0].text, columns=dict(prompts[0].columns))
         else:
             probe.validate()
+
+
+def check_local_capacity(cfg: RunConfig) -> None:
+    """On a local Ray (no cluster to join, nothing can autoscale): the actors must fit its CPUs and
+    GPUs, else one line now instead of a placement timeout later."""
+    import os
+
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return
+    g, lc, rc = cfg.generators, cfg.learner, cfg.reward
+    cpus = cfg.ray.num_cpus or os.cpu_count() or 1
+    need = g.num * g.num_cpus + lc.num * lc.num_cpus + rc.num_cpus
+    if need > cpus + 1e-9:
+        raise UserError(
+            f"the actors need {need:g} CPUs (generators.num={g.num} x {g.num_cpus:g} + learner.num={lc.num} x "
+            f"{lc.num_cpus:g} + reward {rc.num_cpus:g}) but this local Ray has {cpus}; lower generators.num or the "
+            "num_cpus shares, raise ray.num_cpus, or join a cluster (ray.address / RAY_ADDRESS)"
+        )
+    gpus_needed = g.num * g.num_gpus + lc.num * lc.num_gpus + rc.num_gpus
+    if gpus_needed:
+        import torch
+
+        have = torch.cuda.device_count()
+        if gpus_needed > have:
+            raise UserError(f"the actors need {gpus_needed:g} GPUs but this machine has {have}; lower the num_gpus "
+                            "settings or join a GPU cluster (ray.address / RAY_ADDRESS)")
+
+
+def checkpoint_location(cfg: RunConfig) -> str:
+    """``checkpoint.location``, or ``output_dir``: checkpoints go under ``<location>/checkpoints``."""
+    import os
+
+    return cfg.checkpoint.location or os.path.abspath(cfg.output_dir)
 
 
 @dataclass
@@ -100,8 +158,10 @@ class RunInputs:
 
     policy_path: Path
     prompts: list[PromptItem]
-    resume_dir: Path | None
-    """The checkpoint to resume from, or None for a fresh run."""
+    store_uri: str
+    """Where checkpoints are (``checkpoint.location`` or ``output_dir``)."""
+    resume: Any
+    """The :class:`~ray_rlhf.storage.Checkpoint` to resume from, or None for a fresh run."""
     resume_state: dict | None
     """That checkpoint's driver state."""
 
@@ -109,17 +169,20 @@ class RunInputs:
 def check_run(cfg: RunConfig) -> RunInputs:
     """Every cheap check of a run's input, in the order a user fixes them; no Ray, no vLLM."""
     from ray_rlhf import checkpoint
+    from ray_rlhf.storage import open_store
 
+    check_local_capacity(cfg)
     policy_path = resolve_policy_path(cfg)
     prompts = load_and_check_prompts(cfg, load_tokenizer(policy_path))
     check_reward(cfg, prompts)
-    checkpoint.check_writable(cfg.output_dir)
-    resume_dir = checkpoint.resolve_resume(cfg.output_dir, cfg.checkpoint.resume)
-    state = checkpoint.validate(resume_dir) if resume_dir else None
-    if resume_dir:
-        checkpoint.check_compatible(resume_dir, policy_path)
+    checkpoint.check_writable(cfg.output_dir)  # metrics, rollouts and the config are written there
+    store = open_store(checkpoint_location(cfg))
+    store.check_writable()
+    resume = checkpoint.find_resume(store, cfg.checkpoint.resume)
+    state = checkpoint.read_state(store, resume, policy_path) if resume else None
+    if resume:
         changed = checkpoint.config_changes(state.get("config"), cfg.model_dump(mode="json"))
         if changed:
             log.warning("resuming %s with a changed config (%s): the run will differ from the one it continues",
-                        resume_dir, ", ".join(changed))
-    return RunInputs(policy_path, prompts, resume_dir, state)
+                        resume.path, ", ".join(changed))
+    return RunInputs(policy_path, prompts, store.uri, resume, state)

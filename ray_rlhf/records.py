@@ -300,6 +300,35 @@ class RolloutBatch:
         return pa.table(cols)
 
 
+def rollout_batch_from_arrow(table: pa.Table) -> RolloutBatch:
+    """The :class:`RolloutBatch` of a table written by :meth:`RolloutBatch.to_arrow` (exact:
+    tokens, log-probs, rewards, reward parts and dataset columns)."""
+    def flat(name: str, dtype) -> tuple[np.ndarray, np.ndarray]:
+        col = table.column(name).combine_chunks()
+        offsets = np.asarray(col.offsets, dtype=np.int64)
+        values = np.asarray(col.values.to_numpy(zero_copy_only=False), dtype=dtype)
+        return values[offsets[0]: offsets[-1]], offsets - offsets[0]
+
+    p_ids, p_off = flat("prompt_ids", np.int32)
+    r_ids, r_off = flat("response_ids", np.int32)
+    lps, _ = flat("sampler_logprobs", np.float32)
+    fixed = set(ROLLOUT_SCHEMA.names)
+    col = lambda name: table.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
+    return RolloutBatch(
+        prompt_index=col("prompt_index").astype(np.int64), sample_index=col("sample_index").astype(np.int64),
+        policy_version=col("policy_version").astype(np.int64),
+        finish_reason=np.asarray(table.column("finish_reason").to_pylist(), dtype=str),
+        generator_id=np.asarray(table.column("generator_id").to_pylist(), dtype=str),
+        prompt_ids=p_ids, prompt_offsets=p_off, response_ids=r_ids, response_offsets=r_off, sampler_logprobs=lps,
+        prompt=table.column("prompt").to_pylist(), response=table.column("response").to_pylist(),
+        reward=np.asarray(table.column("reward").to_pylist(), dtype=np.float64),
+        reward_parts={n.removeprefix("reward_part/"): col(n).astype(np.float64) for n in table.column_names
+                      if n.startswith("reward_part/")},
+        columns={n: table.column(n).to_pylist() for n in table.column_names
+                 if n not in fixed and not n.startswith("reward_part/")},
+    )
+
+
 ROLLOUT_SCHEMA = pa.schema(
     [
         ("step", pa.int64()),
@@ -339,6 +368,8 @@ class RolloutSummary:
     response_tokens: int
     version_min: int
     version_mean: float
+    versions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """The policy version of every sequence. Shape (N,), int64."""
 
     @classmethod
     def of(cls, batch: RolloutBatch) -> RolloutSummary:
@@ -354,4 +385,5 @@ class RolloutSummary:
             length_mean=float(lengths.mean()), length_max=int(lengths.max()),
             finished_frac=float((batch.finish_reason == "stop").mean()), response_tokens=int(lengths.sum()),
             version_min=int(batch.policy_version.min()), version_mean=float(batch.policy_version.mean()),
+            versions=batch.policy_version.astype(np.int64),
         )

@@ -16,9 +16,11 @@ Per-step values are averaged without the warm-up step, as in the end-to-end sect
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
+import numpy as np
 import ray
 import torch
 
@@ -60,6 +62,9 @@ def run_bound(cfg, batches, generators, learner, learner_steps: int) -> dict:
         rollouts, g_s = generate_standalone(generators, batch, sampling)
         t0 = time.perf_counter()
         scored, _ = scorer.score(*rollouts)
+        # T measures the learner's compute on this batch; its generators keep the initial weights,
+        # so the batch is labelled with the learner's version (no staleness to refuse).
+        scored = dataclasses.replace(scored, policy_version=np.full(len(scored), i, dtype=np.int64))
         r_s = time.perf_counter() - t0
         row = {"step_index": step, "G": g_s, "R": r_s, "tokens": len(scored.response_ids), "sequences": len(scored)}
         if i < learner_steps:

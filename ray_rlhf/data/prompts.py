@@ -1,15 +1,21 @@
-"""Prompt data: load a prompt file, and draw batches of prompts epoch by epoch, resumably.
+"""Prompt data: load a prompt file, tokenize it once, and draw batches epoch by epoch, resumably.
 
-:func:`load_prompts` reads one string column of a Parquet or JSON Lines file with pyarrow and
-checks it (every problem is a one-line :class:`~ray_rlhf.errors.UserError` naming the file and
-the fix). :class:`PromptStream` walks the prompts in a fresh seeded permutation each epoch; its
-cursor (epoch, position) is all the state a checkpoint needs to resume the exact same sequence.
+:func:`load_prompt_table` reads a Parquet or JSON Lines file with pyarrow: the prompt column --
+text, or chat messages (a list of ``{role, content}``) -- and every other column of the row (an
+``answer``, a ``data_source``...), which travels with the prompt to the reward functions and the
+rollout log. Every problem is a one-line :class:`~ray_rlhf.errors.UserError` naming the file, the
+row and the fix. :func:`tokenize_prompts` applies the chat template and tokenizes every prompt
+once (the one prompt-length check of a run). :class:`PromptStream` walks the prompts in a fresh
+seeded permutation each epoch; its cursor (epoch, position) is all the state a checkpoint needs
+to resume the exact same sequence.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,11 +25,29 @@ from ray_rlhf.records import PromptItem
 
 PARQUET_SUFFIXES = (".parquet",)
 JSONL_SUFFIXES = (".jsonl", ".json")
+CHAT_TEMPLATE_MODES = ("auto", "always", "never")
+
+Messages = list[dict[str, str]]
+"""A chat prompt: ``[{"role": "system" | "user" | "assistant", "content": str}, ...]``."""
 
 
 def bundled_prompts_path() -> Path:
     """The bundled prompt set (Parquet, column ``prompt``), made by ``python -m ray_rlhf.data.make_prompts``."""
     return Path(str(resources.files("ray_rlhf.data") / "bundled" / "prompts.parquet"))
+
+
+def bundled_letters_path() -> Path:
+    """The bundled verifiable-reward chat set (``messages``, ``letter``, ``data_source``), made by
+    ``python -m ray_rlhf.data.make_letters``."""
+    return Path(str(resources.files("ray_rlhf.data") / "bundled" / "letters_chat.parquet"))
+
+
+def bundled_path(name: str) -> Path:
+    """``bundled:prompts`` / ``bundled:letters`` in ``data.prompts_path``."""
+    paths = {"prompts": bundled_prompts_path, "letters": bundled_letters_path}
+    if name not in paths:
+        raise UserError(f"data.prompts_path=bundled:{name} names no bundled dataset (bundled: {', '.join(paths)})")
+    return paths[name]()
 
 
 def _read_table(path: Path, column: str) -> pa.Table:
@@ -37,7 +61,7 @@ def _read_table(path: Path, column: str) -> pa.Table:
             names = pq.read_schema(path).names
             if column not in names:
                 _missing_column(path, column, names)
-            return pq.read_table(path, columns=[column])
+            return pq.read_table(path)
         table = pj.read_json(path)
         if table.num_rows == 0:  # only blank lines
             raise UserError(f"prompt file {path} contains no prompts; add one JSON object per line")
@@ -47,23 +71,48 @@ def _read_table(path: Path, column: str) -> pa.Table:
         raise UserError(f"prompt file {path} is not valid {kind}: {detail}; fix or regenerate the file") from None
     if column not in table.column_names:
         _missing_column(path, column, table.column_names)
-    return table.select([column])
+    return table
 
 
 def _missing_column(path: Path, column: str, names: list[str]) -> None:
     available = ", ".join(repr(n) for n in names) or "none"
     raise UserError(
         f"prompt file {path} has no column {column!r} (available columns: {available}); "
-        "set data.prompt_column to the column holding the prompt text"
+        "set data.prompt_column to the column holding the prompt text or chat messages"
     )
 
 
-def load_prompts(path, column: str = "prompt") -> list[str]:
-    """The prompts in column ``column`` of a Parquet (``.parquet``) or JSON Lines (``.jsonl``/``.json``) file.
+def _check_messages(path: Path, column: str, i: int, cell: Any) -> Messages:
+    fix = ("each cell must be a non-empty list of {role, content} objects with string values, e.g. "
+           "[{role: user, content: 'Hi'}]")
+    if not isinstance(cell, list) or not cell:
+        raise UserError(f"prompt file {path}: row {i} of column {column!r} is {type(cell).__name__} "
+                        f"{str(cell)[:40]!r}, not a list of chat messages; {fix}")
+    for m in cell:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise UserError(f"prompt file {path}: row {i} of column {column!r} holds the message {str(m)[:60]!r}, "
+                            f"not a {{role, content}} object; {fix}")
+    return [{"role": m["role"], "content": m["content"]} for m in cell]
+
+
+@dataclass
+class PromptTable:
+    """A prompt file's rows: the prompts and every other column."""
+
+    prompts: list[str | Messages]
+    """Text, or chat messages, per row."""
+    columns: dict[str, list]
+    """Every other column of the file, one value per row."""
+    path: str
+
+
+def load_prompt_table(path, column: str = "prompt") -> PromptTable:
+    """The prompt column (text or chat messages) and every other column of a Parquet
+    (``.parquet``) or JSON Lines (``.jsonl``/``.json``) file.
 
     Raises :class:`UserError` (one line naming the file and the fix) when the file is missing,
-    has another extension, can't be parsed, lacks the column, holds no rows, or holds a value that
-    is not a non-empty string.
+    has another extension, can't be parsed, lacks the column, holds no rows, or holds a prompt
+    that is not non-empty text or a list of ``{role, content}`` messages.
     """
     path = Path(path)
     if not path.is_file():
@@ -77,31 +126,75 @@ def load_prompts(path, column: str = "prompt") -> list[str]:
     if path.stat().st_size == 0:
         raise UserError(f"prompt file {path} is empty; add prompts (one row per prompt) or use another file")
 
-    col = _read_table(path, column).column(column)
+    table = _read_table(path, column)
+    col = table.column(column)
     if len(col) == 0:
         raise UserError(f"prompt file {path} contains no prompts; add rows to column {column!r}")
-    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)):
+    is_text = pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)
+    is_list = pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
+    if not (is_text or is_list):
         raise UserError(
-            f"column {column!r} of prompt file {path} has type {col.type}, not string; "
-            "store each prompt as text"
+            f"column {column!r} of prompt file {path} has type {col.type}, neither text nor a list of chat "
+            "messages; store each prompt as text or as [{role, content}, ...]"
         )
-    prompts = col.to_pylist()
-    for i, p in enumerate(prompts):
+    prompts: list[str | Messages] = []
+    for i, p in enumerate(col.to_pylist()):
         if p is None:
             raise UserError(f"prompt file {path}: row {i} of column {column!r} is null; remove it or give it text")
-        if not p.strip():
+        if is_list:
+            prompts.append(_check_messages(path, column, i, p))
+        elif not p.strip():
             raise UserError(f"prompt file {path}: row {i} of column {column!r} is an empty prompt; remove it or give it text")
-    return prompts
+        else:
+            prompts.append(p)
+    columns = {name: table.column(name).to_pylist() for name in table.column_names if name != column}
+    return PromptTable(prompts, columns, str(path))
 
 
-def tokenize_prompts(prompts: list[str], tokenizer, max_prompt_tokens: int, source: str = "the dataset") -> list[PromptItem]:
-    """Tokenize every prompt once (special tokens included, as the engine and the learner see
-    them) and check its length: the one prompt-length check of a run.
+def load_prompts(path, column: str = "prompt") -> list[str | Messages]:
+    """The prompt column of a prompt file (see :func:`load_prompt_table`)."""
+    return load_prompt_table(path, column).prompts
 
-    Raises :class:`UserError` naming the longest prompt when one exceeds ``max_prompt_tokens``, or
-    an empty one.
+
+def render_prompt(prompt: str | Messages, tokenizer, mode: str = "auto", system_prompt: str | None = None) -> tuple[str, bool]:
+    """The text the model reads for one prompt, and whether it was templated (its special tokens
+    are then in the text already).
+
+    ``mode``: ``auto`` applies the tokenizer's chat template (with ``add_generation_prompt``) to
+    message lists and leaves text as it is; ``always`` also wraps text as one user message;
+    ``never`` refuses message lists. ``system_prompt`` is put first in every templated prompt that
+    does not start with a system message.
     """
-    ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    if isinstance(prompt, str) and mode != "always":
+        return prompt, False
+    if mode == "never":
+        raise UserError("the prompt file holds chat messages but data.chat_template=never; set data.chat_template=auto")
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
+
+
+def tokenize_prompts(prompts: list[str | Messages], tokenizer, max_prompt_tokens: int, source: str = "the dataset",
+                     columns: dict[str, list] | None = None, chat_template: str = "auto",
+                     system_prompt: str | None = None) -> list[PromptItem]:
+    """Render (chat template) and tokenize every prompt once -- as the engine and the learner see
+    it -- and check its length: the one prompt-length check of a run.
+
+    Raises :class:`UserError` naming the longest prompt when one exceeds ``max_prompt_tokens``, an
+    empty one, or chat messages for a tokenizer without a chat template.
+    """
+    if chat_template not in CHAT_TEMPLATE_MODES:
+        raise UserError(f"data.chat_template={chat_template!r}; use one of {', '.join(CHAT_TEMPLATE_MODES)}")
+    wants_template = chat_template == "always" or any(not isinstance(p, str) for p in prompts)
+    if wants_template and chat_template != "never" and not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"{source} needs a chat template (chat messages or data.chat_template=always) but the model's tokenizer "
+            f"({getattr(tokenizer, 'name_or_path', '?')}) has none; use an instruct model with a chat template, or "
+            "give plain-text prompts with data.chat_template=auto"
+        )
+    rendered = [render_prompt(p, tokenizer, chat_template, system_prompt) for p in prompts]
+    ids = [tokenizer(text, add_special_tokens=not templated)["input_ids"] for text, templated in rendered]
     lengths = [len(x) for x in ids]
     worst = max(range(len(prompts)), key=lengths.__getitem__)
     if lengths[worst] > max_prompt_tokens:
@@ -114,7 +207,10 @@ def tokenize_prompts(prompts: list[str], tokenizer, max_prompt_tokens: int, sour
     empty = next((i for i, n in enumerate(lengths) if n == 0), None)
     if empty is not None:
         raise UserError(f"prompt {empty} of {source} is empty after tokenization; drop it from the dataset")
-    return [PromptItem(index=i, text=t, prompt_ids=tuple(int(v) for v in x)) for i, (t, x) in enumerate(zip(prompts, ids))]
+    columns = columns or {}
+    return [PromptItem(index=i, text=text, prompt_ids=tuple(int(v) for v in x),
+                       columns={k: v[i] for k, v in columns.items()})
+            for i, ((text, _), x) in enumerate(zip(rendered, ids))]
 
 
 class PromptStream:

@@ -44,7 +44,7 @@ import numpy as np
 from ray_rlhf.errors import UserError
 from ray_rlhf.records import PromptShard, RolloutBatch, SamplingSpec
 from ray_rlhf.sync.receiver import WeightReceiver
-from ray_rlhf.sync.types import GroupInfo, LoadReport, SinkInfo
+from ray_rlhf.sync.types import EngineChecksum, GroupInfo, LoadReport, SinkInfo
 
 __all__ = ["Generator", "ShardReport", "VllmEngine", "core_list_for", "request_seed"]
 
@@ -90,15 +90,19 @@ class VllmEngine:
         self.llm = llm
 
     def reload(self, weights) -> None:
-        """One ``reload_weights`` call (never a second ``model.load_weights`` on CPU: the repacked
-        layers reject it); prefix-cache entries computed with the old weights are dropped."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        """One ``reload_weights`` call in the worker (never a second ``model.load_weights`` on CPU:
+        the repacked layers reject it), made safe for tied LM heads and followed by a refresh of
+        the packed head (:func:`~ray_rlhf.sync.vllm_readback.reload_hf_weights`); prefix-cache
+        entries computed with the old weights are dropped."""
+        from ray_rlhf.sync.vllm_readback import reload_hf_weights
+
+        self.llm.collective_rpc(reload_hf_weights, kwargs={"weights": weights})
         self.llm.reset_prefix_cache()
 
-    def read_back(self):
+    def read_back(self, part: int = 0, parts: int = 1):
         from ray_rlhf.sync.vllm_readback import engine_hf_state_dict
 
-        return self.llm.collective_rpc(engine_hf_state_dict)[0]
+        return self.llm.collective_rpc(engine_hf_state_dict, kwargs={"part": part, "parts": parts})[0]
 
 
 def core_list_for(index: int, cores_per_engine: int = 1) -> str:
@@ -274,14 +278,14 @@ class Generator:
     def leave_weight_group(self) -> None:
         self.weights.leave_group()
 
-    def weights_checksum(self) -> str:
+    def weights_checksum(self, part: int = 0, parts: int = 1) -> EngineChecksum:
         """Checksum of the weights the ENGINE computes with (read back, see
-        :mod:`ray_rlhf.sync.vllm_readback`). With tensor_parallel_size > 1 (no read-back across
-        ranks yet) it is the received-tensor checksum, with a warning."""
+        :mod:`ray_rlhf.sync.vllm_readback`): all of them, or the cheap ones plus rotating ``part``
+        of ``parts`` of the probed ones. Not available with tensor_parallel_size > 1 (the config
+        refuses ``sync.verify`` there)."""
         if self.tensor_parallel_size != 1:
-            log.warning("tensor_parallel_size > 1: weights_checksum is the received-tensor checksum")
-            return self.weights.received_checksum
-        return self.weights.engine_checksum()
+            raise RuntimeError("weights_checksum: no engine read-back across tensor-parallel ranks")
+        return self.weights.engine_checksum(part, parts)
 
     def weights_status(self) -> SinkInfo:
         return self.weights.status()

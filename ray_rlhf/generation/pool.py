@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutErro
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from ray_rlhf.errors import UserError
 from ray_rlhf.records import PromptItem, PromptShard, SamplingSpec
 
 log = logging.getLogger(__name__)
@@ -31,8 +33,9 @@ ACTOR_DEAD_ERRORS = (RayActorError, ActorDiedError, ActorUnavailableError)
 """What a call on a generator raises when the actor is gone (killed, crashed, node lost)."""
 
 
-class PoolError(RuntimeError):
-    """The pool cannot go on (fewer live generators than its minimum, restarts exhausted)."""
+class PoolError(UserError):
+    """The pool cannot go on (fewer live generators than its minimum, restarts exhausted): the
+    cluster lacks room the run asks for, a one-line error naming the settings to change."""
 
 
 def make_shards(prompts: list[PromptItem], shard_prompts: int) -> list[PromptShard]:
@@ -57,6 +60,8 @@ class PoolEvents:
     died: list[str] = field(default_factory=list)
     started: list[str] = field(default_factory=list)
     requeued_shards: int = 0
+    hung: list[str] = field(default_factory=list)
+    """Members replaced because a shard ran past its deadline."""
     shards_per_member: dict[str, int] = field(default_factory=dict)
     generate_seconds: dict[str, float] = field(default_factory=dict)
     """Seconds each member spent inside its engine on this call's shards."""
@@ -91,17 +96,24 @@ class GeneratorPool:
         max_restarts: int = 3,
         placement_timeout_s: float = 60.0,
         replace_timeout_s: float = 5.0,
+        shard_timeout_s: float | None = None,
+        shard_timeout_floor_s: float = 60.0,
     ):
         self.actor_cls, self.actor_kwargs, self.bundle = actor_cls, actor_kwargs, bundle
         self.min_size, self.max_size, self.on_join = min_size, max_size, on_join
         self.max_restarts, self.placement_timeout_s = max_restarts, placement_timeout_s
         self.replace_timeout_s = replace_timeout_s
+        self.shard_timeout_s, self.shard_timeout_floor_s = shard_timeout_s, shard_timeout_floor_s
+        self.seconds_per_token: float | None = None
+        """Engine seconds per generated token of the last completed shard (sets the deadlines)."""
         self.restarts = 0
         """Replacements started for dead members so far (bounded by ``max_restarts``)."""
         self.members: dict[str, Member] = {}
         self._ids = itertools.count()
         self.events = PoolEvents()
         """Deaths, starts and re-queues since the last :meth:`generate` began (one step's worth)."""
+        self.on_queue: Callable[[int], None] = lambda queued: None
+        """Called with the number of shards waiting for a free generator, as it changes."""
         started = self._start(size, timeout_s=placement_timeout_s)
         if len(started) < min_size:
             raise PoolError(
@@ -219,37 +231,55 @@ class GeneratorPool:
 
     # ---- work ----------------------------------------------------------------------------------
     def generate(
-        self, shards: list[PromptShard], sampling: SamplingSpec, kill_after_dispatch: list[int] = ()
+        self, shards: list[PromptShard], sampling: SamplingSpec, kill_after_dispatch: list[int] = (),
+        hang_before_dispatch: list[int] = (),
     ) -> tuple[list[Any], PoolEvents]:
         """Run every shard on some live member; exactly one result per (prompt, sample).
 
         Returns one ObjectRef of a :class:`~ray_rlhf.records.RolloutBatch` per shard, in shard
         order (the batches stay in the object store; the reward actor takes the refs), and the
         step's :class:`PoolEvents`. Each shard is in flight on at most one member at a time and
-        its result is kept only when the call returned; a shard whose member died is re-queued at
-        the front. A generator's own error (not a death) is raised as it is.
+        its result is kept only when the call returned; a shard whose member died -- or did not
+        finish within its deadline (:meth:`shard_deadline_s`: a hung engine) -- is re-queued at the
+        front and the member is replaced. A generator's own error (not a death) is raised as it is.
         """
         events = self.events = PoolEvents()
         queue: deque[PromptShard] = deque(shards)
         idle: deque[str] = deque(self.members)
-        inflight: dict[Any, tuple[str, PromptShard, Any]] = {}
+        inflight: dict[Any, tuple[str, PromptShard, Any, float]] = {}
         done: dict[int, Any] = {}
         for_kill = list(kill_after_dispatch)
+        for index in hang_before_dispatch:
+            log.warning("fault injection: generator %s stops answering", self.hang(index))
         while queue or inflight:
             while queue and idle:
                 gid = idle.popleft()
                 if gid in self.members:
                     shard = queue.popleft()
                     report, batch = self.members[gid].handle.generate.options(num_returns=2).remote(shard, sampling)
-                    inflight[report] = (gid, shard, batch)
+                    deadline = time.monotonic() + self.shard_deadline_s(shard, sampling)
+                    inflight[report] = (gid, shard, batch, deadline)
             for index in for_kill:
                 log.warning("fault injection: killing generator %s", self.kill(index))
             for_kill = []
             if not inflight:  # work left and nobody to do it
                 self.replace(0)  # raises PoolError below min_size
                 raise PoolError(f"no live generator for {len(queue)} shards")
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            gid, shard, batch = inflight.pop(ready[0])
+            self.on_queue(len(queue))
+            first_deadline = min(d for *_, d in inflight.values())
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=max(0.0, first_deadline - time.monotonic()))
+            if not ready:  # a shard ran past its deadline: its generator hangs
+                for ref in [r for r, (*_, d) in inflight.items() if d <= time.monotonic()]:
+                    gid, shard, _, _ = inflight.pop(ref)
+                    log.warning("generator %s did not finish shard %d within %.0f s: re-queueing the shard and "
+                                "replacing the generator", gid, shard.shard_id, self.shard_deadline_s(shard, sampling))
+                    events.requeued_shards += 1
+                    events.hung.append(gid)
+                    queue.appendleft(shard)
+                    self._died(gid)
+                    idle.extend(self.replace(1))
+                continue
+            gid, shard, batch, _ = inflight.pop(ready[0])
             try:
                 report = ray.get(ready[0])
             except ACTOR_DEAD_ERRORS:
@@ -262,14 +292,39 @@ class GeneratorPool:
             if shard.shard_id in done:  # cannot happen with one dispatch per shard; guard anyway
                 raise PoolError(f"shard {shard.shard_id} completed twice")
             done[shard.shard_id] = batch
+            if report.tokens:
+                self.seconds_per_token = report.seconds / report.tokens  # the latest measurement
             events.shards_per_member[gid] = events.shards_per_member.get(gid, 0) + 1
             events.generate_seconds[gid] = events.generate_seconds.get(gid, 0.0) + report.seconds
             idle.append(gid)
+        self.on_queue(0)
         return [done[sid] for sid in sorted(done)], events
+
+    def shard_deadline_s(self, shard: PromptShard, sampling: SamplingSpec) -> float:
+        """How long a shard may run before its generator counts as hung: ``shard_timeout_s`` if
+        set, else 4x the time its token budget takes at the last measured seconds per token, at
+        least ``shard_timeout_floor_s`` (and that floor alone until a shard has been measured)."""
+        if self.shard_timeout_s:
+            return self.shard_timeout_s
+        budget = len(shard.prompts) * sampling.n * sampling.max_new_tokens
+        if self.seconds_per_token is None:
+            return self.shard_timeout_floor_s
+        return max(self.shard_timeout_floor_s, 4 * self.seconds_per_token * budget)
+
+    def hang(self, index: int) -> str:
+        """Fault injection: the member at ``index`` stops answering but stays alive (its next call
+        waits behind a long sleep), as a wedged engine would."""
+        gid = list(self.members)[index % len(self.members)]
+        self.members[gid].handle.__ray_call__.remote(_sleep_forever)
+        return gid
 
     def shutdown(self) -> None:
         for gid in list(self.members):
             self._drop(gid)
+
+
+def _sleep_forever(_generator) -> None:
+    time.sleep(24 * 3600)
 
 
 def request_capacity(bundle: dict[str, float], max_size: int) -> bool:

@@ -34,7 +34,10 @@ class TensorBatch:
     policy_versions: torch.Tensor
     """Policy version each sequence was sampled with. Shape: (B,)."""
     prompt_index: torch.Tensor
-    """Dataset index of each sequence's prompt: the samples of one prompt form a group. Shape: (B,)."""
+    """Dataset index of each sequence's prompt. Shape: (B,)."""
+    group_ids: torch.Tensor
+    """Group of each sequence: the samples of one prompt of this step (a prompt drawn twice in a
+    step, across an epoch boundary, makes two groups). Shape: (B,)."""
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
@@ -44,6 +47,68 @@ class TensorBatch:
 
     def to(self, device: str | torch.device) -> TensorBatch:
         return TensorBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Real (prompt + response) tokens of each sequence. Shape: (B,)."""
+        return self.prompt_mask.sum(1) + self.response_mask.sum(1).long()
+
+    def trimmed(self) -> TensorBatch:
+        """The same rows without the padding columns no row needs: the longest prompt's width on
+        the left, the longest response's on the right (at least one column each). Positions and
+        the attention of every real token are unchanged."""
+        p = max(int(self.prompt_mask.sum(1).max()), 1)
+        t = max(int(self.response_mask.sum(1).max()), 1)
+        out = {}
+        for k, v in self.__dict__.items():
+            if k.startswith("prompt_") and v.dim() == 2:
+                out[k] = v[:, v.shape[1] - p:]
+            elif v.dim() == 2:
+                out[k] = v[:, :t]
+            else:
+                out[k] = v
+        return TensorBatch(**out)
+
+
+def partition_rows(lengths: torch.Tensor, world_size: int) -> list[torch.Tensor]:
+    """Split rows over ``world_size`` ranks balanced by tokens (longest first, each to the rank
+    with the fewest tokens so far; ties to the lower rank). Deterministic: every rank computes the
+    same partition. With at least ``world_size`` rows every rank gets one. Each part keeps the
+    rows' original order.
+
+    Shape: lengths (N,) -> ``world_size`` index tensors.
+    """
+    if world_size == 1:
+        return [torch.arange(len(lengths))]
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    load = [0] * world_size
+    parts: list[list[int]] = [[] for _ in range(world_size)]
+    for i in order:
+        r = min(range(world_size), key=lambda k: (load[k], k))
+        parts[r].append(i)
+        load[r] += int(lengths[i])
+    return [torch.tensor(sorted(p), dtype=torch.long) for p in parts]
+
+
+def micro_batches(rows: torch.Tensor, lengths: torch.Tensor, max_rows: int,
+                  budget_tokens: int | None = None) -> list[torch.Tensor]:
+    """Micro-batches of ``rows`` (indices), each one forward/backward pass.
+
+    Without a token budget: consecutive chunks of ``max_rows`` rows, in the given order. With
+    ``budget_tokens``: rows sorted by length (longest first) and packed while (rows x longest row)
+    stays within the budget -- padded work close to the real tokens; a row longer than the budget
+    gets a pass of its own. ``lengths`` is indexed by row.
+    """
+    if budget_tokens is None:
+        return list(rows.split(max_rows)) if len(rows) else []
+    order = sorted(rows.tolist(), key=lambda i: (-int(lengths[i]), i))
+    out: list[list[int]] = []
+    for i in order:
+        if out and (len(out[-1]) + 1) * int(lengths[out[-1][0]]) <= budget_tokens:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return [torch.tensor(m, dtype=torch.long) for m in out]
 
 
 def collate(batch: RolloutBatch, pad_id: int) -> TensorBatch:
@@ -64,7 +129,16 @@ def collate(batch: RolloutBatch, pad_id: int) -> TensorBatch:
         scores=torch.from_numpy(batch.reward.astype(np.float32)),
         policy_versions=torch.from_numpy(batch.policy_version.astype(np.int64)),
         prompt_index=torch.from_numpy(batch.prompt_index.astype(np.int64)),
+        group_ids=torch.from_numpy(group_ids(batch)),
     )
+
+
+def group_ids(batch: RolloutBatch) -> np.ndarray:
+    """Group id of every row: a new group starts at each sample 0 (a generator returns a prompt's
+    ``n`` samples together, in order, and a shard is re-queued whole). Shape: (N,), int64."""
+    if len(batch) and batch.sample_index[0] != 0:
+        raise ValueError("a rollout batch must start with sample 0 of a prompt (groups are contiguous)")
+    return np.cumsum(batch.sample_index == 0).astype(np.int64) - 1
 
 
 @dataclass
@@ -73,7 +147,15 @@ class PreparedBatch:
 
     batch: TensorBatch
     old_logprobs: torch.Tensor
-    old_values: torch.Tensor
+    """pi_old of the ratio: recomputed by the learner, or the sampler's (``ppo.old_logprobs``)."""
+    old_values: torch.Tensor | None
+    """V(s_t) before the update; None without a critic."""
     ref_logprobs: torch.Tensor
     advantages: torch.Tensor
-    returns: torch.Tensor
+    returns: torch.Tensor | None
+    """Value targets; None without a critic."""
+
+    def select(self, rows: torch.Tensor) -> PreparedBatch:
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        return PreparedBatch(self.batch.select(rows), pick(self.old_logprobs), pick(self.old_values),
+                             pick(self.ref_logprobs), pick(self.advantages), pick(self.returns))

@@ -1,260 +1,373 @@
-"""The learner: PPO update of a policy with a value head, against a frozen reference.
+"""The learner: PPO (or a critic-free estimator) on a policy, against a frozen reference.
 
-A plain class (the driver wraps it with ``ray.remote`` at launch; tests build it in-process).
-One call to :meth:`Learner.step` takes a batch of scored rollouts and
+A plain class (the learner group wraps it with ``ray.remote``; tests build it in-process). One
+call to :meth:`Learner.step` takes a scored :class:`~ray_rlhf.records.RolloutBatch` and
 
-1. collates them into padded tensors (:func:`~ray_rlhf.learning.batch.collate`);
-2. computes, without gradients, the current policy's logprobs ("old"), values and the reference
-   logprobs (:meth:`Learner.prepare`);
-3. turns the scores into per-token rewards with a KL penalty, and those into GAE advantages;
-4. runs ``ppo.epochs`` passes over shuffled minibatches, with gradient accumulation over
-   micro-batches, grad-norm clipping and AdamW (:meth:`Learner.update`);
-5. bumps the policy version and returns a :class:`LearnerStats`.
+1. collates it into padded tensors (:func:`~ray_rlhf.learning.batch.collate`);
+2. :meth:`~Learner.prepare`: without gradients, the reference log-probs, the values (``gae``) and
+   -- unless the sampler's are used (``ppo.old_logprobs``) -- the policy's "old" log-probs; then
+   the KL to the reference and the advantages (:mod:`ray_rlhf.learning.estimate`);
+3. :meth:`~Learner.update`: ``ppo.epochs`` passes over shuffled minibatches, micro-batched by
+   rows or by a token budget, gradient-norm clipping and AdamW;
+4. bumps the policy version and returns a :class:`~ray_rlhf.learning.stats.LearnerStats`.
 
-Nothing here imports Ray or vLLM.
+The same code runs at any number of ranks (``learner.num``): rows are split over the ranks by
+tokens, each rank's forward passes are gathered so that every rank holds the whole prepared batch
+(whole-batch statistics need no reduction), and each minibatch's gradient is the sum over the
+ranks (DDP or FSDP2, :mod:`ray_rlhf.learning.parallel`). Nothing here imports Ray or vLLM.
 """
 
 from __future__ import annotations
 
 import copy
-import json
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ray_rlhf.algo.advantages import gae
-from ray_rlhf.algo.kl import AdaptiveKLController, FixedKLController, kl_estimate, per_token_rewards
-from ray_rlhf.algo.losses import aggregate, explained_variance, policy_loss, value_loss
-from ray_rlhf.algo.masked import masked_mean, masked_whiten
-from ray_rlhf.config.schema import KLConfig, PPOConfig
-from ray_rlhf.learning.batch import PreparedBatch, TensorBatch, collate
+from ray_rlhf.algo.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from ray_rlhf.algo.losses import aggregate, dr_grpo_num_tokens, explained_variance, kl_loss, policy_loss, value_loss
+from ray_rlhf.algo.masked import masked_mean
+from ray_rlhf.config.training import AlgoConfig, KLConfig, PPOConfig
+from ray_rlhf.learning import checkpointing, parallel
+from ray_rlhf.learning.batch import PreparedBatch, TensorBatch, collate, micro_batches, partition_rows
+from ray_rlhf.learning.dist import Single, free_address, init_group
+from ray_rlhf.learning.estimate import advantage_stats, estimate
+from ray_rlhf.learning.stats import LearnerStats, add
 from ray_rlhf.models.policy import PolicyWithValueHead, reference_logprobs
 from ray_rlhf.records import RolloutBatch
 from ray_rlhf.sync.sender import WeightSender
 from ray_rlhf.sync.types import GroupInfo, SyncResult
 
 
-@dataclass
-class LearnerStats:
-    """Diagnostics of one PPO step (defined in docs/metrics.md)."""
+@dataclass(frozen=True)
+class LearnerOptions:
+    """A rank's run-level settings, resolved from the run config by the learner group."""
 
-    version: int
-    """Policy version after this update."""
-    policy_loss: float
-    value_loss: float
-    entropy: float
-    approx_kl: float
-    clipfrac: float
-    ratio_mean: float
-    ratio_max: float
-    value_clipfrac: float
-    explained_variance: float
-    grad_norm: float
-    kl_ref: float
-    kl_beta: float
-    lr: float
-    sampler_logprob_diff: float
-    advantage_mean: float
-    return_mean: float
-    value_mean: float
-    score_mean: float
-    response_tokens: int
-    prepare_seconds: float
-    update_seconds: float
-    optimizer_steps: int
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    response_budget: int = 32
+    """``rollout.max_new_tokens``: Dr. GRPO's L_max."""
+    max_staleness: int = 0
+    """``rollout.max_staleness``: the learner refuses older samples; >= 1 turns the off-policy
+    correction on."""
+    old_logprobs_from_sampler: bool = False
+    kl_in_loss: bool = False
+    rank: int = 0
+    world_size: int = 1
+    strategy: str = "ddp"
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    collective_timeout_s: float = 300.0
+    reserved_cpus: float = 1.0
+    """``learner.num_cpus``: a rank's threads in an asynchronous run when ``torch_threads`` is empty."""
 
 
-def _load_causal_lm(path: str, device: str) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
+def default_threads(opt: LearnerOptions, pinned: int | None = None) -> int:
+    """A rank's torch threads when ``learner.torch_threads`` is empty: the cores the other phases
+    leave it (see the config field): its pinned cores, or in a synchronous run the node's cores
+    shared by the ranks, in an asynchronous run its reserved CPUs."""
+    import os
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    if pinned:
+        return pinned
+    if opt.max_staleness > 0:
+        return max(1, int(opt.reserved_cpus))
+    return max(1, (os.cpu_count() or 1) // opt.world_size)
+
+
+def load_causal_lm(path: str, device: str) -> torch.nn.Module:
+    """A causal LM in float32, eval mode (dropout off: the sampler drew without it), with the
+    attention kernel that computes what vLLM computes (Gemma 2's soft-capped attention needs
+    ``eager``), checked once: the learner's split trunk/head forward equals the model's own."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ray_rlhf.models.output_head import attention_implementation, check_output_head
+
+    impl = attention_implementation(AutoConfig.from_pretrained(path))
+    kwargs = {"attn_implementation": impl} if impl else {}
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).to(device).eval()
+    disable_dropout(lm)
+    check_output_head(lm)
+    return lm
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout of ``model`` off for good, in train mode too (gradient checkpointing needs
+    train mode): ``nn.Dropout`` modules get p = 0 and float ``*dropout*`` attributes (attention
+    dropout read in forward) become 0."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+        for name, value in list(vars(m).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(m, name, 0.0)
 
 
 class Learner:
-    """Policy + value head, frozen reference, AdamW, KL controller; PPO update per :meth:`step`."""
+    """Policy (+ value head for ``gae``), frozen reference, AdamW, KL controller."""
 
-    def __init__(
-        self,
-        model_path: str,
-        ppo: PPOConfig,
-        kl: KLConfig,
-        seed: int = 0,
-        device: str = "cpu",
-        temperature: float = 1.0,
-        critic_path: str | None = None,
-        torch_threads: int | None = None,
-    ):
+    def __init__(self, model_path: str, ppo: PPOConfig, kl: KLConfig, seed: int = 0, device: str = "cpu",
+                 temperature: float = 1.0, critic_path: str | None = None, torch_threads: int | None = None,
+                 options: LearnerOptions | None = None, cores: list[int] | None = None):
         from transformers import AutoTokenizer
 
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
+        if cores:
+            import os
+
+            os.sched_setaffinity(0, set(cores))
+        self.options = opt = options or LearnerOptions()
+        torch.set_num_threads(torch_threads or default_threads(opt, len(cores) if cores else None))
         torch.manual_seed(seed)
         self.ppo, self.kl_cfg, self.device, self.temperature = ppo, kl, device, temperature
+        self.uses_critic = opt.algo.estimator == "gae"
         self.model_path = str(model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        lm = _load_causal_lm(model_path, device)
-        critic = _load_causal_lm(critic_path, device) if critic_path else None
-        self.model = PolicyWithValueHead(lm, critic).to(device)
+        lm = load_causal_lm(model_path, device)
+        critic = load_causal_lm(critic_path, device) if critic_path else None
+        self.model = PolicyWithValueHead(lm, critic, value_head=self.uses_critic).to(device)
         self.reference = copy.deepcopy(lm).eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=ppo.lr, weight_decay=ppo.weight_decay)
-        self.kl_ctl = (
-            AdaptiveKLController(kl.beta, kl.target, kl.horizon) if kl.adaptive else FixedKLController(kl.beta)
-        )
+        if opt.gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.kl_ctl = AdaptiveKLController(kl.beta, kl.target, kl.horizon) if kl.adaptive else FixedKLController(kl.beta)
         self.rng = torch.Generator().manual_seed(seed)
-        self.weights = WeightSender(self.model.lm.state_dict)
+        self.comm = Single()
+        self.train_model = self.model
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._lm_state: dict[str, torch.Tensor] | None = None  # gathered full weights (FSDP)
+        self.weights = WeightSender(self._policy_state)
         """The weight-source side of the broadcast (the ``weight*`` methods delegate to it)."""
         self.version = 0
         """Policy version: 0 = initial weights, +1 per update."""
+        if opt.world_size == 1:
+            self._build_optimizer()
+
+    # ---- the learner group ---------------------------------------------------------------------
+    def group_address(self) -> tuple[str, int]:
+        """Rank 0: where the group's TCP store will listen."""
+        return free_address()
+
+    def join_group(self, host: str, port: int) -> None:
+        """Join the learner ranks' process group, then shard/wrap the model and build AdamW."""
+        opt = self.options
+        backend = "nccl" if self.device.startswith("cuda") else "gloo"
+        self.comm = init_group(host, port, opt.rank, opt.world_size, backend, opt.collective_timeout_s)
+        self.train_model = parallel.wrap(self.model, opt.strategy, opt.world_size, self.device, opt.dtype)
+        self._build_optimizer()
+        self._refresh_export()
+
+    def _build_optimizer(self) -> None:
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.ppo.lr, weight_decay=self.ppo.weight_decay)
+
+    @property
+    def sharded(self) -> bool:
+        return self.options.world_size > 1 and self.options.strategy == "fsdp"
 
     # ---- phase 2a: fixed quantities --------------------------------------------------------
     @torch.no_grad()
     def prepare(self, batch: TensorBatch) -> tuple[PreparedBatch, dict[str, float]]:
-        """Old logprobs, values, reference logprobs, per-token rewards and GAE advantages."""
-        self.model.eval()
-        b = batch.to(self.device)
+        """Reference (and old) log-probs, values, the KL to the reference and the advantages."""
+        opt, b = self.options, batch.to(self.device)
+        B, T = b.response_ids.shape
         mask = b.response_mask
-        olds, vals, refs = [], [], []
-        for idx in torch.arange(len(b)).split(self.ppo.micro_batch_size):
-            mb = b.select(idx)
-            out = self.model(*self._inputs(mb), temperature=self.temperature, with_entropy=False)
-            olds.append(out.logprobs)
-            vals.append(out.values)
-            refs.append(reference_logprobs(self.reference, *self._inputs(mb), temperature=self.temperature))
-        old_logprobs, old_values, ref_logprobs = (torch.cat(x) for x in (olds, vals, refs))
-        old_values = old_values * mask
+        recompute = not opt.old_logprobs_from_sampler
+        mine = partition_rows(b.lengths, self.comm.world_size)[self.comm.rank]
+        micros = micro_batches(mine, b.lengths, self.ppo.micro_batch_size, self.ppo.micro_batch_tokens)
+        micros = self._equal_count(micros) if self.sharded else micros
+        olds, vals, refs, rows = [], [], [], []
+        for idx in micros:
+            mb = b.select(idx if idx is not None else torch.zeros(1, dtype=torch.long)).trimmed()
+            width = mb.response_ids.shape[1]
+            out = None
+            if recompute or self.uses_critic:
+                out = self.model(*_inputs(mb), temperature=self.temperature, with_entropy=False,
+                                 with_logprobs=recompute, with_values=self.uses_critic)
+            ref = reference_logprobs(self.reference, *_inputs(mb), temperature=self.temperature)
+            if idx is None:  # a pass only to keep sharded ranks in step
+                continue
+            pad = lambda x, w=width: torch.nn.functional.pad(x, (0, T - w))  # noqa: E731
+            refs.append(pad(ref))
+            olds.append(pad(out.logprobs) if recompute else None)
+            vals.append(pad(out.values) if self.uses_critic else None)
+            rows.append(idx)
+        rows_t = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+        gather = lambda parts: self.comm.gather_rows(torch.cat(parts) if parts else mask.new_zeros(0, T), rows_t, B)  # noqa: E731
+        ref_logprobs = gather(refs)
+        old_logprobs = gather(olds) if recompute else b.sampler_logprobs
+        old_values = gather(vals) * mask if self.uses_critic else None
         kl = kl_estimate(old_logprobs, ref_logprobs, self.kl_cfg.estimator) * mask
-        rewards = per_token_rewards(b.scores, kl, mask, self.kl_ctl.value)
-        advantages, returns = gae(rewards, old_values, mask, self.ppo.gamma, self.ppo.lam)
-        if self.ppo.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
-        seq_kl = (kl * mask).sum(dim=1).mean().item()
+        adv = estimate(opt.algo.estimator, scores=b.scores, kl=kl, mask=mask, beta=self.kl_ctl.value,
+                       kl_in_reward=not opt.kl_in_loss, group_ids=b.group_ids, values=old_values,
+                       gamma=self.ppo.gamma, lam=self.ppo.lam, whiten=self.ppo.whiten_advantages)
         stats = {
-            "kl_ref": seq_kl,
-            "sampler_logprob_diff": masked_mean((old_logprobs - b.sampler_logprobs).abs(), mask).item(),
-            "advantage_mean": masked_mean(advantages, mask).item(),
-            "return_mean": masked_mean(returns, mask).item(),
-            "value_mean": masked_mean(old_values, mask).item(),
+            "kl_ref": (kl * mask).sum(dim=1).mean().item(),
+            "sampler_logprob_diff": masked_mean((old_logprobs - b.sampler_logprobs).abs(), mask).item()
+            if recompute else math.nan,
+            "value_mean": masked_mean(old_values, mask).item() if self.uses_critic else math.nan,
+            **advantage_stats(adv, mask, b.group_ids),
         }
-        prepared = PreparedBatch(b, old_logprobs, old_values, ref_logprobs, advantages, returns)
+        prepared = PreparedBatch(b, old_logprobs, old_values, ref_logprobs, adv.advantages, adv.returns)
+        if opt.algo.drop_zero_std_groups and adv.zero_std is not None and adv.zero_std.any():
+            keep = (~adv.zero_std).nonzero().flatten()
+            stats["dropped_sequences"] = B - len(keep)
+            prepared = prepared.select(keep)
         return prepared, stats
 
-    # ---- phase 2b: the PPO update ---------------------------------------------------------
+    # ---- phase 2b: the update ---------------------------------------------------------------
     def update(self, prep: PreparedBatch) -> dict[str, float]:
         """``ppo.epochs`` passes of shuffled minibatches; the loss is a token mean per minibatch.
 
-        loss = policy_loss + c1 * value_loss - c2 * entropy, each aggregated as a sum over the
-        minibatch's valid tokens divided by the minibatch's token count, so that micro-batching
-        (gradient accumulation) does not change the gradient.
+        loss = policy_loss + c1 * value_loss + beta * kl_loss - c2 * entropy, each a sum over the
+        minibatch's valid tokens divided by the minibatch's token count (Dr. GRPO: by B * L_max),
+        so that micro-batching and ranks do not change the gradient.
         """
-        self.model.train()
-        p = self.ppo
+        p, opt = self.ppo, self.options
+        self.train_model.train(opt.gradient_checkpointing)  # dropout is off either way (see __init__)
         B = len(prep.batch)
+        lengths = prep.batch.lengths
         totals: dict[str, float] = {}
         steps = 0
         for _ in range(p.epochs):
             perm = torch.randperm(B, generator=self.rng)
-            for mb_idx in perm.split(p.minibatch_size):
-                n_tokens = prep.batch.response_mask[mb_idx].sum().clamp(min=1.0)
+            for mb in perm.split(p.minibatch_size):
+                real = prep.batch.response_mask[mb].sum().clamp(min=1.0)
+                n_tokens = (dr_grpo_num_tokens(len(mb), opt.response_budget) if opt.algo.estimator == "dr_grpo"
+                            else real)
+                mine = mb[partition_rows(lengths[mb], self.comm.world_size)[self.comm.rank]]
+                micros = micro_batches(mine, lengths, p.micro_batch_size, p.micro_batch_tokens)
+                micros = self._equal_count(micros) if self.sharded else micros
                 self.optimizer.zero_grad(set_to_none=True)
                 acc: dict[str, float] = {}
-                for idx in mb_idx.split(p.micro_batch_size):
-                    micro = self._micro_step(prep, idx.to(self.device), n_tokens)
-                    ratio_max = max(acc.get("ratio_max", 0.0), micro.pop("ratio_max"))
-                    acc = _add(acc, micro)  # token-weighted: the micro-batch terms sum to the minibatch's
-                    acc["ratio_max"] = ratio_max
+                for i, idx in enumerate(micros):
+                    with parallel.accumulating(self.train_model, opt.strategy, last=i == len(micros) - 1):
+                        micro = self._micro_step(prep, idx, n_tokens, real)
+                    acc = _merge(acc, micro)
+                acc = self._reduce(acc)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), p.max_grad_norm)
                 self.optimizer.step()
-                acc["grad_norm"] = float(grad_norm)
-                totals = _add(totals, acc)
+                acc["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                totals = add(totals, acc)
                 steps += 1
         out = {k: v / steps for k, v in totals.items()}
         out["optimizer_steps"] = steps
+        out["padded_tokens"], out["real_tokens"] = totals.get("padded_tokens", 0.0), totals.get("real_tokens", 0.0)
         return out
 
-    def _micro_step(self, prep: PreparedBatch, idx: torch.Tensor, n_tokens: torch.Tensor) -> dict[str, float]:
-        mb = prep.batch.select(idx)
-        mask = mb.response_mask
-        out = self.model(*self._inputs(mb), temperature=self.temperature)
-        pg, pg_stats = policy_loss(
-            out.logprobs, prep.old_logprobs[idx], prep.advantages[idx], mask,
-            clip_eps=self.ppo.clip, dual_clip=self.ppo.dual_clip, num_tokens=n_tokens,
-        )
-        vf, vf_stats = value_loss(
-            out.values, prep.old_values[idx], prep.returns[idx], mask,
-            clip_eps=self.ppo.value_clip, num_tokens=n_tokens,
-        )
-        ent = aggregate(out.entropy, mask, num_tokens=n_tokens)
-        loss = pg + self.ppo.vf_coef * vf - self.ppo.ent_coef * ent
-        loss.backward()
-        share = float(mask.sum() / n_tokens)  # this micro-batch's share of the minibatch's tokens
-        return {
-            "policy_loss": pg.item(),
-            "value_loss": vf.item(),
-            "entropy": ent.item(),
-            # ratio-based stats are per-token means over the micro-batch: weight by token share
-            "approx_kl": pg_stats.approx_kl * share,
-            "clipfrac": pg_stats.clipfrac * share,
-            "ratio_mean": pg_stats.ratio_mean * share,
-            "ratio_max": pg_stats.ratio_max,
-            "value_clipfrac": vf_stats.clipfrac * share,
-        }
+    def _micro_step(self, prep: PreparedBatch, idx: torch.Tensor | None, n_tokens, real) -> dict[str, float]:
+        """Forward and backward of one micro-batch (``idx`` None: an empty pass that keeps the
+        ranks' collectives in step and contributes nothing)."""
+        opt, ppo = self.options, self.ppo
+        empty = idx is None
+        idx = torch.zeros(1, dtype=torch.long) if empty else idx.to(self.device)
+        mb = prep.batch.select(idx).trimmed()
+        width = mb.response_ids.shape[1]
+        sel = lambda x: None if x is None else x[idx][:, :width]  # noqa: E731
+        mask = mb.response_mask * (0.0 if empty else 1.0)
+        out = self.train_model(*_inputs(mb), temperature=self.temperature, with_values=self.uses_critic,
+                               entropy_grad=ppo.ent_coef > 0)
+        # decoupled PPO: with asynchrony, correct for the sampler's (possibly stale) weights
+        behav = mb.sampler_logprobs if opt.max_staleness > 0 else None
+        pg, pgs = policy_loss(out.logprobs, sel(prep.old_logprobs), sel(prep.advantages), mask, clip_eps=ppo.clip,
+                              dual_clip=ppo.dual_clip, num_tokens=n_tokens, behav_logp=behav,
+                              is_cap=opt.algo.is_cap, is_mode=opt.algo.is_mode)
+        loss = pg
+        stats = {"policy_loss": pg.item()}
+        share = float(mask.sum() / real)  # this micro-batch's share of the minibatch's tokens
+        if self.uses_critic:
+            vf, vfs = value_loss(out.values, sel(prep.old_values), sel(prep.returns), mask, clip_eps=ppo.value_clip,
+                                 num_tokens=n_tokens)
+            loss = loss + ppo.vf_coef * vf
+            stats.update(value_loss=vf.item(), value_clipfrac=vfs.clipfrac * share)
+        if opt.kl_in_loss:
+            kll, _ = kl_loss(out.logprobs, sel(prep.ref_logprobs), mask, "k3", num_tokens=n_tokens)
+            loss = loss + self.kl_ctl.value * kll
+            stats["kl_loss"] = kll.item()
+        ent = aggregate(out.entropy, mask, num_tokens=real)
+        if ppo.ent_coef > 0:
+            loss = loss - ppo.ent_coef * aggregate(out.entropy, mask, num_tokens=n_tokens)
+        (loss * parallel.loss_scale(opt.world_size)).backward()
+        stats.update(entropy=ent.item(), approx_kl=pgs.approx_kl * share, clipfrac=pgs.clipfrac * share,
+                     ratio_mean=pgs.ratio_mean * share, ratio_max=pgs.ratio_max,
+                     is_weight_mean=pgs.is_weight_mean * share, is_weight_max=pgs.is_weight_max,
+                     is_truncated_frac=pgs.is_truncated_frac * share,
+                     padded_tokens=0.0 if empty else float(mb.prompt_ids.numel() + mb.response_ids.numel()),
+                     real_tokens=0.0 if empty else float(mb.lengths.sum()))
+        return stats
+
+    def _equal_count(self, micros: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Pad with empty passes to the largest count over the ranks: a sharded (FSDP) forward
+        all-gathers the parameters, a collective every rank must join."""
+        most = int(self.comm.all_reduce_max(torch.tensor([len(micros)])).item())
+        return list(micros) + [None] * (most - len(micros))
+
+    def _reduce(self, acc: dict[str, float]) -> dict[str, float]:
+        """One minibatch's diagnostics over the ranks: sums, and maxima for the ``*_max`` keys."""
+        if self.comm.world_size == 1:
+            return acc
+        keys = sorted(acc)
+        sums = self.comm.all_reduce_sum(torch.tensor([0.0 if k.endswith("_max") else acc[k] for k in keys],
+                                                     dtype=torch.float64))
+        maxes = self.comm.all_reduce_max(torch.tensor([acc[k] if k.endswith("_max") else 0.0 for k in keys],
+                                                      dtype=torch.float64))
+        return {k: float(maxes[i] if k.endswith("_max") else sums[i]) for i, k in enumerate(keys)}
 
     # ---- the whole step ---------------------------------------------------------------------
     def step(self, rollouts: RolloutBatch) -> LearnerStats:
-        """One PPO step on a scored batch; returns diagnostics and bumps :attr:`version`."""
+        """One update on a scored batch; returns diagnostics and bumps :attr:`version`."""
         t0 = time.perf_counter()
         batch = collate(rollouts, self.pad_id)
+        lag = self.version - batch.policy_versions
+        if int(lag.max()) > self.options.max_staleness:
+            raise RuntimeError(f"staleness bound violated: learner at version {self.version} got samples of version "
+                               f"{int(batch.policy_versions.min())} (rollout.max_staleness={self.options.max_staleness})")
         prep, pstats = self.prepare(batch)
         t1 = time.perf_counter()
-        ustats = self.update(prep)
+        ustats = self.update(prep) if len(prep.batch) else {"optimizer_steps": 0}
         t2 = time.perf_counter()
         mask = prep.batch.response_mask
-        with torch.no_grad():
-            ev = explained_variance(prep.old_values, prep.returns, mask)
+        ev = explained_variance(prep.old_values, prep.returns, mask) if self.uses_critic else math.nan
         beta = self.kl_ctl.value
         self.kl_ctl.update(pstats["kl_ref"], len(batch))
         self.version += 1
+        self._refresh_export()
         return LearnerStats(
-            version=self.version,
-            policy_loss=ustats["policy_loss"],
-            value_loss=ustats["value_loss"],
-            entropy=ustats["entropy"],
-            approx_kl=ustats["approx_kl"],
-            clipfrac=ustats["clipfrac"],
-            ratio_mean=ustats["ratio_mean"],
-            ratio_max=ustats["ratio_max"],
-            value_clipfrac=ustats["value_clipfrac"],
-            explained_variance=float(ev),
-            grad_norm=ustats["grad_norm"],
-            kl_ref=pstats["kl_ref"],
-            kl_beta=beta,
-            lr=self.optimizer.param_groups[0]["lr"],
-            sampler_logprob_diff=pstats["sampler_logprob_diff"],
-            advantage_mean=pstats["advantage_mean"],
-            return_mean=pstats["return_mean"],
-            value_mean=pstats["value_mean"],
-            score_mean=float(batch.scores.mean()),
-            response_tokens=int(mask.sum()),
-            prepare_seconds=t1 - t0,
-            update_seconds=t2 - t1,
-            optimizer_steps=int(ustats["optimizer_steps"]),
+            version=self.version, explained_variance=float(ev), kl_beta=beta, lr=self.optimizer.param_groups[0]["lr"],
+            score_mean=float(batch.scores.mean()), response_tokens=int(batch.response_mask.sum()),
+            prepare_seconds=t1 - t0, update_seconds=t2 - t1,
+            staleness_mean=float(lag.float().mean()), staleness_max=int(lag.max()),
+            **{k: ustats.get(k, math.nan) for k in ("policy_loss", "entropy", "approx_kl", "clipfrac", "ratio_mean",
+                                                   "ratio_max", "grad_norm")},
+            value_loss=ustats.get("value_loss", math.nan), value_clipfrac=ustats.get("value_clipfrac", math.nan),
+            kl_loss=ustats.get("kl_loss", 0.0), optimizer_steps=int(ustats["optimizer_steps"]),
+            is_weight_mean=ustats.get("is_weight_mean", 1.0), is_weight_max=ustats.get("is_weight_max", 1.0),
+            is_truncated_frac=ustats.get("is_truncated_frac", 0.0),
+            padded_tokens=int(ustats.get("padded_tokens", 0)), real_tokens=int(ustats.get("real_tokens", 0)),
+            **{k: pstats.get(k, 0) for k in ("kl_ref", "sampler_logprob_diff", "advantage_mean", "return_mean",
+                                            "value_mean", "zero_std_groups", "dropped_sequences")},
         )
 
     # ---- weights for the generators (the WeightSource surface; see ray_rlhf.sync) ---------------
+    def _policy_state(self) -> dict[str, torch.Tensor]:
+        """The policy LM's state dict, Hugging Face names (gathered after each step under FSDP)."""
+        return self._lm_state if self.sharded else self.model.lm.state_dict()
+
+    def _refresh_export(self) -> None:
+        """Under FSDP every rank takes part in gathering the full weights rank 0 exports."""
+        if self.sharded:
+            full = parallel.full_state_dict(self.model, self.options.world_size, "fsdp")
+            self._lm_state = {k.removeprefix("lm."): v for k, v in full.items() if k.startswith("lm.")}
+
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The policy LM's weights under Hugging Face checkpoint names, as CPU tensors (value head
         excluded): what the generators load."""
         return self.weights.export()
 
-    def weights_checksum(self) -> str:
-        """:func:`~ray_rlhf.sync.checksum.state_dict_checksum` of :meth:`hf_state_dict`."""
-        return self.weights.checksum()
+    def weights_checksum(self, names: tuple[str, ...] | None = None) -> str:
+        """:func:`~ray_rlhf.sync.checksum.state_dict_checksum` of :meth:`hf_state_dict` (only
+        ``names``, if given)."""
+        return self.weights.checksum(names)
 
     def weight_group_open(self, world_size: int, backend: str = "gloo", timeout_s: float = 300.0) -> GroupInfo:
         return self.weights.group_open(world_size, backend, timeout_s)
@@ -271,64 +384,46 @@ class Learner:
     def ping(self) -> int:
         return self.version
 
-    # ---- full state, for checkpoints ------------------------------------------------------------
+    # ---- full state, for checkpoints (see ray_rlhf.learning.checkpointing) ---------------------
     def save_state(self, directory: str | Path) -> None:
-        """Write the full learner state into ``directory`` (which must exist and be empty).
-
-        ``policy/``: the LM in Hugging Face format (safetensors + tokenizer; loads in transformers
-        and vLLM); ``value_head.safetensors`` (+ ``critic/``); ``optimizer.pt`` (tensors and plain
-        values only, read back with ``weights_only=True``); ``learner.json`` (version, KL controller);
-        ``rng.safetensors`` (torch RNG states). Nothing is pickled.
-        """
-        from safetensors.torch import save_file
-
-        d = Path(directory)
-        self.model.lm.save_pretrained(d / "policy", safe_serialization=True)
-        self.tokenizer.save_pretrained(d / "policy")
-        if self.model.critic is not None:
-            self.model.critic.save_pretrained(d / "critic", safe_serialization=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.value_head.state_dict().items()},
-                  str(d / "value_head.safetensors"))
-        torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
-        save_file({"learner": self.rng.get_state(), "torch": torch.get_rng_state()}, str(d / "rng.safetensors"))
-        (d / "learner.json").write_text(json.dumps({"version": self.version, "kl_ctl": self.kl_ctl.state_dict()}))
+        """Write the full learner state into ``directory`` (every rank calls it; rank 0 writes)."""
+        checkpointing.save(self, Path(directory))
 
     def load_state(self, directory: str | Path) -> None:
-        """Restore what :meth:`save_state` wrote (the model architecture must match)."""
-        from safetensors.torch import load_file
+        """Restore what :meth:`save_state` wrote (every rank reads it)."""
+        checkpointing.load(self, Path(directory))
+        self._refresh_export()
 
-        d = Path(directory)
-        lm_state = _load_hf_state(d / "policy")
-        self.model.lm.load_state_dict(lm_state, strict=True)
-        if self.model.critic is not None:
-            self.model.critic.load_state_dict(_load_hf_state(d / "critic"), strict=True)
-        self.model.value_head.load_state_dict(load_file(str(d / "value_head.safetensors")))
-        self.optimizer.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True, map_location=self.device))
-        rng = load_file(str(d / "rng.safetensors"))
-        self.rng.set_state(rng["learner"])
-        torch.set_rng_state(rng["torch"])
-        meta = json.loads((d / "learner.json").read_text())
-        self.version = int(meta["version"])
-        self.kl_ctl.load_state_dict(meta["kl_ctl"])
+    def save_part(self, uri: str, staging) -> dict[str, int]:
+        """This rank's part of a checkpoint into the store at ``uri`` (rank 0 writes; with FSDP the
+        others take part in gathering the full state); returns the files and sizes written."""
+        import tempfile
 
-    # ---- helpers -------------------------------------------------------------------------------
-    def _inputs(self, b: TensorBatch):
-        return b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask
+        from ray_rlhf.storage import open_store
+
+        if self.comm.rank == 0:
+            return open_store(uri).write_part(staging, self.save_state)
+        with tempfile.TemporaryDirectory() as scratch:
+            self.save_state(scratch)
+        return {}
+
+    def load_part(self, uri: str, ckpt) -> None:
+        """Load a checkpoint of the store at ``uri``, fetched to this node when it is remote."""
+        import tempfile
+
+        from ray_rlhf.storage import open_store
+
+        with tempfile.TemporaryDirectory() as scratch:
+            self.load_state(open_store(uri).fetch(ckpt, scratch))
 
 
+def _inputs(b: TensorBatch):
+    return b.prompt_ids, b.prompt_mask, b.response_ids, b.response_mask
 
-def _add(acc: dict[str, float], new: dict[str, float]) -> dict[str, float]:
+
+def _merge(acc: dict[str, float], new: dict[str, float]) -> dict[str, float]:
+    """Token-weighted sums of micro-batch diagnostics; maxima for the ``*_max`` keys."""
     out = dict(acc)
     for k, v in new.items():
-        out[k] = out.get(k, 0.0) + v
+        out[k] = max(out.get(k, -math.inf), v) if k.endswith("_max") else out.get(k, 0.0) + v
     return out
-
-
-def _load_hf_state(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a Hugging Face safetensors checkpoint directory (single or sharded)."""
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        state.update(load_file(str(f)))
-    return state

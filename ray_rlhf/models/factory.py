@@ -32,6 +32,13 @@ SPECIAL_TOKENS = (BOS, EOS, PAD)
 
 MODEL_KINDS = ("policy", "reward")
 
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+"""The offline presets' chat template: plain ``role: content`` lines (no special tokens beyond
+``<s>``), ending with ``assistant:`` when a generation prompt is asked for."""
+
 
 @dataclass(frozen=True)
 class ModelPreset:
@@ -124,7 +131,8 @@ def train_tokenizer(vocab_size: int, model_max_length: int | None = None):
     Deterministic: the same ``vocab_size`` always gives the same vocabulary and merges. Every byte
     is in the base alphabet, so any text encodes without unknown tokens and ``decode`` (with
     ``skip_special_tokens=True``) returns the original text. Special tokens: ``<s>`` (bos, added
-    in front by ``add_special_tokens=True``), ``</s>`` (eos), ``<pad>`` (pad).
+    in front by ``add_special_tokens=True``), ``</s>`` (eos), ``<pad>`` (pad). Chat template:
+    :data:`CHAT_TEMPLATE`.
     """
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
@@ -135,7 +143,7 @@ def train_tokenizer(vocab_size: int, model_max_length: int | None = None):
             f"{256 + len(SPECIAL_TOKENS)} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
         )
     kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
-    return PreTrainedTokenizerFast(
+    tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
         bos_token=BOS,
         eos_token=EOS,
@@ -143,6 +151,8 @@ def train_tokenizer(vocab_size: int, model_max_length: int | None = None):
         clean_up_tokenization_spaces=False,
         **kwargs,
     )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
 
 
 # -------------------------------------------------------------------------------------- models
@@ -215,9 +225,14 @@ def build_reward_model(preset: str, out_dir, seed: int = 0) -> Path:
     return _build("reward", preset, out_dir, seed)
 
 
+FACTORY_VERSION = 2
+"""Bumped whenever what the factory writes changes (2: the tokenizer has a chat template), so a
+model cache built by an older version is not reused."""
+
+
 def model_dir_name(kind: str, preset: str, seed: int = 0) -> str:
-    """Name of the cache entry :func:`ensure_model` uses: ``<kind>-<preset>-seed<seed>``."""
-    return f"{kind}-{preset}-seed{seed}"
+    """Name of the cache entry :func:`ensure_model` uses: ``<kind>-<preset>-seed<seed>-v<version>``."""
+    return f"{kind}-{preset}-seed{seed}-v{FACTORY_VERSION}"
 
 
 def ensure_model(kind: str, preset: str, cache_dir, seed: int = 0) -> Path:

@@ -21,14 +21,15 @@ import torch
 from torch import nn
 
 from ray_rlhf.algo.losses import entropy_from_logits, logprobs_from_logits
+from ray_rlhf.models.output_head import output_logits, trunk_hidden
 
 
 @dataclass
 class PolicyOutput:
     """One forward pass over (prompt, response) pairs."""
 
-    logprobs: torch.Tensor
-    """Log-probability of each response token. Shape: (B, T)."""
+    logprobs: torch.Tensor | None
+    """Log-probability of each response token. Shape: (B, T). None when not asked for."""
     values: torch.Tensor | None
     """Value estimate before each response token. Shape: (B, T). None when not asked for."""
     entropy: torch.Tensor | None
@@ -49,20 +50,26 @@ def sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask):
 class PolicyWithValueHead(nn.Module):
     """Causal LM + scalar value head; one forward gives logprobs, values and entropy.
 
-    ``lm`` is any Hugging Face causal LM exposing ``get_decoder()`` (the trunk) and
-    ``get_output_embeddings()`` (the LM head). With ``critic`` given, values come from the critic's
-    trunk instead of the policy's (separate critic); the value head is ours either way.
+    ``lm`` is any Hugging Face causal LM: the trunk is ``get_decoder()`` and the logits go
+    through the model's own output processing (:func:`~ray_rlhf.models.output_head.output_logits`:
+    LM head, tied or not, then soft-capping or logit scaling where the model has them). With
+    ``critic`` given, values come from the critic's trunk instead of the policy's (separate
+    critic); the value head is ours either way; ``value_head=False`` builds none (critic-free).
     """
 
-    def __init__(self, lm: nn.Module, critic: nn.Module | None = None):
+    def __init__(self, lm: nn.Module, critic: nn.Module | None = None, value_head: bool = True):
         super().__init__()
         self.lm = lm
         self.critic = critic
-        trunk_cfg = (critic or lm).config
-        self.value_head = nn.Linear(trunk_cfg.hidden_size, 1)
-        # Small init: values start near 0 and the first updates are driven by the returns.
-        nn.init.normal_(self.value_head.weight, std=1.0 / (trunk_cfg.hidden_size + 1) ** 0.5 * 0.1)
-        nn.init.zeros_(self.value_head.bias)
+        self.value_head = None
+        """None for a critic-free estimator: no value is built, computed or saved."""
+        if value_head:
+            cfg = (critic or lm).config
+            hidden = (cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg).hidden_size
+            self.value_head = nn.Linear(hidden, 1)
+            # Small init: values start near 0 and the first updates are driven by the returns.
+            nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5 * 0.1)
+            nn.init.zeros_(self.value_head.bias)
 
     def forward(
         self,
@@ -73,20 +80,31 @@ class PolicyWithValueHead(nn.Module):
         temperature: float = 1.0,
         with_values: bool = True,
         with_entropy: bool = True,
+        with_logprobs: bool = True,
+        entropy_grad: bool = True,
     ) -> PolicyOutput:
         """Score responses. Shapes: prompt_* (B, P), response_* (B, T); outputs (B, T).
 
         ``temperature`` divides the logits, so that logprobs match a sampler that drew at that
-        temperature (PPO's ratio must compare the distributions actually sampled from).
+        temperature (PPO's ratio must compare the distributions actually sampled from). Only what
+        is asked for is computed: with a separate critic and ``with_logprobs=False,
+        with_entropy=False`` the policy is not run at all. ``entropy_grad=False`` computes the
+        entropy without a graph (a diagnostic, when its loss weight is 0).
         """
         inputs = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
         P, T = prompt_ids.shape[1], response_ids.shape[1]
-        states = response_states(self.lm, inputs, P, T)
-        logits = response_logits(self.lm, states, temperature)
-        logprobs = logprobs_from_logits(logits, response_ids)
-        entropy = entropy_from_logits(logits) if with_entropy else None
-        values = None
-        if with_values:
+        wants_values = with_values and self.value_head is not None
+        states = logprobs = entropy = values = None
+        if with_logprobs or with_entropy or (wants_values and self.critic is None):
+            states = response_states(self.lm, inputs, P, T)
+        if with_logprobs or with_entropy:
+            logits = response_logits(self.lm, states, temperature)
+            if with_logprobs:
+                logprobs = logprobs_from_logits(logits, response_ids)
+            if with_entropy:
+                with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                    entropy = entropy_from_logits(logits)
+        if wants_values:
             if self.critic is not None:
                 states = response_states(self.critic, inputs, P, T)
             values = self.value_head(states).squeeze(-1).float()
@@ -96,15 +114,13 @@ class PolicyWithValueHead(nn.Module):
 def response_states(lm: nn.Module, inputs, P: int, T: int) -> torch.Tensor:
     """Final hidden states before each response token. Shape: (B, T, H)."""
     input_ids, attention_mask, position_ids = inputs
-    hidden = lm.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
-    return hidden[:, P - 1 : P + T - 1]
+    return trunk_hidden(lm, input_ids, attention_mask, position_ids)[:, P - 1 : P + T - 1]
 
 
 def response_logits(lm: nn.Module, states: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Next-token logits (float32, divided by the sampling temperature). Shape: (B, T, V)."""
-    logits = lm.get_output_embeddings()(states).float()
+    """Next-token logits (float32, through the model's own output processing, divided by the
+    sampling temperature). Shape: (B, T, V)."""
+    logits = output_logits(lm, states)
     return logits / temperature if temperature != 1.0 else logits
 
 

@@ -1,204 +1,121 @@
-"""The reward actor's class: Python reward functions and/or an HF reward model, summed with weights.
+"""The reward actor's class: reward sources, summed with weights.
 
-``RewardScorer`` is a plain class; the driver applies ``ray.remote`` at launch. For one rollout
+``RewardScorer`` is a plain class; the driver applies ``ray.remote`` at launch. A source is
 
-    reward = sum_k w_k * f_k(prompt, response)  +  w_model * RM(prompt + response)
+* a Python reward function (``reward.functions``: ``module:function``, per sample or batched,
+  plain or ``async``; it sees the prompt row's other dataset columns as keyword arguments --
+  :mod:`ray_rlhf.rewards.functions`);
+* a remote reward service (``reward.remote``: batches POSTed to a URL -- :mod:`ray_rlhf.rewards.remote`);
+* a Hugging Face sequence-classification reward model (``reward.model_path`` --
+  :mod:`ray_rlhf.rewards.model`).
 
-and ``reward_parts`` keeps every unweighted term, keyed by its ``module:function`` spec or
-``"model"``. Everything the user gave is checked in the constructor, before the reward model is
-loaded: each spec is imported and must name a callable taking ``(prompt, response)``; the model
-directory must hold a sequence-classification model with ``num_labels=1``. :func:`check_sources`
-runs the same checks without loading any weights, for the driver's preflight.
+For one completion, ``reward = sum_k w_k * source_k``; ``reward_parts`` keeps every unweighted
+term, keyed by the function's spec, the URL, or ``"model"``. Everything the user gave is checked
+in :func:`check_sources` before any weights are loaded (the driver's preflight runs it too).
 
-A reward function that raises, or returns NaN, an infinity or a non-number, fails the whole
-:meth:`RewardScorer.score` call with a :class:`RewardError` naming the function and the sample:
-the learner never sees a partly scored batch.
-
-The reward model reads ``prompt + response`` (the response continues the prompt), tokenized by
-the model's own tokenizer with right padding (so positions match the unpadded sequence and the
-model pools the last real token) and left truncation to its context (the end of the response is
-kept). It runs in eval mode under ``torch.inference_mode`` and its score is the scalar logit.
+A source that raises, or returns NaN, an infinity or a non-number, fails the whole
+:meth:`RewardScorer.score` call with a :class:`RewardError` naming the source and the sample: the
+learner never sees a partly scored batch.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
 import resource
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from ray_rlhf.errors import UserError
 from ray_rlhf.records import RolloutBatch, RolloutSummary
+from ray_rlhf.rewards.functions import RewardError, RewardFn, resolve_reward_fn
+from ray_rlhf.rewards.model import MODEL_KEY, ModelReward, check_reward_model
+from ray_rlhf.rewards.remote import RemoteReward
 
-MODEL_KEY = "model"
-"""Key of the reward model's score in :attr:`RolloutBatch.reward_parts`."""
-
-_FIX_IMPORT = "check reward.functions and that the module is importable (PYTHONPATH / --working-dir)"
-
-
-class RewardError(UserError):
-    """A reward source failed on a sample, or returned something other than a finite number."""
-
-    def __init__(self, message: str, source: str = "", prompt_index: int | None = None,
-                 sample_index: int | None = None):
-        super().__init__(message)
-        self.source = source
-        """The failing ``module:function`` spec, or ``"model"``."""
-        self.prompt_index = prompt_index
-        self.sample_index = sample_index
+__all__ = ["MODEL_KEY", "RewardError", "RewardScorer", "check_reward_model", "check_sources", "resolve_function"]
 
 
-RewardFn = Callable[[str, str], Any]
+def resolve_function(spec: str, kind: str = "sample", columns: Sequence[str] = ()) -> RewardFn:
+    """Import and check one reward function (see :func:`~ray_rlhf.rewards.functions.resolve_reward_fn`)."""
+    return resolve_reward_fn(spec, kind, columns)
 
 
-def resolve_function(spec: str) -> RewardFn:
-    """Import ``module:function`` (``function`` may be dotted, e.g. ``Class.method``).
+def _function_specs(functions) -> list[tuple[str, float, str]]:
+    """``(spec, weight[, kind])`` tuples as ``(spec, weight, kind)``."""
+    return [(f[0], f[1], f[2] if len(f) > 2 else "sample") for f in functions]
 
-    Raises :class:`UserError` naming the spec for a malformed spec, a missing module, a module
-    that fails to import, a missing attribute, a non-callable, or a callable that cannot take
-    ``(prompt, response)``.
+
+def check_sources(functions, model_path: str | None = None, model_weight: float = 1.0,
+                  remote: Sequence[dict] = (), columns: Sequence[str] = ()) -> list[tuple[str, float, Any]]:
+    """Every cheap check of the reward configuration; no weights are loaded, no request is sent.
+
+    ``functions``: ``(spec, weight)`` or ``(spec, weight, kind)``; ``remote``: dicts with ``url``,
+    ``weight``, ``timeout_s``, ``retries``; ``columns``: the dataset's extra columns (a function
+    that needs a column no row has is refused here). Returns ``(name, weight, source)`` for the
+    functions and remote services. Raises :class:`UserError` on the first problem.
     """
-    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
-        raise UserError(f"reward function spec {spec!r} is malformed; write it as 'module:function', "
-                        "e.g. 'ray_rlhf.rewards.rules:letter_frequency'")
-    module_name, attr_path = spec.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
-            raise UserError(f"reward function {spec!r}: module {exc.name!r} not found; {_FIX_IMPORT}") from exc
-        raise UserError(f"reward function {spec!r}: importing module {module_name!r} failed: {exc}; "
-                        "install the missing package in the runtime environment") from exc
-    except Exception as exc:  # a user module's own bug: SyntaxError, NameError at import time, ...
-        raise UserError(f"reward function {spec!r}: importing module {module_name!r} raised "
-                        f"{type(exc).__name__}: {exc}; fix the module") from exc
-    obj: Any = module
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise UserError(f"reward function {spec!r}: module {module_name!r} has no attribute {attr_path!r}; "
-                            "check the function name in reward.functions")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise UserError(f"reward function {spec!r} is a {type(obj).__name__}, not a function; "
-                        "point reward.functions at a function fn(prompt, response) -> float")
-    try:
-        inspect.signature(obj).bind("prompt", "response")
-    except TypeError as exc:
-        raise UserError(f"reward function {spec!r} cannot be called as fn(prompt, response) ({exc}); "
-                        "give it the signature fn(prompt: str, response: str) -> float") from exc
-    except ValueError:  # some builtins have no introspectable signature; the first call will tell
-        pass
-    return obj
-
-
-def check_reward_model(path: str | Path) -> Any:
-    """Check, without loading weights, that ``path`` holds a sequence-classification model with
-    ``num_labels=1``; returns its ``transformers`` config. Raises :class:`UserError` otherwise."""
-    p = Path(path)
-    fix = "set reward.model_path to a Hugging Face sequence-classification model directory, or leave it empty"
-    if not p.exists():
-        raise UserError(f"reward model path '{p}' does not exist; {fix}")
-    if not (p / "config.json").is_file():
-        raise UserError(f"reward model path '{p}' holds no config.json (not a model saved with save_pretrained); {fix}")
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(str(p))
-    except Exception as exc:
-        raise UserError(f"reward model '{p}': cannot read config.json ({type(exc).__name__}: {exc}); {fix}") from exc
-    archs = list(getattr(config, "architectures", None) or [])
-    if not any(a.endswith("ForSequenceClassification") for a in archs):
-        raise UserError(f"reward model '{p}' is {'/'.join(archs) or 'of unknown architecture'}, not a "
-                        f"*ForSequenceClassification model; {fix}")
-    if config.num_labels != 1:
-        raise UserError(f"reward model '{p}' has num_labels={config.num_labels}; a reward model must output one "
-                        "scalar (num_labels=1)")
-    return config
-
-
-def check_sources(functions: list[tuple[str, float]], model_path: str | None = None,
-                  model_weight: float = 1.0) -> list[tuple[str, float, RewardFn]]:
-    """Every cheap check of the reward configuration (imports functions, reads the model config).
-
-    Returns ``(spec, weight, fn)`` per function. Raises :class:`UserError` on the first problem.
-    """
-    resolved: list[tuple[str, float, RewardFn]] = []
+    resolved: list[tuple[str, float, Any]] = []
     seen: set[str] = set()
-    for spec, weight in functions:
-        fn = resolve_function(spec)
+    for spec, weight, kind in _function_specs(functions):
         if spec in seen:
             raise UserError(f"reward function {spec!r} is listed twice in reward.functions; list it once "
                             "with the summed weight")
         seen.add(spec)
+        fn = resolve_function(spec, kind, columns)
         if not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise UserError(f"reward function {spec!r} has weight {weight!r}; give a finite number")
         resolved.append((spec, float(weight), fn))
+    for r in remote:
+        source = RemoteReward(r["url"], timeout=r.get("timeout_s", 30.0), retries=r.get("retries", 2))
+        if r["url"] in seen:
+            raise UserError(f"remote reward {r['url']} is listed twice in reward.remote; list it once")
+        seen.add(r["url"])
+        resolved.append((r["url"], float(r.get("weight", 1.0)), source))
     if model_path:
         check_reward_model(model_path)
         if not isinstance(model_weight, (int, float)) or not math.isfinite(model_weight):
             raise UserError(f"reward.model_weight is {model_weight!r}; give a finite number")
     if not resolved and not model_path:
-        raise UserError("no reward source: set reward.functions (e.g. ray_rlhf.rewards.rules:letter_frequency) "
-                        "and/or reward.model_path")
+        raise UserError("no reward source: set reward.functions (e.g. ray_rlhf.rewards.rules:letter_frequency), "
+                        "reward.remote and/or reward.model_path")
     return resolved
 
 
-def _excerpt(text: str, n: int = 40) -> str:
-    return repr(text[:n]) + ("..." if len(text) > n else "")
-
-
-def _as_finite_float(value: Any) -> float | None:
-    """``float(value)`` for a real number (Python, NumPy or 1-element tensor); None if not one."""
-    if isinstance(value, (str, bytes, complex)):
-        return None
-    try:
-        out = float(value)
-    except (TypeError, ValueError, RuntimeError):
-        return None
-    return out if math.isfinite(out) else None
-
-
 class RewardScorer:
-    """Scores rollouts with weighted Python functions and an optional HF reward model.
+    """Scores rollout batches with weighted reward sources.
 
     Args:
-        functions: ``("module:function", weight)`` pairs; each function is ``fn(prompt, response)
-            -> float``.
-        model_path: directory of a ``*ForSequenceClassification`` model with ``num_labels=1``
-            and its tokenizer, or None for no model.
+        functions: ``("module:function", weight)`` or ``("module:function", weight, kind)``.
+        model_path: directory of a ``*ForSequenceClassification`` model with ``num_labels=1`` and
+            its tokenizer, or None for no model.
         model_weight: weight of the model's score in the sum.
         batch_size: sequences per reward-model forward pass.
         device: torch device of the reward model.
         torch_threads: ``torch.set_num_threads`` for this process (None: leave it).
+        remote: remote services, dicts with ``url``, ``weight``, ``timeout_s``, ``retries``.
+        columns: names of the dataset's extra columns (checked against the functions' signatures).
     """
 
-    def __init__(self, functions: list[tuple[str, float]], model_path: str | None = None,
-                 model_weight: float = 1.0, batch_size: int = 32, device: str = "cpu",
-                 torch_threads: int | None = None):
+    def __init__(self, functions, model_path: str | None = None, model_weight: float = 1.0, batch_size: int = 32,
+                 device: str = "cpu", torch_threads: int | None = None, remote: Sequence[dict] = (),
+                 columns: Sequence[str] = ()):
         if batch_size <= 0:
             raise UserError(f"reward.batch_size is {batch_size}; give a positive integer")
         # Cheap checks first: no weights are loaded until every source is known to be usable.
-        self.functions = check_sources(functions, model_path, model_weight)
+        self.sources = check_sources(functions, model_path, model_weight, remote, columns)
         self.model_path = str(model_path) if model_path else None
         self.model_weight = float(model_weight)
-        self.batch_size = batch_size
-        self.device = device
-        self.model = self.tokenizer = None
-        self.max_length: int | None = None
         self._scored = 0
-        self._seconds: dict[str, float] = {"functions": 0.0, "model": 0.0}
+        self._seconds: dict[str, float] = {}
         if torch_threads:
             import torch
 
             torch.set_num_threads(torch_threads)
-        if self.model_path:
-            self._load_model(self.model_path)
+        self.model = ModelReward(self.model_path, batch_size, device) if self.model_path else None
+        if self.model is not None:
+            self.sources.append((MODEL_KEY, self.model_weight, self.model))
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -210,22 +127,24 @@ class RewardScorer:
         Raises :class:`RewardError` if any source fails on any sample; nothing is returned then.
         """
         batch = RolloutBatch.concat(batches)
-        keys = batch.keys()
-        where = [f"prompt {p} sample {j}" for p, j in keys]
-        parts = self._score_texts(batch.prompt, batch.response, where, keys)
+        parts = self._score_texts(batch.prompt, batch.response, batch.columns, batch.keys())
         self._scored += len(batch)
-        names = [spec for spec, _, _ in self.functions] + ([MODEL_KEY] if self.model_path else [])
-        columns = {name: np.array([p[name] for p in parts], dtype=np.float64) for name in names}
-        scored = batch.with_rewards(np.array([self._total(p) for p in parts], dtype=np.float64), columns)
+        total = sum(weight * parts[name] for name, weight, _ in self.sources)
+        scored = batch.with_rewards(np.asarray(total, dtype=np.float64), parts)
         return scored, RolloutSummary.of(scored)
 
-    def validate(self, prompt: str = "Tell me a story.", response: str = " Once there was a tree.") -> dict[str, float]:
-        """Score one synthetic sample through every source; returns its ``reward_parts``.
+    def validate(self, prompt: str = "Tell me a story.", response: str = " Once there was a tree.",
+                 columns: dict[str, Any] | None = None) -> dict[str, float]:
+        """Score one synthetic sample through every source except remote services; returns its parts.
 
         Lets the driver surface a reward function that fails on ordinary text before the first
         rollout is generated. Raises :class:`RewardError` naming the source.
         """
-        return self._score_texts([prompt], [response], ["the validation sample"], [(None, None)])[0]
+        local = [s for s in self.sources if not isinstance(s[2], RemoteReward)]
+        cols = {k: [v] for k, v in (columns or {}).items()}
+        parts = self._score_texts([prompt], [response], cols, [(None, None)], sources=local,
+                                  where=["the validation sample"])
+        return {name: float(v[0]) for name, v in parts.items()}
 
     def ping(self) -> bool:
         """Liveness check for the driver."""
@@ -237,13 +156,10 @@ class RewardScorer:
 
         rss_mb = psutil.Process().memory_info().rss / 2**20
         return {
-            "functions": [(spec, w) for spec, w, _ in self.functions],
-            "model_path": self.model_path,
-            "model_weight": self.model_weight if self.model_path else None,
-            "model_params": sum(p.numel() for p in self.model.parameters()) if self.model is not None else 0,
+            "sources": [(name, w) for name, w, _ in self.sources],
+            "model_params": self.model.num_parameters() if self.model is not None else 0,
             "scored": self._scored,
-            "functions_seconds": self._seconds["functions"],
-            "model_seconds": self._seconds["model"],
+            "seconds": dict(self._seconds),
             "rss_mb": rss_mb,
             # Linux reports ru_maxrss in KiB; it trails the current RSS by a few pages at times.
             "peak_rss_mb": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_mb),
@@ -251,84 +167,18 @@ class RewardScorer:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _total(self, parts: dict[str, float]) -> float:
-        total = sum(w * parts[spec] for spec, w, _ in self.functions)
-        if self.model_path:
-            total += self.model_weight * parts[MODEL_KEY]
-        return float(total)
-
-    def _score_texts(self, prompts: list[str], responses: list[str], where: list[str],
-                     keys: list[tuple[int | None, int | None]]) -> list[dict[str, float]]:
-        parts: list[dict[str, float]] = [{} for _ in prompts]
-        t0 = time.perf_counter()
-        for spec, _, fn in self.functions:
-            for i, (prompt, response) in enumerate(zip(prompts, responses)):
-                try:
-                    raw = fn(prompt, response)
-                except Exception as exc:
-                    raise RewardError(
-                        f"reward function {spec!r} raised {type(exc).__name__}: {exc} on {where[i]} "
-                        f"(response {_excerpt(response)}); fix the function", spec, *keys[i]) from exc
-                value = _as_finite_float(raw)
-                if value is None:
-                    raise RewardError(
-                        f"reward function {spec!r} returned {_excerpt(repr(raw), 30)} ({type(raw).__name__}) on "
-                        f"{where[i]} (response {_excerpt(response)}); it must return a finite float",
-                        spec, *keys[i])
-                parts[i][spec] = value
-        t1 = time.perf_counter()
-        self._seconds["functions"] += t1 - t0
-        if self.model is not None:
-            texts = [p + r for p, r in zip(prompts, responses)]
-            for i, value in enumerate(self._model_scores(texts)):
-                if not math.isfinite(value):
-                    raise RewardError(
-                        f"reward model '{self.model_path}' returned {value} on {where[i]} (response "
-                        f"{_excerpt(responses[i])}); check the model's weights", MODEL_KEY, *keys[i])
-                parts[i][MODEL_KEY] = value
-            self._seconds["model"] += time.perf_counter() - t1
+    def _score_texts(self, prompts: list[str], responses: list[str], columns: dict[str, list],
+                     keys: list[tuple[int | None, int | None]], sources=None,
+                     where: list[str] | None = None) -> dict[str, np.ndarray]:
+        where = where or [f"prompt {p} sample {s}" for p, s in keys]
+        parts: dict[str, np.ndarray] = {}
+        for name, _, source in (self.sources if sources is None else sources):
+            t0 = time.perf_counter()
+            try:
+                parts[name] = np.asarray(source(prompts, responses, columns, where), dtype=np.float64)
+            except RewardError as err:
+                if err.batch_index is not None:
+                    err.prompt_index, err.sample_index = keys[err.batch_index]
+                raise
+            self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - t0
         return parts
-
-    def _load_model(self, path: str) -> None:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except Exception as exc:
-            raise UserError(f"reward model '{path}': cannot load its tokenizer ({type(exc).__name__}: {exc}); "
-                            "save the tokenizer into the model directory (tokenizer.save_pretrained)") from exc
-        if tokenizer.pad_token is None:
-            if tokenizer.eos_token is None:
-                raise UserError(f"reward model '{path}': its tokenizer has neither a pad nor an EOS token; "
-                                "set tokenizer.pad_token and save it again")
-            tokenizer.pad_token = tokenizer.eos_token
-        # Right padding keeps each sequence's positions as if unpadded; the model pools the
-        # rightmost non-pad token. Left truncation keeps the end of the response.
-        tokenizer.padding_side = "right"
-        tokenizer.truncation_side = "left"
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
-        except Exception as exc:
-            raise UserError(f"reward model '{path}': cannot load weights ({type(exc).__name__}: {exc}); "
-                            "point reward.model_path at a complete save_pretrained directory") from exc
-        model.config.pad_token_id = tokenizer.pad_token_id
-        model.eval().requires_grad_(False).to(self.device)
-        limits = [n for n in (tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None))
-                  if isinstance(n, int) and 0 < n < 1_000_000]
-        self.max_length = min(limits) if limits else None
-        self.model, self.tokenizer = model, tokenizer
-
-    def _model_scores(self, texts: list[str]) -> list[float]:
-        """Scalar logit per text, ``batch_size`` texts per forward pass."""
-        import torch
-
-        out: list[float] = []
-        for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
-                                 truncation=self.max_length is not None, max_length=self.max_length)
-            with torch.inference_mode():
-                logits = self.model(input_ids=enc["input_ids"].to(self.device),
-                                    attention_mask=enc["attention_mask"].to(self.device)).logits
-            out.extend(logits[:, 0].float().cpu().tolist())
-        return out

@@ -20,6 +20,7 @@ from ray_rlhf.config.schema import RunConfig
 from ray_rlhf.generation.generator import Generator
 from ray_rlhf.generation.pool import GeneratorPool, request_capacity
 from ray_rlhf.learning.group import LearnerGroup
+from ray_rlhf.preflight import reward_sources
 from ray_rlhf.rewards.scorer import RewardScorer
 from ray_rlhf.sync.broadcaster import WeightBroadcaster
 
@@ -40,11 +41,11 @@ def generator_actor(cfg: RunConfig) -> Any:
     return ray.remote(num_cpus=g.num_cpus, num_gpus=g.num_gpus, max_restarts=0)(Generator)
 
 
-def start_reward(cfg: RunConfig) -> Any:
+def start_reward(cfg: RunConfig, columns: list[str]) -> Any:
     """The reward actor. Scoring is stateless: Ray restarts a dead one and retries the call."""
     rc = cfg.reward
     actor = ray.remote(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, max_restarts=3, max_task_retries=3)(RewardScorer)
-    return actor.remote([(f.name, f.weight) for f in rc.functions], rc.model_path, rc.model_weight, rc.batch_size)
+    return actor.remote(**reward_sources(cfg), columns=columns)
 
 
 @dataclass
@@ -60,19 +61,22 @@ class RunActors:
     """Whether the autoscaler was asked for room for ``generators.max`` generators."""
 
     @classmethod
-    def start(cls, cfg: RunConfig, policy_path: str | Path) -> RunActors:
+    def start(cls, cfg: RunConfig, policy_path: str | Path, columns: list[str]) -> RunActors:
+        """``columns``: the dataset's extra columns (the reward functions' keyword arguments)."""
         learners = LearnerGroup(cfg, policy_path)
-        reward = start_reward(cfg)
+        reward = start_reward(cfg, columns)
         learners.ready()
         ray.get(reward.ping.remote())  # surface construction errors before the generators start
         broadcaster = WeightBroadcaster(learners.source, cfg.sync.backend, cfg.sync.verify,
-                                        group_backend="nccl" if cfg.learner.device == "cuda" else "gloo")
+                                        group_backend="nccl" if cfg.learner.device == "cuda" else "gloo",
+                                        verify_parts=cfg.sync.verify_parts)
         g = cfg.generators
         bundle = {"CPU": g.num_cpus, **({"GPU": g.num_gpus} if g.num_gpus else {})}
         capacity = request_capacity(bundle, cfg.pool_max)
         pool = GeneratorPool(generator_actor(cfg), lambda gid: generator_kwargs(cfg, policy_path, gid), bundle,
                              size=g.num, min_size=cfg.pool_min, max_size=cfg.pool_max, on_join=broadcaster.join,
-                             max_restarts=g.max_restarts)
+                             max_restarts=g.max_restarts, shard_timeout_s=g.shard_timeout_s,
+                             shard_timeout_floor_s=g.shard_timeout_floor_s)
         return cls(learners, reward, broadcaster, pool, capacity)
 
     def publish(self, version: int):
@@ -82,6 +86,14 @@ class RunActors:
         if result.lost:
             self.pool.remove_lost(result.lost)
         return result
+
+    def replace_learners(self, cfg: RunConfig, policy_path: str | Path) -> None:
+        """A new learner group in place of one whose rank died (its weights: the initial model
+        until a checkpoint is loaded); the broadcaster sends from its rank 0 from now on."""
+        self.learners.shutdown()
+        self.learners = LearnerGroup(cfg, policy_path)
+        self.learners.ready()
+        self.broadcaster.set_source(self.learners.source, self.pool.handles)
 
     def maybe_grow(self, max_size: int) -> None:
         """Elastic growth: add generators where the cluster has room now."""

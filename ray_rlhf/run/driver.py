@@ -16,9 +16,7 @@ newest complete checkpoint (``checkpoint.resume=auto``).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -26,43 +24,31 @@ import ray
 from ray_rlhf import preflight
 from ray_rlhf.config import RunConfig, to_yaml
 from ray_rlhf.data.prompts import PromptStream
-from ray_rlhf.generation.pool import PoolEvents, make_shards
-from ray_rlhf.learning.learner import LearnerStats
-from ray_rlhf.metrics import MetricsLogger, RolloutLogger, rollout_stats
-from ray_rlhf.records import RolloutSummary, SamplingSpec
+from ray_rlhf.learning.group import LearnerError
+from ray_rlhf.learning.stats import LearnerStats
+from ray_rlhf.metrics import RolloutLogger
 from ray_rlhf.run import state
 from ray_rlhf.run.actors import RunActors
 from ray_rlhf.run.cluster import init_ray
 from ray_rlhf.run.faults import FaultPlan
+from ray_rlhf.run.observe import PhaseTimer, live_step, open_metrics, queue_gauge, step_metrics
+from ray_rlhf.run.preemption import Preempted, StopSignals
+from ray_rlhf.run.recovery import recover_learners
+from ray_rlhf.run.rollouts import AsyncRollouts, StepRollouts, SyncRollouts
 from ray_rlhf.sync.types import SyncResult
 
 log = logging.getLogger("ray_rlhf")
 
 
-class PhaseTimer:
-    """``with timer("generate"): ...`` records the seconds of each phase of one step."""
-
-    def __init__(self):
-        self.t0 = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, phase: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] = time.perf_counter() - t0
-
-
 def run(cfg: RunConfig, on_finish: Callable[[RunActors], None] | None = None,
         on_step_end: Callable[[int, RunActors], None] | None = None) -> Path:
-    """Run (or resume) a PPO training; returns the output directory.
+    """Run (or resume) a training; returns the output directory.
 
     ``on_finish(actors)`` is called with the live actors after the last step, before they are
     shut down (the benchmarks read each actor's memory there); ``on_step_end(step, actors)`` after
     each step is logged and checkpointed, before the pool tries to grow (tests change the cluster
-    there).
+    there). Raises :class:`~ray_rlhf.run.preemption.Preempted` after a SIGTERM/SIGINT (checkpoint
+    written).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(cfg.output_dir)
@@ -71,67 +57,86 @@ def run(cfg: RunConfig, on_finish: Callable[[RunActors], None] | None = None,
     (out / "config.yaml").write_text(to_yaml(cfg))
 
     init_ray(cfg)
-    actors = RunActors.start(cfg, inputs.policy_path)
+    actors = RunActors.start(cfg, inputs.policy_path, columns=list(inputs.prompts[0].columns))
     stream, faults = PromptStream(inputs.prompts, seed=cfg.seed), FaultPlan(cfg.faults)
-    start = state.restore(actors, stream, inputs.resume_dir, inputs.resume_state) if inputs.resume_dir else 0
-    resumed = start if inputs.resume_dir else None
-    metrics = MetricsLogger(out, total_steps=cfg.steps, start_step=start, tensorboard=cfg.logging.tensorboard,
-                            progress_bar=cfg.logging.progress_bar, resume_from_step=resumed)
-    samples = RolloutLogger(out, resume_from_step=start) if cfg.logging.rollouts else None
+    start, ready = (state.restore(actors, stream, inputs.store_uri, inputs.resume, inputs.resume_state)
+                    if inputs.resume else (0, []))
+    loop = Loop(cfg, actors, stream, faults, start, ready, resumed=start if inputs.resume else None)
+    restarts, step = 0, start + 1
     try:
-        for step in range(start + 1, cfg.steps + 1):
-            timer = PhaseTimer()
-            shards = make_shards(stream.next_batch(cfg.rollout.prompts_per_step), cfg.generators.shard_prompts)
-            with timer("generate"):
-                batches, events = actors.pool.generate(shards, SamplingSpec.for_step(cfg.rollout, cfg.seed, step),
-                                                       kill_after_dispatch=faults.generators_to_kill(step))
-            faults.before_reward(step, actors.reward)
-            with timer("reward"):
-                scored, summary = actors.reward.score.options(num_returns=2).remote(*batches)
-                summary = ray.get(summary)
-            with timer("learn"):
-                stats = actors.learners.step(scored)
-            with timer("sync"):
-                synced = actors.publish(stats.version)
-            with timer("log"):
-                metrics.log(step, step_metrics(summary, stats, synced, events, timer, len(actors.pool)))
-                if samples:
-                    samples.write(step, ray.get(scored))
-            if step == cfg.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                state.save(cfg, actors, stream, step)
-            if faults.stop_after(step, cfg.steps):
-                break
-            if on_step_end:
-                on_step_end(step, actors)
-            actors.maybe_grow(cfg.pool_max)
+        with StopSignals() as signals:
+            while step <= cfg.steps:
+                timer = PhaseTimer()
+                with timer("rollout"):
+                    batch = loop.rollouts.next(step)  # generate + score (async: made while the learner trained)
+                try:
+                    with timer("learn"):
+                        faults.before_update(step, actors.learners)
+                        stats = actors.learners.step(batch.scored)
+                except LearnerError as e:  # restart the learners from the newest checkpoint, replay from there
+                    restarts += 1
+                    if restarts > cfg.learner.max_restarts:
+                        raise
+                    start, ready = recover_learners(cfg, actors, stream, inputs.policy_path, e)
+                    loop.reopen(start, ready)
+                    step = start + 1
+                    continue
+                with timer("sync"):
+                    synced = loop.rollouts.after_update(stats.version)  # async: exported now, loaded later
+                with timer("log"):
+                    loop.log(step, batch, stats, synced, timer)
+                stop = faults.stop_after(step, cfg.steps) or signals.requested
+                if step == cfg.steps or stop or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                    pending = loop.rollouts.pending(step)
+                    path = state.save(cfg, actors, pending[-1].cursor if pending else stream.state_dict(), step,
+                                      pending)
+                if signals.requested and step < cfg.steps:
+                    raise Preempted(signals.requested, step, str(path))
+                if stop:
+                    break
+                if on_step_end:
+                    on_step_end(step, actors)
+                loop.rollouts.grow()
+                step += 1
         if on_finish:
             on_finish(actors)
     finally:
-        metrics.close()
+        loop.close()
         actors.shutdown()
     print(f"metrics: {out / 'metrics.jsonl'}  tensorboard: {out / 'tensorboard'}  rollouts: {out / 'rollouts'}")
     return out
 
 
-def step_metrics(summary: RolloutSummary, stats: LearnerStats, synced: SyncResult, events: PoolEvents,
-                 timer: PhaseTimer, pool_size: int) -> dict[str, float]:
-    """One flat row of the metrics JSONL (every key is documented in docs/metrics.md)."""
-    step_s = time.perf_counter() - timer.t0
-    row = {"policy_version": stats.version}
-    row.update(rollout_stats(summary, learner_version=stats.version - 1))
-    row.update({f"ppo/{k}": v for k, v in stats.to_dict().items()})
-    row.update({f"time/{k}": v for k, v in timer.seconds.items()})
-    row.update({
-        "time/step": step_s,
-        "time/orchestration": step_s - sum(timer.seconds.values()),
-        "perf/generated_tokens_per_s": summary.response_tokens / max(timer.seconds["generate"], 1e-9),
-        "perf/samples_per_s": summary.count / max(step_s, 1e-9),
-        "sync/seconds": synced.seconds,
-        "sync/bytes": synced.bytes,
-        "sync/verify_seconds": synced.verify_seconds,
-        "sync/verified": float(bool(synced.checksum)),
-        "pool/size": pool_size,
-        "pool/deaths": len(events.died),
-        "pool/requeued_shards": events.requeued_shards,
-    })
-    return row
+class Loop:
+    """What the step loop writes to and reads from: the rollout source and the loggers, reopened
+    at the restored step after a learner recovery."""
+
+    def __init__(self, cfg: RunConfig, actors: RunActors, stream: PromptStream, faults: FaultPlan, start: int,
+                 ready: list, resumed: int | None):
+        self.cfg, self.actors, self.stream, self.faults = cfg, actors, stream, faults
+        self.rollouts = self.metrics = self.samples = None
+        self._open(start, ready, resumed)
+
+    def _open(self, start: int, ready: list, resumed: int | None) -> None:
+        cfg = self.cfg
+        self.rollouts = (AsyncRollouts(cfg, self.actors, self.stream, self.faults, start, ready)
+                         if cfg.rollout.max_staleness else SyncRollouts(cfg, self.actors, self.stream, self.faults))
+        self.metrics = open_metrics(cfg, start, resumed)
+        self.actors.pool.on_queue = queue_gauge(self.metrics)
+        self.samples = RolloutLogger(cfg.output_dir, resume_from_step=start) if cfg.logging.rollouts else None
+
+    def reopen(self, start: int, ready: list) -> None:
+        """After a recovery: the steps after ``start`` are written again."""
+        self.close()
+        self._open(start, ready, resumed=start)
+
+    def log(self, step: int, batch: StepRollouts, stats: LearnerStats, synced: SyncResult, timer: PhaseTimer) -> None:
+        row = step_metrics(batch, stats, synced, timer, len(self.actors.pool))
+        self.metrics.log(step, row, histograms={"rollout/staleness": stats.version - 1 - batch.summary.versions})
+        live_step(self.metrics, row)
+        if self.samples:
+            self.samples.write(step, ray.get(batch.scored))
+
+    def close(self) -> None:
+        self.rollouts.close()
+        self.metrics.close()

@@ -21,10 +21,23 @@ class FaultPlan:
 
     def __init__(self, faults: FaultsConfig):
         self.faults = faults
+        self._done: set[int] = set()
 
     def generators_to_kill(self, step: int) -> list[int]:
         """Pool positions to kill right after this step's shards are dispatched."""
         return [k.index for k in self.faults.kill_generator if k.step == step]
+
+    def generators_to_hang(self, step: int) -> list[int]:
+        """Pool positions that stop answering just before this step's shards are dispatched."""
+        return [k.index for k in self.faults.hang_generator if k.step == step]
+
+    def before_update(self, step: int, learners: Any) -> None:
+        """``faults.kill_learner_at_step``: kill learner rank 0 while it updates (the first time
+        only: the recovered run replays this step)."""
+        if self.faults.kill_learner_at_step == step and step not in self._done:
+            self._done.add(step)
+            log.warning("fault injection: killing learner rank 0 during the update of step %d", step)
+            learners.kill_rank_during_next_step(0)
 
     def before_reward(self, step: int, reward_actor: Any) -> None:
         """``faults.kill_reward_at_step``: kill the reward actor; Ray restarts it (``max_restarts``)

@@ -1,37 +1,73 @@
 """A run's checkpoint: the learner's part (written by the learner) plus the driver's state.
 
-Storage layout and atomicity are :mod:`ray_rlhf.checkpoint`'s; this module decides what goes in:
-the learner group's state, the weight version, the prompt stream's cursor, the pool's restart
-count and the resolved config.
+Where and how atomically checkpoints are stored is :mod:`ray_rlhf.storage`'s (a local directory
+or, with ``checkpoint.location`` a URI, an object store: ``s3://``, ``gs://``...); what a checkpoint
+holds is decided here: the learner group's state (rank 0 writes its part straight into the store,
+from its own node), the policy version, the prompt stream's cursor, the pool's restart count, the
+resolved config and -- in asynchronous runs -- the scored batches already produced for the next
+steps (``pending/step_NNNNNN.parquet``: their samplers' weights are not in the checkpoint, so
+they are kept rather than regenerated).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from pathlib import Path
 
-from ray_rlhf import checkpoint
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
 from ray_rlhf.config.schema import RunConfig
 from ray_rlhf.data.prompts import PromptStream
+from ray_rlhf.generation.pool import PoolEvents
+from ray_rlhf.preflight import checkpoint_location
+from ray_rlhf.records import RolloutSummary, rollout_batch_from_arrow
 from ray_rlhf.run.actors import RunActors
+from ray_rlhf.run.rollouts import StepRollouts
+from ray_rlhf.storage import Checkpoint, open_store
 
 log = logging.getLogger(__name__)
 
-
-def save(cfg: RunConfig, actors: RunActors, stream: PromptStream, step: int) -> Path:
-    """Write the checkpoint of ``step`` atomically under ``output_dir``; keep the newest ``keep``."""
-    state = {"step": step, "version": actors.broadcaster.version, "data": stream.state_dict(),
-             "pool_restarts": actors.pool.restarts, "config": cfg.model_dump(mode="json")}
-    path = checkpoint.save(cfg.output_dir, step, actors.learners.save, state, keep=cfg.checkpoint.keep)
-    log.info("checkpoint written: %s", path)
-    return path
+PENDING = "pending"
 
 
-def restore(actors: RunActors, stream: PromptStream, path: Path, state: dict) -> int:
-    """Load a checkpoint into the learners, bring every generator to its version; returns its step."""
-    actors.learners.load(path)
+def save(cfg: RunConfig, actors: RunActors, cursor: dict, step: int, pending: list[StepRollouts] = ()) -> str:
+    """Write the checkpoint of ``step`` atomically; keep the newest ``checkpoint.keep``.
+
+    ``cursor``: the prompt stream's cursor after the last step whose prompts the checkpoint
+    covers (``step``, or the last of ``pending``).
+    """
+    state = {"step": step, "version": step, "data": cursor, "pool_restarts": actors.pool.restarts,
+             "pending": [{"step": p.step, "seconds": p.seconds} for p in pending], "config": cfg.model_dump(mode="json")}
+    files = {"driver.json": json.dumps(state, indent=1, sort_keys=True).encode()}
+    for p in pending:
+        sink = pa.BufferOutputStream()
+        pq.write_table(ray.get(p.scored).to_arrow(p.step), sink)
+        files[f"{PENDING}/step_{p.step:06d}.parquet"] = sink.getvalue().to_pybytes()
+    store = open_store(checkpoint_location(cfg))
+    ckpt = store.save(step, lambda staging: actors.learners.save_part(store.uri, staging), files,
+                      keep=cfg.checkpoint.keep)
+    log.info("checkpoint written: %s", ckpt.path)
+    return ckpt.path
+
+
+def restore(actors: RunActors, stream: PromptStream, uri: str, ckpt: Checkpoint,
+            state: dict) -> tuple[int, list[StepRollouts]]:
+    """Load a checkpoint into the learners, bring every generator to its version; returns its step
+    and the batches it holds for the next steps."""
+    store = open_store(uri)
+    actors.learners.load_part(store.uri, ckpt)
     stream.load_state_dict(state["data"])
     actors.pool.restarts = int(state.get("pool_restarts", 0))
     actors.broadcaster.restore(int(state["version"]), actors.pool.handles)
-    log.info("resumed from %s at step %d", path, state["step"])
-    return int(state["step"])
+    pending = []
+    for entry in state.get("pending", []):
+        s = int(entry["step"])
+        data = store.read_bytes(ckpt, f"{PENDING}/step_{s:06d}.parquet")
+        batch = rollout_batch_from_arrow(pq.read_table(pa.BufferReader(data)))
+        seconds = {k: float(v) for k, v in entry.get("seconds", {}).items() if k in ("generate", "reward")}
+        pending.append(StepRollouts(s, ray.put(batch), RolloutSummary.of(batch), PoolEvents(), cursor={},
+                                    seconds=seconds))  # made before the stop: its times as measured then
+    log.info("resumed from %s at step %d", ckpt.path, state["step"])
+    return int(state["step"]), pending

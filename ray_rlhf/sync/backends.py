@@ -30,9 +30,10 @@ class ObjectStoreBackend:
     def __init__(self, source: Any):
         self.source = source
 
-    def send(self, version: int, members: Mapping[str, Any], record_checksum: bool) -> SyncResult:
+    def send(self, version: int, members: Mapping[str, Any], record_checksum: bool, ref: Any = None) -> SyncResult:
+        """``ref``: weights already exported (a staged version); else the learner exports now."""
         t0 = time.perf_counter()
-        ref = self.source.hf_state_dict.remote()
+        ref = ref if ref is not None else self.source.hf_state_dict.remote()
         reports = ray.get([g.load_weights.remote(version, ref, record_checksum) for g in members.values()])
         nbytes = reports[0].bytes if reports else 0
         return SyncResult(version, self.name, nbytes, time.perf_counter() - t0, len(members))

@@ -10,6 +10,12 @@ joining of new generators. The driver calls it with two verbs:
 - :meth:`WeightBroadcaster.join` ``(new_members)``: generators that just started (holding the
   initial weights) are brought to the current version before they take work. The pool calls it.
 
+Verify (``sync.verify``) compares, every sync, each generator's checksum of the tensors it
+RECEIVED with the learner's (transport) and a read-back of what its ENGINE computes with (the
+load). With ``sync.verify_parts = N > 1`` the expensive part of the read-back (probing the
+CPU-packed linear layers) rotates over N syncs: every tensor the engine computes with is read back
+at least once every N syncs, and a wrong received tensor is still caught at once.
+
 Members that do not answer (dead before the sync, or lost during it) are left out, the others
 are synced, and the lost ids are reported in :attr:`SyncResult.lost` for the pool to replace.
 Call path of one tensor: :meth:`publish` -> ``ObjectStoreBackend.send`` ->
@@ -29,7 +35,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from ray_rlhf.sync.backends import CollectiveBackend, ObjectStoreBackend
-from ray_rlhf.sync.types import SinkInfo, SyncResult, WeightSyncError
+from ray_rlhf.sync.types import EngineChecksum, SinkInfo, SyncResult, WeightSyncError
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +43,36 @@ LOST_ERRORS = (RayActorError, GetTimeoutError)
 """What a call to a generator that is gone (or hung) raises."""
 
 
-def compare_checksums(expected: str, version: int, engine_sums: list[str], sinks: list[SinkInfo]) -> None:
-    """The verify step's verdict: every engine read-back checksum equals the learner's
-    ``expected`` and every sink holds ``version``; else :class:`WeightSyncError` naming the first
-    generator that differs and both checksums."""
-    for checksum, info in zip(engine_sums, sinks, strict=True):
+def compare_checksums(version: int, learner_checksum: str, sinks: list[SinkInfo],
+                      engines: list[EngineChecksum]) -> None:
+    """The verify step's verdict for every generator, or :class:`WeightSyncError` naming the
+    first one that fails:
+
+    - it holds ``version``;
+    - after a load (version > 0): the tensors it RECEIVED have the learner's checksum (else the
+      transport corrupted or lost one), and every tensor its ENGINE reads back equals the one it
+      received (else the engine load failed);
+    - at version 0 (weights loaded from the model directory): its engine's full read-back
+      checksum equals the learner's.
+    """
+    for info, engine in zip(sinks, engines, strict=True):
+        gid = info.generator_id
         if info.version != version:
-            raise WeightSyncError(f"generator {info.generator_id} holds version {info.version}, expected {version}")
-        if checksum != expected:
+            raise WeightSyncError(f"generator {gid} holds version {info.version}, expected {version}")
+        if version == 0:
+            if engine.checksum != learner_checksum:
+                raise WeightSyncError(f"generator {gid} engine weights checksum {engine.checksum} != learner checksum "
+                                      f"{learner_checksum} at version 0: it did not load the learner's initial model")
+            continue
+        if info.received_checksum != learner_checksum:
             raise WeightSyncError(
-                f"generator {info.generator_id} engine weights checksum {checksum} != learner checksum {expected} "
-                f"at version {version} (received-tensor checksum {info.received_checksum or '?'}: "
-                "equal to the learner's means the engine load failed, different means transport corrupted it)"
+                f"generator {gid} received weights with checksum {info.received_checksum} != learner checksum "
+                f"{learner_checksum} at version {version}: the transport corrupted or lost a tensor"
+            )
+        if engine.mismatched:
+            raise WeightSyncError(
+                f"generator {gid} engine computes with {len(engine.mismatched)} tensor(s) other than the ones it "
+                f"received at version {version} ({', '.join(engine.mismatched[:3])}): the engine load failed"
             )
 
 
@@ -64,7 +88,7 @@ class WeightBroadcaster:
     """
 
     def __init__(self, source: Any, backend: str = "object_store", verify: bool = True,
-                 group_backend: str = "gloo", ping_timeout_s: float = 60.0):
+                 group_backend: str = "gloo", ping_timeout_s: float = 60.0, verify_parts: int = 1):
         if backend == "object_store":
             self.backend: ObjectStoreBackend | CollectiveBackend = ObjectStoreBackend(source)
         elif backend == "collective":
@@ -73,10 +97,16 @@ class WeightBroadcaster:
             raise ValueError(f"unknown sync backend {backend!r} (sync.backend: object_store or collective)")
         self.source = source
         self.verify_weights = verify
+        self.verify_parts = verify_parts
+        """Engine read-back in this many rotating parts (``sync.verify_parts``)."""
         self.ping_timeout_s = ping_timeout_s
         self.version = 0
         """The version every member holds after the last :meth:`publish` (0: initial weights)."""
-        self._initial = ObjectStoreBackend(source)  # joins and restores: no group needed
+        self._initial = ObjectStoreBackend(source)  # joins, restores, staged versions: no group needed
+        self.last: SyncResult | None = None
+        """The last sync, join or restore, after its verify."""
+        self._staged: dict[int, tuple[Any, Any]] = {}
+        """Asynchronous runs: version -> (weights ref, learner checksum ref), exported by :meth:`stage`."""
 
     # ---- the two verbs -------------------------------------------------------------------------
     def publish(self, version: int, members: Mapping[str, Any]) -> SyncResult:
@@ -102,9 +132,35 @@ class WeightBroadcaster:
 
         Raises ``RayActorError`` if one of them dies meanwhile (the pool drops it and retries).
         """
+        ref, checksum = self._staged.get(self.version, (None, None))
         if self.version:
-            self._initial.send(self.version, members, self.verify_weights)
-        self._verified(SyncResult(self.version, "join", 0, 0.0, len(members)), members)
+            self._initial.send(self.version, members, self.verify_weights, ref=ref)
+        self._verified(SyncResult(self.version, "join", 0, 0.0, len(members)), members, checksum)
+
+    # ---- asynchronous runs: export now, load between rollout steps -----------------------------
+    def stage(self, version: int, keep: int = 2) -> float:
+        """Export the learner's weights as ``version`` into the object store (queued on the
+        learner right after its update, before its next one) without loading them anywhere; the
+        ``keep`` newest staged versions are kept. Returns the seconds spent submitting."""
+        t0 = time.perf_counter()
+        checksum = self.source.weights_checksum.remote() if self.verify_weights else None
+        self._staged[version] = (self.source.hf_state_dict.remote(), checksum)
+        for old in [v for v in self._staged if v <= version - keep and v != self.version]:
+            del self._staged[old]
+        return time.perf_counter() - t0
+
+    def publish_staged(self, version: int, members: Mapping[str, Any]) -> SyncResult:
+        """Load staged ``version`` into every live member (object store); lost ones are reported."""
+        ref, checksum = self._staged[version]
+        live, lost = self._answering(members, self.ping_timeout_s)
+        try:
+            result = self._initial.send(version, live, self.verify_weights, ref=ref)
+        except LOST_ERRORS:
+            live, more = self._answering(live, timeout_s=30.0)
+            lost += more
+            result = self._initial.send(version, live, self.verify_weights, ref=ref)
+        self.version = version
+        return self._verified(dataclasses.replace(result, lost=tuple(lost)), live, checksum)
 
     def restore(self, version: int, members: Mapping[str, Any]) -> SyncResult:
         """After a resume: the learner holds ``version``; load it everywhere (object store)."""
@@ -114,20 +170,41 @@ class WeightBroadcaster:
     def close(self, members: Mapping[str, Any]) -> None:
         self.backend.close(members)
 
+    def set_source(self, source: Any, members: Mapping[str, Any]) -> None:
+        """A new learner sends from now on (the old one died): its collective group is gone, and
+        staged exports of the old learner are dropped."""
+        try:
+            self.backend.close(members)
+        except Exception:  # noqa: BLE001 - the old rank 0 is dead: only the generators' side matters
+            for g in members.values():
+                try:
+                    ray.get(g.leave_weight_group.remote())
+                except Exception:  # noqa: BLE001 - a dead generator has nothing to leave
+                    pass
+        self.source = self.backend.source = self._initial.source = source
+        if hasattr(self.backend, "_group"):
+            self.backend._group = None
+        self._staged.clear()
+
     # ---- helpers -------------------------------------------------------------------------------
-    def _verified(self, result: SyncResult, members: Mapping[str, Any]) -> SyncResult:
+    def _verified(self, result: SyncResult, members: Mapping[str, Any], learner_checksum: Any = None) -> SyncResult:
         """With verify on: every member's ENGINE holds the learner's weights at ``result.version``.
 
         Raises :class:`WeightSyncError` naming the generator and both checksums on a mismatch.
         """
-        if not self.verify_weights:
+        if not self.verify_weights or not members:
+            self.last = result
             return result
         t0 = time.perf_counter()
         handles = list(members.values())
-        expected = ray.get(self.source.weights_checksum.remote())
-        got = ray.get([g.weights_checksum.remote() for g in handles] + [g.weights_status.remote() for g in handles])
-        compare_checksums(expected, result.version, got[: len(handles)], got[len(handles):])
-        return dataclasses.replace(result, checksum=expected, verify_seconds=time.perf_counter() - t0)
+        parts = self.verify_parts if result.version else 1  # version 0: one full read-back
+        part = result.version % parts
+        got = ray.get([g.weights_checksum.remote(part, parts) for g in handles]
+                      + [g.weights_status.remote() for g in handles])
+        full = ray.get(learner_checksum if learner_checksum is not None else self.source.weights_checksum.remote())
+        compare_checksums(result.version, full, got[len(handles):], got[: len(handles)])
+        self.last = dataclasses.replace(result, checksum=full, verify_seconds=time.perf_counter() - t0)
+        return self.last
 
     @staticmethod
     def _answering(members: Mapping[str, Any], timeout_s: float) -> tuple[dict[str, Any], list[str]]:

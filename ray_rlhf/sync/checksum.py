@@ -5,15 +5,18 @@ same function on the weights it reads back from its vLLM engine (see
 :mod:`ray_rlhf.sync.vllm_readback`) and on the tensors it received. Equal strings mean equal
 names, dtypes, shapes and element values.
 
-Pure torch + hashlib: no Ray, no vLLM.
+Pure torch + NumPy + xxhash: no Ray, no vLLM. The hash is XXH3-128 (~15 GB/s here, against
+1.5 GB/s for SHA-256): this is a check against corruption and failed loads, not against an
+adversary, and the verify step hashes every weight on every generator each sync.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping
 
+import numpy as np
 import torch
+import xxhash
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 """Names that older HF checkpoints carry but no engine loads (vLLM skips them too): excluded from
@@ -42,25 +45,61 @@ def canonical(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def _hash_into(h, name: str, t: torch.Tensor) -> None:
-    t = canonical(t)
-    h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}\n".encode())
-    if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+_EXPONENT = {torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000),
+             torch.float16: (torch.int16, 0x7C00), torch.bfloat16: (torch.int16, 0x7F80)}
+"""Float dtype -> (integer view, exponent bits). Exponent 0 <=> +-0.0 or a subnormal."""
 
 
-def state_dict_checksum(state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> str:
-    """SHA-256 (hex, first 32 chars) over every tensor's name, dtype, shape and canonical bytes.
+def canonical_bytes(t: torch.Tensor) -> np.ndarray:
+    """The bytes of :func:`canonical` (``t``), computed with one integer test on the exponent bits
+    and no float arithmetic: a view, copied only when some element must change. Shape: (nbytes,)."""
+    t = t.detach().to("cpu").contiguous()
+    spec = _EXPONENT.get(t.dtype)
+    if spec is None:
+        return canonical(t).reshape(-1).view(torch.uint8).numpy()
+    bits = t.view(spec[0]).numpy().reshape(-1)
+    zero = (bits & spec[1]) == 0
+    if zero.any():
+        bits = np.where(zero, 0, bits).astype(bits.dtype)
+    return bits.view(np.uint8)
+
+
+def state_dict_checksum(state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                        names: Iterable[str] | None = None) -> str:
+    """XXH3-128 (hex, 32 chars) over every tensor's name, dtype, shape and canonical bytes.
 
     Names are sorted, so the result does not depend on dict order; names ending in
-    :data:`IGNORED_SUFFIXES` are skipped. Any changed element, a missing or extra tensor, or a
-    dtype/shape change gives a different checksum. Cost: one pass over the weights (~1-2 GB/s).
+    :data:`IGNORED_SUFFIXES` are skipped; ``names``, if given, restricts the sum to those tensors
+    (a name given but absent counts as missing). Any changed element, a missing or extra tensor, or
+    a dtype/shape change gives a different checksum. Cost: one pass over the weights.
     """
     items = {n: t for n, t in named_tensors(state) if not n.endswith(IGNORED_SUFFIXES)}
-    h = hashlib.sha256()
-    for name in sorted(items):
-        _hash_into(h, name, items[name])
-    return h.hexdigest()[:32]
+    wanted = sorted(items) if names is None else sorted(set(names))
+    h = xxhash.xxh3_128()
+    for name in wanted:
+        if name not in items:
+            h.update(f"{name}|missing\n".encode())
+            continue
+        t = items[name]
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(canonical_bytes(t))
+    return h.hexdigest()
+
+
+def tensor_digests(state) -> dict[str, str]:
+    """Name -> XXH3-64 of one tensor's dtype, shape and canonical bytes (names in
+    :data:`IGNORED_SUFFIXES` skipped): compares tensors one by one, e.g. a read-back subset
+    against what was received."""
+    out = {}
+    for name, t in named_tensors(state):
+        if name.endswith(IGNORED_SUFFIXES):
+            continue
+        h = xxhash.xxh3_64(f"{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(canonical_bytes(t))
+        out[name] = h.hexdigest()
+    return out
 
 
 def tensor_bytes(weights) -> int:

@@ -15,8 +15,8 @@ from typing import Protocol
 
 import torch
 
-from ray_rlhf.sync.checksum import IGNORED_SUFFIXES, named_tensors, state_dict_checksum, tensor_bytes
-from ray_rlhf.sync.types import GroupInfo, LoadReport, SinkInfo, WeightSyncError
+from ray_rlhf.sync.checksum import IGNORED_SUFFIXES, named_tensors, state_dict_checksum, tensor_bytes, tensor_digests
+from ray_rlhf.sync.types import EngineChecksum, GroupInfo, LoadReport, SinkInfo, WeightSyncError
 
 
 class Engine(Protocol):
@@ -25,8 +25,9 @@ class Engine(Protocol):
     def reload(self, weights: list[tuple[str, torch.Tensor]]) -> None:
         """Load a full Hugging Face-named state dict in one call."""
 
-    def read_back(self) -> dict[str, torch.Tensor]:
-        """The weights the engine computes with, in Hugging Face naming."""
+    def read_back(self, part: int = 0, parts: int = 1) -> dict[str, torch.Tensor]:
+        """The weights the engine computes with, in Hugging Face naming (with ``parts > 1``: the
+        cheap tensors and one rotating ``part`` of the expensive ones)."""
 
 
 class WeightReceiver:
@@ -45,6 +46,8 @@ class WeightReceiver:
         self.version = 0
         """Version of the weights the engine holds (0: as loaded from the model directory)."""
         self.received_checksum = ""
+        self.received_digests: dict[str, str] = {}
+        """Per-tensor digests of the last load (what the engine must read back)."""
         self._group = None  # CollectiveReceiver while in a group
 
     def load(self, version: int, weights, record_checksum: bool = True) -> LoadReport:
@@ -59,6 +62,7 @@ class WeightReceiver:
                     f"and has unknown {sorted(extra)[:5]}; not loaded (still version {self.version})"
                 )
         self.received_checksum = state_dict_checksum(pairs) if record_checksum else ""
+        self.received_digests = tensor_digests(pairs) if record_checksum else {}
         t0 = time.perf_counter()
         self.engine.reload(pairs)
         seconds = time.perf_counter() - t0
@@ -82,10 +86,15 @@ class WeightReceiver:
             self._group.close()
             self._group = None
 
-    def engine_checksum(self) -> str:
-        """Checksum of the engine's read-back weights: equal to the learner's iff every tensor
-        arrived and loaded exactly."""
-        return state_dict_checksum(self.engine.read_back())
+    def engine_checksum(self, part: int = 0, parts: int = 1) -> EngineChecksum:
+        """Checksum of the engine's read-back weights (all of them, or ``part`` of ``parts``) and
+        the names it covers: equal to the learner's over those names iff they loaded exactly."""
+        state = self.engine.read_back(part, parts)
+        mismatched = ()
+        if self.received_digests:
+            got = tensor_digests(state)
+            mismatched = tuple(sorted(n for n, d in got.items() if self.received_digests.get(n) != d))
+        return EngineChecksum(tuple(sorted(state)), state_dict_checksum(state), mismatched)
 
     def status(self) -> SinkInfo:
         return SinkInfo(self.generator_id, self.version, self.received_checksum)

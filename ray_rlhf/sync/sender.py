@@ -32,9 +32,10 @@ class WeightSender:
         """Detached CPU copies of the current weights (what the object-store backend ships)."""
         return {k: v.detach().to("cpu", copy=True) for k, v in self._state_dict().items()}
 
-    def checksum(self) -> str:
-        """:func:`~ray_rlhf.sync.checksum.state_dict_checksum` of the current weights."""
-        return state_dict_checksum(self._state_dict())
+    def checksum(self, names: tuple[str, ...] | None = None) -> str:
+        """:func:`~ray_rlhf.sync.checksum.state_dict_checksum` of the current weights (only
+        ``names``, if given)."""
+        return state_dict_checksum(self._state_dict(), names)
 
     def group_open(self, world_size: int, backend: str = "gloo", timeout_s: float = 300.0) -> GroupInfo:
         if self._collective is None:

@@ -72,6 +72,18 @@ class GroupInfo:
 
 
 @dataclass(frozen=True)
+class EngineChecksum:
+    """What a generator's engine computes with, read back: checksum, names covered, and the names
+    whose read-back differs from the tensor the generator received for them."""
+
+    names: tuple[str, ...]
+    checksum: str
+    mismatched: tuple[str, ...] = ()
+    """Empty when every read-back tensor equals the received one (or nothing was received yet:
+    the engine holds the weights it loaded from the model directory)."""
+
+
+@dataclass(frozen=True)
 class SinkInfo:
     """A generator's answer to :meth:`WeightSink.weights_status`."""
 
@@ -86,8 +98,8 @@ class WeightSource(Protocol):
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The policy's weights under Hugging Face names, CPU tensors, value head excluded."""
 
-    def weights_checksum(self) -> str:
-        """Checksum of :meth:`hf_state_dict`."""
+    def weights_checksum(self, names: tuple[str, ...] | None = None) -> str:
+        """Checksum of :meth:`hf_state_dict` (restricted to ``names`` if given)."""
 
     def weight_group_open(self, world_size: int, backend: str, timeout_s: float) -> GroupInfo:
         """Serve a new collective group of ``world_size`` (this process is rank 0)."""
@@ -117,8 +129,9 @@ class WeightSink(Protocol):
     def leave_weight_group(self) -> None:
         """Leave the collective group, if in one."""
 
-    def weights_checksum(self) -> str:
-        """Checksum of the weights the engine computes with, read back from the engine."""
+    def weights_checksum(self, part: int = 0, parts: int = 1) -> EngineChecksum:
+        """Checksum of the weights the engine computes with, read back from the engine (all of
+        them, or the cheap ones plus rotating ``part`` of ``parts`` of the probed ones)."""
 
     def weights_status(self) -> SinkInfo:
         """Id, version and received-tensor checksum."""

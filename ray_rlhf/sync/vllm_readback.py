@@ -110,8 +110,14 @@ def logits_module(model: torch.nn.Module, hidden_size: int, dtype: torch.dtype) 
     return called[0]
 
 
-def engine_hf_state_dict(worker) -> dict[str, torch.Tensor]:
-    """``collective_rpc`` target: the worker model's weights as a Hugging Face state dict."""
+def engine_hf_state_dict(worker, part: int = 0, parts: int = 1) -> dict[str, torch.Tensor]:
+    """``collective_rpc`` target: the worker model's weights as a Hugging Face state dict.
+
+    Probing a CPU-packed linear layer is a matmul per layer (the read-back's cost), so with
+    ``parts > 1`` only every ``parts``-th packed layer (the logits head counting as the last one),
+    starting at ``part``, is probed and returned; every other tensor is returned always. Over
+    ``parts`` calls with ``part = 0 .. parts-1`` every tensor is read back once.
+    """
     model = worker.model_runner.model
     model_config = worker.model_runner.model_config
     hf_config = model_config.hf_config
@@ -121,10 +127,14 @@ def engine_hf_state_dict(worker) -> dict[str, torch.Tensor]:
     packed = dict(getattr(model, "packed_modules_mapping", {}) or {})
     conv1d = _CONV1D_WEIGHTS.get(getattr(hf_config, "model_type", ""), ())
     out: dict[str, torch.Tensor] = {}
+    probed = 0
     for pname, param in model.named_parameters():
         mod_name, _, attr = pname.rpartition(".")
         layer = model.get_submodule(mod_name)
         if attr == "weight" and param.numel() == 0 and hasattr(layer, "cpu_linear"):
+            probed += 1
+            if (probed - 1) % parts != part:
+                continue
             t = _linear_weight(layer)
         else:
             t = param.detach()
@@ -136,8 +146,8 @@ def engine_hf_state_dict(worker) -> dict[str, torch.Tensor]:
             sizes = list(getattr(layer, "output_sizes", []))
             if len(sizes) != len(subs) or sum(sizes) != t.shape[0]:
                 raise RuntimeError(f"cannot split {pname} {tuple(t.shape)} into {subs} by {sizes}")
-            for sub, part in zip(subs, torch.split(t, sizes, dim=0)):
-                out[f"{parent}.{sub}.{attr}" if parent else f"{sub}.{attr}"] = part
+            for sub, piece in zip(subs, torch.split(t, sizes, dim=0)):
+                out[f"{parent}.{sub}.{attr}" if parent else f"{sub}.{attr}"] = piece
             continue
         if subs:  # one-element mapping: the checkpoint stores the fused tensor under that name
             pname = f"{parent}.{subs[0]}.{attr}" if parent else f"{subs[0]}.{attr}"
@@ -147,7 +157,9 @@ def engine_hf_state_dict(worker) -> dict[str, torch.Tensor]:
             t = t[:vocab]
         out[pname] = t
     head = logits_module(model, int(text_config.hidden_size), dtype)
-    if head is not None:  # the packed copy the logits come from, not the parameter
+    if head is not None and probed % parts != part:
+        head = None  # not this part's turn (and no tied alias: the head is reported on its turn)
+    elif head is not None:  # the packed copy the logits come from, not the parameter
         name, layer = head
         t = _linear_weight(layer, in_features=layer.weight.shape[-1] or int(text_config.hidden_size))
         key = HEAD_NAME if name == "lm_head" or name.endswith(_EMBEDDINGS) else f"{name}.weight"

@@ -42,6 +42,9 @@ def raises(prompt, response):
 def nan(prompt, response):
     return float("nan")
 
+def one_arg(response):
+    return 0.0
+
 def raises_in_ray(prompt, response):
     """Fine in the driver's preflight probe, raises inside the Ray reward actor (as a function
     that only chokes on real generated text would)."""
@@ -96,6 +99,18 @@ def _write(name: str, data: bytes | str):
 
 def _mkdir(name: str):
     return lambda scene: (scene.tmp / name).mkdir()
+
+
+def _model_without_chat_template(scene: Scene) -> None:
+    """A copy of the tiny policy whose tokenizer has no chat template (a base model)."""
+    src = scene.reward_model.parent / scene.reward_model.name.replace("reward-", "policy-")
+    dst = scene.tmp / "base_model"
+    shutil.copytree(src, dst)
+    cfg_path = dst / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("chat_template", None)
+    cfg_path.write_text(json.dumps(cfg))
+    (dst / "chat_template.jinja").unlink(missing_ok=True)
 
 
 def _corrupt_learner_json(scene: Scene) -> None:
@@ -169,6 +184,19 @@ CASES: dict[str, Case] = {
     "resume_path_missing": Case(["checkpoint.resume={tmp}/no_such_checkpoint"],
                                 ["no_such_checkpoint", "checkpoint.resume"]),
     "resume_never_over_checkpoints": Case(["checkpoint.resume=never"], ["checkpoint.resume=never"]),
+    "messages_not_role_content": Case(
+        ["data.prompts_path={tmp}/chat.jsonl", "data.prompt_column=messages"],
+        ["chat.jsonl", "row 0 of column 'messages'", "{role, content}"],
+        setup=_write("chat.jsonl", '{"messages": [{"role": "user"}]}\n{"messages": [{"role": "user"}]}\n')),
+    "no_chat_template": Case(["model.policy_path={tmp}/base_model", "data.chat_template=always"],
+                             ["has none", "chat template"], setup=_model_without_chat_template),
+    "reward_signature_fits_no_form": Case(["reward.functions=[{name: 'bad_rewards:one_arg'}]"],
+                                          ["bad_rewards:one_arg", "fits neither accepted form"]),
+    "unreachable_reward_url": Case(["reward.remote=[{url: 'http://127.0.0.1:1/score'}]"],
+                                   ["http://127.0.0.1:1/score", "unreachable"], max_seconds=60),
+    "top_p_below_one": Case(["rollout.top_p=0.9"], ["rollout.top_p=0.9", "not supported"]),
+    "more_generators_than_the_local_ray_holds": Case(["generators.num=5", "ray.num_cpus=2"],
+                                                     ["generators.num=5", "this local Ray has 2"], max_seconds=60),
     "reward_raises_in_actor": Case(
         ["reward.functions=[{name: 'bad_rewards:raises_in_ray', weight: 1.0}]", *RAY_SMALL],
         ["bad_rewards:raises_in_ray", "raised KeyError", "unexpected token in response"],

@@ -14,15 +14,15 @@ as test properties. An architecture the CPU build cannot load is skipped with vL
 
 from __future__ import annotations
 
-import gc
-import os
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from ray_rlhf.models.architectures import ARCHITECTURES, build_arch, get_spec
 from ray_rlhf.models.output_head import attention_implementation, output_logits, trunk_hidden
+from ray_rlhf.models.output_head import tied_parameter_groups as _tied_groups
 from ray_rlhf.models.policy import sequence_inputs
 from ray_rlhf.sync.checksum import state_dict_checksum
 
@@ -37,18 +37,6 @@ MEAN_TOL = 1e-4
 TEXTS = ["The cat sat on the", "Water is", "Once upon a time, a small fox"]
 MESSAGES = [[{"role": "user", "content": "Where do fish live?"}], [{"role": "user", "content": "Say hello."}]]
 RESULTS: dict[str, dict[str, float]] = {}
-
-
-def _shutdown(llm) -> None:
-    """As :meth:`Generator.shutdown`: stop the engine core and the distributed state."""
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    finally:
-        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
-        destroy_model_parallel()
-        destroy_distributed_environment()
-        gc.collect()
 
 
 def _load_hf(path):
@@ -74,26 +62,20 @@ def arch(request, tmp_path_factory):
 
     name = request.param
     path = build_arch(name, tmp_path_factory.mktemp("archs") / name, seed=0)
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    vllm = pytest.importorskip("vllm")
-    ns = SimpleNamespace(name=name, path=path, tok=AutoTokenizer.from_pretrained(path), hf=_load_hf(path), llm=None, error=None)
-    try:
-        ns.llm = vllm.LLM(
-            model=str(path),
-            distributed_executor_backend="uni",
-            dtype="float32",
-            max_model_len=256,
-            enforce_eager=True,
-            seed=0,
-            logprobs_mode="processed_logprobs",
-        )
+    pytest.importorskip("vllm")
+    from ray_rlhf.generation.generator import Generator
+
+    ns = SimpleNamespace(name=name, path=path, tok=AutoTokenizer.from_pretrained(path), hf=_load_hf(path), llm=None,
+                         gen=None, error=None)
+    try:  # the project's Generator: the engine settings of a run (in-process, fp32, processed logprobs)
+        ns.gen = Generator(path, f"gen-{name}", max_model_len=256, seed=0)
+        ns.llm = ns.gen._llm
     except Exception as e:  # noqa: BLE001 - reported as the skip reason
         ns.error = f"{type(e).__name__}: {e}"
     yield ns
-    if ns.llm is not None:
-        _shutdown(ns.llm)
-        ns.llm = None
+    if ns.gen is not None:
+        ns.gen.shutdown()
+        ns.gen = ns.llm = None
 
 
 @pytest.fixture
@@ -303,3 +285,53 @@ def test_reload_hf_weights_lands_the_update_and_the_sampler_follows(arch, llm, f
     RESULTS.setdefault(arch.name, {})[f"updated_{form}_T1.0_max"] = mx
     record_property(f"{arch.name}_updated_{form}", {"mean": mean, "max": mx, "tokens": n})
     assert mean <= MEAN_TOL, f"after update ({form}): mean |diff| {mean:.3g}, max {mx:.3g}"
+
+
+# ------------------------------------------------------------- (e) the project's loop, end to end
+
+
+def test_the_loop_on_this_architecture(arch, llm, tmp_path):
+    """Generator -> reward -> one Learner step -> weight sync with read-back verify -> checkpoint
+    and resume, with the project's own classes; the learner's log-probs equal the sampler's before
+    the update (T = 1.0 and 0.7), and the resumed learner holds exactly the trained weights."""
+    from ray_rlhf.config.schema import KLConfig, PPOConfig
+    from ray_rlhf.data.prompts import tokenize_prompts
+    from ray_rlhf.learning.learner import Learner
+    from ray_rlhf.records import PromptShard, RolloutBatch, SamplingSpec
+    from ray_rlhf.rewards.rules import letter_frequency
+    from ray_rlhf.sync.broadcaster import compare_checksums
+
+    gen = arch.gen
+    ppo = PPOConfig(epochs=1, minibatch_size=10, micro_batch_size=5, lr=1e-3)
+    learner = Learner(str(arch.path), ppo, KLConfig(), seed=0)
+
+    def sync(version: int) -> None:  # what the object-store broadcast does, in process
+        gen.load_weights(version, learner.hf_state_dict())
+        compare_checksums(version, learner.weights_checksum(), [gen.weights_status()], [gen.weights_checksum()])
+
+    sync(100)  # earlier tests of this module moved the engine's weights: back to the checkpoint's
+    items = tokenize_prompts([*TEXTS, *MESSAGES], arch.tok, max_prompt_tokens=64)
+    shard = PromptShard(0, tuple(items))
+    for temperature in (0.7, 1.0):
+        learner.temperature = temperature
+        _, batch = gen.generate(shard, SamplingSpec(n=2, max_new_tokens=MAX_NEW, temperature=temperature, seed=3))
+        batch = batch.with_rewards(np.array([letter_frequency(p, r) for p, r in zip(batch.prompt, batch.response)]), {})
+        if temperature == 0.7:  # the learner's view of the sampler's tokens, before any update
+            from ray_rlhf.learning.batch import collate
+
+            _, pstats = learner.prepare(collate(batch, learner.pad_id))
+            assert pstats["sampler_logprob_diff"] <= MEAN_TOL, pstats
+    stats = learner.step(batch)  # T = 1.0; prepare checks the same difference on this batch
+    assert stats.sampler_logprob_diff <= MEAN_TOL and np.isfinite(stats.policy_loss), stats
+    assert learner.weights_checksum() != state_dict_checksum(learner.reference.state_dict())
+    sync(101)  # the updated weights, tied and packed tensors included, read back from the engine
+    _, after = gen.generate(shard, SamplingSpec(n=2, max_new_tokens=MAX_NEW, temperature=1.0, seed=3))
+    assert isinstance(after, RolloutBatch) and set(after.policy_version.tolist()) == {101}
+
+    learner.save_state(tmp_path)
+    resumed = Learner(str(arch.path), ppo, KLConfig(), seed=1)
+    resumed.load_state(tmp_path)
+    assert resumed.weights_checksum() == learner.weights_checksum()
+    assert resumed.version == learner.version
+    for names in _tied_groups(resumed.model.lm):  # a tied model stays tied after the load
+        assert len({id(resumed.model.lm.get_parameter(n)) for n in names}) == 1, names

@@ -93,14 +93,14 @@ def test_generator_and_reward_deaths_lose_and_duplicate_nothing(tmp_path, cache,
     send = ObjectStoreBackend.send
     killed_in_sync: list[str] = []
 
-    def send_with_a_death(self, version, members, record_checksum):
+    def send_with_a_death(self, version, members, record_checksum, ref=None):
         """Kill a generator after the pre-sync liveness check, so the sync itself meets it dead."""
         if version == 3 and not killed_in_sync:
             gid, handle = next(iter(members.items()))
             ray.kill(handle, no_restart=True)
             killed_in_sync.append(gid)
             wait_dead(handle)
-        return send(self, version, members, record_checksum)
+        return send(self, version, members, record_checksum, ref=ref)
 
     monkeypatch.setattr(ObjectStoreBackend, "send", send_with_a_death)
     reward_pids: dict[int, int] = {}

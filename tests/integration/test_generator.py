@@ -68,7 +68,7 @@ def generate(gen, shard, spec):
 
 
 def verify(checksum, gen, version):
-    compare_checksums(checksum, version, [gen.weights_checksum()], [gen.weights_status()])
+    compare_checksums(version, checksum, [gen.weights_status()], [gen.weights_checksum()])
 
 
 def eos_friendly(state: dict[str, torch.Tensor], eos_id: int) -> dict[str, torch.Tensor]:
@@ -169,7 +169,7 @@ def test_checksum_verify_fails_after_a_corrupted_or_partial_load(gen, hf):
     sent["model.layers.1.self_attn.k_proj.weight"][3, 7] += 1e-3
     report = gen.load_weights(2, sent)
     assert report.received_checksum != want  # the generator can tell it was the transport
-    with pytest.raises(WeightSyncError, match=f"generator gen-test engine weights checksum .* != learner checksum {want}"):
+    with pytest.raises(WeightSyncError, match=f"generator gen-test received weights with checksum .* != learner checksum {want}"):
         verify(want, gen, 2)
 
     # 2. A tensor missing from the payload: refused before the engine is touched.
@@ -184,11 +184,11 @@ def test_checksum_verify_fails_after_a_corrupted_or_partial_load(gen, hf):
     verify(want, gen, 2)
     no_v = [(k, v) for k, v in learner.items() if k != "model.layers.1.self_attn.v_proj.weight"]
     gen.weights.engine.reload(no_v)  # straight into the engine, past the receiver's check
-    assert gen.weights_checksum() != want
+    assert gen.weights_checksum().checksum != want
 
     # A good load repairs it.
     gen.load_weights(2, learner)
-    assert gen.weights_checksum() == want
+    assert gen.weights_checksum().checksum == want
 
 
 def test_info_and_ping(gen):
@@ -196,3 +196,32 @@ def test_info_and_ping(gen):
     assert info["generator_id"] == "gen-test" == gen.ping()
     assert info["peak_rss_bytes"] >= info["rss_bytes"] > 0 and info["pid"] > 0
     assert info["version"] == gen.version == gen.weights_status().version
+
+
+def test_rotating_read_back_covers_every_tensor_and_still_catches_corruption(gen, hf):
+    """``sync.verify_parts``: the packed layers are read back in rotating parts; together the parts
+    cover every tensor, a layer the engine got wrong is caught in the part that reads it, and a
+    tensor corrupted on the way is caught at once by the received-tensor checksum."""
+    model, _ = hf
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    gen.load_weights(7, state)
+    full = gen.weights_checksum()
+    parts = [gen.weights_checksum(p, 4) for p in range(4)]
+    assert set().union(*(p.names for p in parts)) == set(full.names)
+    assert all(len(p.names) < len(full.names) and not p.mismatched for p in parts)
+    for p in parts:
+        assert p.checksum == state_dict_checksum(state, p.names)
+        compare_checksums(7, state_dict_checksum(state), [gen.weights_status()], [p])
+    bad = {k: v.clone() for k, v in state.items()}
+    bad["model.layers.1.mlp.down_proj.weight"][0, 0] += 0.5
+    gen.weights.engine.reload(list(bad.items()))  # the engine computes with a wrong layer
+    checks = [gen.weights_checksum(p, 4) for p in range(4)]
+    assert [c.mismatched for c in checks if c.mismatched] == [("model.layers.1.mlp.down_proj.weight",)]
+    with pytest.raises(WeightSyncError, match="engine computes with 1 tensor.*down_proj.*the engine load failed"):
+        for c in checks:
+            compare_checksums(7, state_dict_checksum(state), [gen.weights_status()], [c])
+    gen.load_weights(8, bad)  # a tensor changed on the way: the received checksum tells at once
+    with pytest.raises(WeightSyncError, match="received weights with checksum .* the transport corrupted"):
+        compare_checksums(8, state_dict_checksum(state), [gen.weights_status()], [gen.weights_checksum(0, 4)])
+    gen.load_weights(8, state)
+    verify(state_dict_checksum(state), gen, 8)

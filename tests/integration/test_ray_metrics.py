@@ -110,3 +110,50 @@ def test_step_rows_and_live_metrics_reach_prometheus(local_ray):
     assert all_there(got), f"gauges expired although the sink is open: {got}"
     print(f"stale series gone after {seconds:.1f} s; the re-set ones stayed")
     sink.close()
+
+
+def test_a_run_exports_its_step_metrics_and_pool_gauges(local_ray, tmp_path, tiny_policy_path):
+    """Two steps of a real run (tiny preset): while its actors are still up, the node's Prometheus
+    endpoint shows the last step's metrics and the live pool gauges, equal to metrics.jsonl's."""
+    import json
+
+    from ray_rlhf.config import load_config
+    from ray_rlhf.run.driver import run
+
+    url = metrics_urls()[ray.get_runtime_context().get_node_id()]
+    name = f"run-{os.getpid()}"
+    cfg = load_config("tiny", [f"name={name}", f"output_dir={tmp_path}", f"model.cache_dir={tiny_policy_path.parent}",
+                               "steps=2", "rollout.prompts_per_step=4", "ppo.minibatch_size=16",
+                               "ppo.micro_batch_size=16", "logging.progress_bar=false", "checkpoint.every=0"])
+    seen: dict = {}
+
+    def read_endpoint(actors):
+        rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        last = rows[-1]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            got = {k[0]: v for k, v in scrape_run(url, name).items()}
+            if got.get("ray_rlhf_step") == 2 and "ray_rlhf_live_pool_size" in got:
+                break
+            time.sleep(0.5)
+        seen.update(got=got, last=last)
+
+    run(cfg, on_finish=read_endpoint)
+    got, last = seen["got"], seen["last"]
+    assert got["ray_rlhf_step"] == 2
+    assert got["ray_rlhf_reward_mean"] == pytest.approx(last["reward/mean"])
+    assert got["ray_rlhf_ppo_kl_ref"] == pytest.approx(last["ppo/kl_ref"])
+    assert got["ray_rlhf_pool_size"] == last["pool/size"] == 2
+    assert got["ray_rlhf_live_pool_size"] == 2 and got["ray_rlhf_live_weight_version"] == 2
+    assert got["ray_rlhf_live_pool_shards_queued"] == 0
+    assert got["ray_rlhf_live_sync_bytes_total"] == pytest.approx(2 * last["sync/bytes"])
+
+
+def scrape_run(url: str, run: str) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("ray_rlhf_") and s.labels.get("run") == run and "source" not in s.labels:
+                out[(s.name, ())] = s.value
+    return out

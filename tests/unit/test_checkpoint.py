@@ -55,7 +55,8 @@ def names(root: Path) -> list[str]:
 def test_save_writes_a_complete_checkpoint(tmp_path):
     path = save(tmp_path, 7)
     assert path == tmp_path / "checkpoints" / "step_000007"
-    assert (path / "COMPLETE").read_text() == "7"
+    marker = json.loads((path / "COMPLETE").read_text())  # the files and their sizes, written last
+    assert marker["step"] == 7 and marker["files"]["driver.json"] == (path / "driver.json").stat().st_size
     assert checkpoint.validate(path) == state(7)
     assert names(tmp_path / "checkpoints") == ["step_000007"]  # no temporary directory left
 

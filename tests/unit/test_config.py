@@ -74,3 +74,16 @@ def test_cli_show_config_prints_resolved_tree():
     )
     assert proc.returncode == 0, proc.stderr
     assert "clip: 0.25" in proc.stdout
+
+
+def test_top_p_below_one_is_refused_with_the_reason():
+    with pytest.raises(UserError) as e:
+        load_config("tiny", ["rollout.top_p=0.9"])
+    msg = str(e.value)
+    assert "rollout.top_p=0.9 is not supported" in msg and "set rollout.top_p=1.0" in msg and "\n" not in msg
+
+
+def test_verify_with_tensor_parallel_generators_is_refused():
+    with pytest.raises(UserError, match="set sync.verify=false"):
+        load_config("tiny", ["generators.tensor_parallel_size=2"])
+    assert load_config("tiny", ["generators.tensor_parallel_size=2", "sync.verify=false"]).sync.verify is False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -91,7 +93,7 @@ def _grads(tiny_policy_path, rollouts, micro):
     L.optimizer.zero_grad()
     n_tokens = prep.batch.response_mask.sum()
     for idx in torch.arange(len(prep.batch)).split(micro):
-        L._micro_step(prep, idx, n_tokens)
+        L._micro_step(prep, idx, n_tokens, n_tokens)
     return {n: p.grad.clone() for n, p in L.model.named_parameters() if p.grad is not None}
 
 
@@ -128,10 +130,27 @@ def test_save_and_load_state_round_trip(tiny_policy_path, rollouts, tmp_path):
     # the reference stays the initial model, not the checkpoint
     assert state_dict_checksum(b.reference.state_dict()) != b.weights_checksum()
     # the next step is identical (optimizer moments, RNG for minibatch shuffling restored)
-    sa, sb = a.step(rollouts), b.step(rollouts)
+    again = dataclasses.replace(rollouts, policy_version=rollouts.policy_version + 1)  # sampled by version 1
+    sa, sb = a.step(again), b.step(again)
     assert sa.policy_loss == pytest.approx(sb.policy_loss, rel=1e-5, abs=1e-7)
     assert b.weights_checksum() == a.weights_checksum()
     # the saved policy is a plain Hugging Face checkpoint
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "policy") is not None
+
+
+def test_dropout_is_off_in_the_update(tmp_path):
+    """GPT-2's config has dropout 0.1; with dropout live the first update would see ratios far
+    from 1 on unchanged weights. With lr ~ 0 the policy never moves: every ratio is 1 up to the
+    float round-off of differently padded micro-batches (~1e-6)."""
+    from ray_rlhf.models.architectures import build_arch
+
+    path = build_arch("gpt2", tmp_path / "gpt2", seed=0)
+    learner = Learner(str(path), PPOConfig(epochs=2, minibatch_size=4, micro_batch_size=2, lr=1e-30), KLConfig(),
+                      seed=0)
+    items = [PromptItem(i, p) for i, p in enumerate(PROMPTS)]
+    batch = hf_generate(learner.model.lm, learner.tokenizer, items, SamplingSpec(n=2, max_new_tokens=8, seed=1))
+    stats = learner.step(batch.with_rewards(np.arange(len(batch)) % 2.0, {}))
+    assert abs(stats.ratio_mean - 1) < 1e-5 and abs(stats.ratio_max - 1) < 1e-5 and stats.clipfrac == 0.0, stats
+    assert not any(m.training for m in learner.model.modules())

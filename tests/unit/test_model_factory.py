@@ -196,11 +196,11 @@ def test_reward_model_gives_one_scalar_per_sequence(tiny_reward_path):
 
 def test_ensure_model_builds_once_and_reuses(tmp_path):
     path = ensure_model("policy", "tiny", tmp_path, seed=3)
-    assert path == tmp_path / "policy-tiny-seed3"
+    assert path == tmp_path / "policy-tiny-seed3-v2"
     mtime = (path / "model.safetensors").stat().st_mtime_ns
     assert ensure_model("policy", "tiny", tmp_path, seed=3) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == mtime
-    assert [p.name for p in tmp_path.iterdir()] == ["policy-tiny-seed3"]  # no temp dir left
+    assert [p.name for p in tmp_path.iterdir()] == ["policy-tiny-seed3-v2"]  # no temp dir left
 
 
 def test_ensure_model_failed_build_leaves_nothing(tmp_path, monkeypatch):

@@ -112,7 +112,7 @@ def test_non_string_prompts(tmp_path, make):
         path = _parquet(tmp_path / "p.parquet", {"prompt": [1, 2, 3]})
     else:
         path = _jsonl(tmp_path / "p.jsonl", [{"prompt": 1}, {"prompt": 2}])
-    with pytest.raises(UserError, match="has type int64, not string"):
+    with pytest.raises(UserError, match="has type int64, neither text nor a list of chat messages"):
         load_prompts(path)
 
 

@@ -113,3 +113,17 @@ def test_sampling_for_step_is_one_seed_per_run_seed_and_step():
     a, b = SamplingSpec.for_step(Rollout, 0, 1), SamplingSpec.for_step(Rollout, 1, 1)
     assert a.n == 4 and a.max_new_tokens == 16 and a.seed == 1 and b.seed == 1_000_004
     assert SamplingSpec.for_step(Rollout, 0, 1) == a
+
+
+def test_arrow_round_trip_is_exact():
+    from ray_rlhf.records import rollout_batch_from_arrow
+
+    rng = np.random.default_rng(5)
+    b = random_batch(rng, 6).with_rewards(rng.random(6), {"f": rng.random(6), "m:g": rng.random(6)})
+    back = rollout_batch_from_arrow(b.to_arrow(step=3))
+    for name in ("prompt_index", "sample_index", "policy_version", "prompt_ids", "prompt_offsets", "response_ids",
+                 "response_offsets", "sampler_logprobs", "reward"):
+        assert np.array_equal(getattr(back, name), getattr(b, name)), name
+    assert back.finish_reason.tolist() == b.finish_reason.tolist() and back.prompt == b.prompt
+    assert back.response == b.response and back.columns == b.columns
+    assert {k: v.tolist() for k, v in back.reward_parts.items()} == {k: v.tolist() for k, v in b.reward_parts.items()}

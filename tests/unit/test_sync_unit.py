@@ -8,7 +8,7 @@ import torch
 from ray_rlhf.sync.broadcaster import compare_checksums
 from ray_rlhf.sync.checksum import canonical, state_dict_checksum, tensor_bytes
 from ray_rlhf.sync.flat import FlatLayout, flatten, layout_of, unflatten
-from ray_rlhf.sync.types import SinkInfo, SyncResult, WeightSyncError
+from ray_rlhf.sync.types import EngineChecksum, SinkInfo, SyncResult, WeightSyncError
 
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -91,13 +91,20 @@ def test_checksum_ignores_rotary_inv_freq_and_merges_zero_encodings():
     assert state_dict_checksum({"w": a}) == state_dict_checksum({"w": b})
 
 
-def test_verify_names_the_generator_and_both_checksums():
-    g0, g1 = SinkInfo("g0", 3, "r"), SinkInfo("g1", 3, "r")
-    compare_checksums("abc", 3, ["abc", "abc"], [g0, g1])  # equal: no error
-    with pytest.raises(WeightSyncError, match=r"generator g1 .*checksum xyz != learner checksum abc"):
-        compare_checksums("abc", 3, ["abc", "xyz"], [g0, g1])
+def test_verify_names_the_generator_and_what_failed():
+    ok = EngineChecksum(("w",), "abc")
+    g0, g1 = SinkInfo("g0", 3, "abc"), SinkInfo("g1", 3, "abc")
+    compare_checksums(3, "abc", [g0, g1], [ok, ok])  # received = learner's, engines read back what they got
     with pytest.raises(WeightSyncError, match="generator g1 holds version 2, expected 3"):
-        compare_checksums("abc", 3, ["abc", "abc"], [g0, SinkInfo("g1", 2, "r")])
+        compare_checksums(3, "abc", [g0, SinkInfo("g1", 2, "abc")], [ok, ok])
+    with pytest.raises(WeightSyncError, match=r"generator g1 received weights with checksum xyz != learner checksum abc"):
+        compare_checksums(3, "abc", [g0, SinkInfo("g1", 3, "xyz")], [ok, ok])
+    with pytest.raises(WeightSyncError, match=r"generator g1 engine computes with 1 tensor\(s\) .* \(w\)"):
+        compare_checksums(3, "abc", [g0, g1], [ok, EngineChecksum(("w",), "zzz", ("w",))])
+    # version 0: nothing received; the engine's full read-back must be the learner's initial model
+    compare_checksums(0, "abc", [SinkInfo("g0", 0, "")], [ok])
+    with pytest.raises(WeightSyncError, match="at version 0"):
+        compare_checksums(0, "abc", [SinkInfo("g0", 0, "")], [EngineChecksum(("w",), "zzz")])
 
 
 def test_sync_result_is_a_plain_record():

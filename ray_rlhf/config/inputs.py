@@ -1,0 +1,142 @@
+"""Config sections of what a run reads and produces: model, data, rollout, generators, reward."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ray_rlhf.config.base import _Section
+
+
+class ModelConfig(_Section):
+    policy_path: str | None = None
+    """Hugging Face directory of the initial policy (causal LM). Empty: build the offline
+    ``preset`` model (random init) into ``cache_dir`` once and use it."""
+    preset: str = "tiny"
+    """Offline model preset used when ``policy_path`` is empty (see ``ray-rlhf make-model``)."""
+    init_seed: int = Field(0, ge=0)
+    """Seed of the offline model's random init."""
+    cache_dir: str = "runs/models"
+    """Where offline models are built (once) and reused."""
+    critic_path: str | None = None
+    """Optional separate critic trunk (causal LM directory). Empty: the value head sits on the
+    policy's own trunk (InstructGPT-style shared trunk)."""
+
+
+class DataConfig(_Section):
+    prompts_path: str | None = None
+    """Parquet or JSONL prompt file, or ``bundled:prompts`` / ``bundled:letters`` (the bundled
+    sets). Empty: ``bundled:prompts``. Every column besides ``prompt_column`` travels with its
+    prompt to the reward functions (as keyword arguments) and to the rollout log."""
+    prompt_column: str = "prompt"
+    """Column (Parquet) or field (JSONL) holding the prompt: text, or chat messages (a list of
+    ``{role, content}``)."""
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    """``auto``: apply the tokenizer's chat template (with the generation prompt) to chat
+    messages, leave text as it is; ``always``: also wrap each text prompt as one user message;
+    ``never``: plain text only (chat messages are an error)."""
+    system_prompt: str | None = None
+    """Put first, as a system message, in every templated prompt that has none."""
+    max_prompt_tokens: int = Field(48, gt=0)
+    """Longest prompt accepted, in tokens after templating; a longer prompt is an error before
+    training starts."""
+
+
+class RolloutConfig(_Section):
+    prompts_per_step: int = Field(16, gt=0)
+    """Prompts drawn from the dataset per PPO step."""
+    samples_per_prompt: int = Field(4, gt=0)
+    """Completions sampled per prompt (vLLM ``n``)."""
+    max_new_tokens: int = Field(24, gt=0)
+    """Maximum response length in tokens."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature. PPO's ratio assumes the learner scores the same distribution the
+    sampler drew from: keep 1.0 unless you know why not."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass. Only 1.0 is accepted: with top_p < 1 vLLM samples from (and
+    reports the log-probs of) the renormalised nucleus, while the learner scores the full
+    distribution, so PPO's ratio would compare different distributions."""
+
+    max_staleness: int = Field(0, ge=0)
+    """Asynchronous PPO: how many versions the learner may be ahead of the weights that sampled a
+    batch. 0: the synchronous loop. k >= 1: the next batches are generated while the learner
+    trains; no sample is trained on by a learner more than k versions newer than its sampler."""
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences per PPO step: prompts_per_step * samples_per_prompt."""
+        return self.prompts_per_step * self.samples_per_prompt
+
+
+class GeneratorsConfig(_Section):
+    num: int = Field(2, ge=1)
+    """Generator actors started at launch."""
+    min: int | None = Field(None, ge=1)
+    """Fewest generators the run carries on with (elastic pool). Empty: ``num``."""
+    max: int | None = Field(None, ge=1)
+    """Most generators the pool grows to when the cluster has room. Empty: ``num``."""
+    num_cpus: float = Field(0.5, ge=0)
+    """CPUs reserved per generator actor."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs per generator actor (set to ``tensor_parallel_size`` on GPU clusters)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """vLLM tensor parallelism inside one generator."""
+    kv_cache_gib: float = Field(1.0, gt=0)
+    """vLLM KV-cache size on CPU (GiB, VLLM_CPU_KVCACHE_SPACE)."""
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    """vLLM GPU memory fraction (GPU clusters only)."""
+    shard_prompts: int = Field(4, ge=1)
+    """Prompts per work-queue shard: smaller shards balance better, larger ones batch better."""
+    max_model_len: int = Field(256, gt=0)
+    """vLLM context length: prompt plus response must fit."""
+    max_restarts: int = Field(3, ge=0)
+    """Replacements started for dead or hung generators before the run gives up."""
+    shard_timeout_s: float | None = Field(None, gt=0)
+    """A shard not finished after this long counts its generator as hung: the shard is re-queued
+    and the generator replaced. Empty: 4x the shard's token budget at the last measured seconds
+    per token, at least ``shard_timeout_floor_s``."""
+    shard_timeout_floor_s: float = Field(60.0, gt=0)
+    """The smallest automatic shard deadline (and the deadline until a shard has been timed)."""
+
+
+class RewardFunctionSpec(_Section):
+    name: str
+    """``module:function``; it receives the prompt row's other columns as keyword arguments."""
+    weight: float = 1.0
+    """Weight of this function in the summed reward."""
+    kind: Literal["sample", "batch"] = "sample"
+    """``sample``: ``fn(prompt, response, **columns) -> float``, called per completion;
+    ``batch``: ``fn(prompts, responses, **columns) -> list[float]``, called once per step with
+    lists. Either may be ``async def``."""
+
+
+class RemoteRewardSpec(_Section):
+    url: str
+    """HTTP(S) endpoint scoring a batch: POST ``{"prompts", "responses", "columns"}``, answer
+    ``{"rewards": [...]}`` (an LLM judge or a verifier service)."""
+    weight: float = 1.0
+    """Weight of its score in the summed reward."""
+    timeout_s: float = Field(30.0, gt=0)
+    """Seconds per attempt (connect, send, each read)."""
+    retries: int = Field(2, ge=0)
+    """Extra attempts after a connection failure, a timeout or a 408/429/5xx answer."""
+
+
+class RewardConfig(_Section):
+    functions: list[RewardFunctionSpec] = Field(
+        default_factory=lambda: [RewardFunctionSpec(name="ray_rlhf.rewards.rules:letter_frequency")]
+    )
+    """Python reward functions, summed with their weights."""
+    remote: list[RemoteRewardSpec] = Field(default_factory=list)
+    """Remote reward services (each scores the whole batch in one request)."""
+    model_path: str | None = None
+    """Hugging Face sequence-classification reward model directory (num_labels=1). Empty: none."""
+    model_weight: float = 1.0
+    """Weight of the reward model's score in the summed reward."""
+    batch_size: int = Field(32, gt=0)
+    """Sequences per reward-model forward pass."""
+    num_cpus: float = Field(0.25, ge=0)
+    """CPUs reserved for the reward actor."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs for the reward actor."""

@@ -1,0 +1,122 @@
+"""Config sections of the learner: PPO, the advantage estimator, KL, the learner ranks."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ray_rlhf.config.base import _Section
+
+
+class PPOConfig(_Section):
+    epochs: int = Field(2, ge=1)
+    """Passes over each rollout batch."""
+    minibatch_size: int = Field(32, gt=0)
+    """Sequences per optimizer step."""
+    micro_batch_size: int = Field(16, gt=0)
+    """Sequences per forward/backward pass (gradient accumulation inside a minibatch), when
+    ``micro_batch_tokens`` is empty."""
+    micro_batch_tokens: int | None = Field(None, gt=0)
+    """Token budget of one forward/backward pass: sequences are sorted by length and packed so
+    that (sequences x longest sequence) stays within it (one over-long sequence gets a pass of
+    its own). Empty: ``micro_batch_size`` sequences per pass, in minibatch order. The gradient is
+    the same either way (every loss is divided by the minibatch's token count)."""
+    old_logprobs: Literal["auto", "recompute", "sampler"] = "auto"
+    """Where the ratio's pi_old comes from. ``recompute``: a forward of the policy before the
+    update; ``sampler``: the generators' log-probs (same weights and dtype in a synchronous run:
+    they differ by ~1e-7), which saves that forward when no value is needed from the policy's
+    trunk; ``auto``: ``sampler`` when the loop is synchronous (``rollout.max_staleness=0``) and the
+    learner runs no policy forward in ``prepare`` anyway (a critic-free estimator or a separate
+    critic), else ``recompute``."""
+    lr: float = Field(3e-4, gt=0)
+    """AdamW learning rate (policy trunk, LM head and value head)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    clip: float = Field(0.2, gt=0)
+    """PPO ratio clip epsilon."""
+    dual_clip: float | None = Field(None, gt=1)
+    """Dual-clip constant c > 1 for negative advantages (empty: off)."""
+    value_clip: float | None = Field(0.2, gt=0)
+    """Clip of the value prediction around the old values (empty: off)."""
+    vf_coef: float = Field(0.1, ge=0)
+    """c1: weight of the value loss."""
+    ent_coef: float = Field(0.0, ge=0)
+    """c2: weight of the entropy bonus."""
+    gamma: float = Field(1.0, gt=0, le=1)
+    """GAE discount."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient-norm clip."""
+    whiten_advantages: bool = True
+    """Normalize advantages to mean 0 / std 1 over the valid tokens of the batch."""
+
+
+class AlgoConfig(_Section):
+    estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "gae"
+    """Advantage estimator. ``gae``: PPO with a value head and GAE (InstructGPT). Critic-free, over
+    the samples of each prompt (no value head is built, run or saved): ``grpo`` (group-normalised
+    reward, DeepSeekMath), ``dr_grpo`` (no std division, length-unbiased loss; Liu et al. 2025),
+    ``rloo`` (leave-one-out baseline; Ahmadian et al. 2024). ``reinforce_pp``: REINFORCE++ (Hu
+    2025), batch-normalised returns with the KL in the reward, no critic either. The group ones
+    need ``rollout.samples_per_prompt >= 2``."""
+    drop_zero_std_groups: bool = False
+    """Group estimators: leave out of the update the prompts whose samples all scored the same
+    (their advantages are 0; they would only dilute the loss). Counted in ``adv/zero_std_groups``."""
+    is_cap: float = Field(2.0, ge=1)
+    """Asynchronous runs (``rollout.max_staleness >= 1``): cap of the importance weight
+    pi_old / pi_sampler that corrects for the sampler's stale weights (decoupled PPO)."""
+    is_mode: Literal["truncate", "mask"] = "truncate"
+    """``truncate``: weight min(w, is_cap); ``mask``: tokens with w > is_cap get weight 0."""
+
+
+class KLConfig(_Section):
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator used in the reward penalty."""
+    beta: float = Field(0.05, ge=0)
+    """Initial KL penalty coefficient."""
+    adaptive: bool = False
+    """Adaptive controller (Ziegler et al. 2019) instead of a fixed beta."""
+    target: float = Field(6.0, gt=0)
+    """Adaptive controller: target KL per sequence (nats)."""
+    horizon: int = Field(10000, gt=0)
+    """Adaptive controller: horizon in samples."""
+    placement: Literal["auto", "reward", "loss"] = "auto"
+    """Where the KL to the reference acts. ``reward``: -beta * KL per token in the reward
+    (InstructGPT, REINFORCE++); ``loss``: beta * k3 KL as a loss term (GRPO); ``auto``: ``reward``
+    for ``gae`` and ``reinforce_pp``, ``loss`` for the group estimators."""
+
+
+class LearnerConfig(_Section):
+    device: str = "cpu"
+    """Torch device of the learner (``cpu`` or ``cuda``)."""
+    num_cpus: float = Field(1.0, ge=0)
+    """CPUs reserved for the learner actor."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs for the learner actor."""
+    torch_threads: int | None = Field(None, ge=1)
+    """torch intra-op threads per learner rank. Empty: the cores the phases leave it -- in a
+    synchronous run the generators idle while the learner trains, so each rank takes its node's
+    cores / ``learner.num``; in an asynchronous run they generate meanwhile, so each rank takes its
+    reserved ``num_cpus`` (at least 1) and nothing is oversubscribed."""
+    num: int = Field(1, ge=1)
+    """Learner ranks (Ray actors in one torch.distributed group: gloo on CPU, NCCL on GPU). The
+    update equals the one-rank update: every statistic is over the whole batch."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """``ddp``: every rank holds the whole model, gradients are all-reduced; ``fsdp``: FSDP2
+    ``fully_shard`` (parameters, gradients and optimizer state sharded over the ranks)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Training dtype. ``bfloat16`` (GPU): bf16 compute with float32 master weights (FSDP2 mixed
+    precision for ``fsdp``, autocast for ``ddp``); on CPU only where the CPU has bf16 support."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30% more compute)."""
+    shard_reference: bool = False
+    """``fsdp``: shard the frozen reference model too (else every rank holds a full copy)."""
+    pin_cores: bool = False
+    """Pin each rank to its own cores (a CPU placement for benchmarks; off on shared machines)."""
+    collective_timeout_s: float = Field(300.0, gt=0)
+    """A rank that waits longer than this in a collective (a peer died) fails the step."""
+    max_restarts: int = Field(2, ge=0)
+    """Times in a run the learner group is restarted from the newest checkpoint after a rank
+    died, before the run gives up."""

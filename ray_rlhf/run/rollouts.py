@@ -1,0 +1,186 @@
+"""Where each step's scored batch comes from: the synchronous loop, or a producer running ahead.
+
+The driver asks :meth:`next` for step ``s``'s batch and calls :meth:`after_update` with each new
+policy version. Two implementations, chosen by ``rollout.max_staleness = k``:
+
+- :class:`SyncRollouts` (``k = 0``): generate and score step ``s`` when asked, after the weights
+  of version ``s - 1`` were broadcast -- the synchronous loop, exactly.
+- :class:`AsyncRollouts` (``k >= 1``): a producer thread generates and scores the next steps
+  while the learner trains. Step ``s`` is always sampled by version ``max(0, s - 1 - k)`` -- a
+  fixed lag, so the schedule (and with seeded sampling, every sample) does not depend on timing:
+  an async run is reproducible, a resumed one equals the uninterrupted one, and the learner (at
+  version ``s - 1`` when it trains on step ``s``) is never more than ``k`` versions ahead of a
+  sample's sampler. New weights are exported when the learner finishes (``stage``) and loaded
+  into the generators between steps, never inside one (a step's shards all run on one version).
+  A checkpoint stores the steps already produced (at most ``k``) with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from ray_rlhf.config.schema import RunConfig
+from ray_rlhf.data.prompts import PromptStream
+from ray_rlhf.generation.pool import PoolEvents, make_shards
+from ray_rlhf.records import RolloutSummary, SamplingSpec
+from ray_rlhf.run.actors import RunActors
+from ray_rlhf.run.faults import FaultPlan
+from ray_rlhf.sync.types import SyncResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepRollouts:
+    """One step's scored batch (by reference) and how it was made."""
+
+    step: int
+    scored: Any
+    """ObjectRef of the scored :class:`~ray_rlhf.records.RolloutBatch`."""
+    summary: RolloutSummary
+    events: PoolEvents
+    cursor: dict
+    """The prompt stream's cursor right after this step's prompts were drawn."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """``generate``, ``reward`` (and ``weights_load`` in async runs): time spent making it."""
+    synced: SyncResult | None = None
+    """Async runs: the load of the weights this step was sampled with."""
+
+
+class SyncRollouts:
+    """``rollout.max_staleness = 0``: generate, then score, when asked."""
+
+    def __init__(self, cfg: RunConfig, actors: RunActors, stream: PromptStream, faults: FaultPlan):
+        self.cfg, self.actors, self.stream, self.faults = cfg, actors, stream, faults
+
+    def next(self, step: int) -> StepRollouts:
+        return produce(self.cfg, self.actors, self.stream, self.faults, step)
+
+    def after_update(self, version: int) -> SyncResult:
+        """Broadcast the new weights to every generator now (the next step samples with them)."""
+        return self.actors.publish(version)
+
+    def pending(self, after_step: int) -> list[StepRollouts]:
+        return []
+
+    def grow(self) -> None:
+        """Between steps, the pool may grow where the cluster has room."""
+        self.actors.maybe_grow(self.cfg.pool_max)
+
+    def close(self) -> None:
+        pass
+
+
+def produce(cfg: RunConfig, actors: RunActors, stream: PromptStream, faults: FaultPlan, step: int) -> StepRollouts:
+    """Generate and score step ``step``: its prompts, sharded over the pool; the scores."""
+    t0 = time.perf_counter()
+    shards = make_shards(stream.next_batch(cfg.rollout.prompts_per_step), cfg.generators.shard_prompts)
+    cursor = stream.state_dict()
+    batches, events = actors.pool.generate(shards, SamplingSpec.for_step(cfg.rollout, cfg.seed, step),
+                                           kill_after_dispatch=faults.generators_to_kill(step),
+                                           hang_before_dispatch=faults.generators_to_hang(step))
+    t1 = time.perf_counter()
+    faults.before_reward(step, actors.reward)
+    scored, summary = actors.reward.score.options(num_returns=2).remote(*batches)
+    summary = ray.get(summary)
+    return StepRollouts(step, scored, summary, events, cursor,
+                        seconds={"generate": t1 - t0, "reward": time.perf_counter() - t1})
+
+
+class AsyncRollouts:
+    """``rollout.max_staleness = k >= 1``: a producer thread keeps up to ``k`` steps ready."""
+
+    def __init__(self, cfg: RunConfig, actors: RunActors, stream: PromptStream, faults: FaultPlan, start_step: int,
+                 ready: list[StepRollouts] = ()):
+        self.cfg, self.actors, self.stream, self.faults = cfg, actors, stream, faults
+        self.k = cfg.rollout.max_staleness
+        self.learner_version = start_step
+        self._staged = threading.Condition()
+        actors.broadcaster.stage(start_step, keep=self.k + 1)
+        self._done: dict[int, StepRollouts] = {r.step: r for r in ready}
+        self._out: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        first = start_step + 1 + len(self._done)
+        self._thread = threading.Thread(target=self._run, args=(first,), name="rollout-producer", daemon=True)
+        self._thread.start()
+
+    def sampler_version(self, step: int) -> int:
+        """The version that samples step ``step``: a fixed lag of ``k``."""
+        return max(0, step - 1 - self.k)
+
+    def _run(self, first: int) -> None:
+        try:
+            for step in range(first, self.cfg.steps + 1):
+                version = self.sampler_version(step)
+                t0 = time.perf_counter()
+                with self._staged:  # the learner must have produced (and staged) that version
+                    while self.learner_version < version and not self._stop.is_set():
+                        self._staged.wait(timeout=1.0)
+                waited = time.perf_counter() - t0
+                if self._stop.is_set():
+                    return
+                synced = None
+                if self.actors.broadcaster.version != version:
+                    t0 = time.perf_counter()
+                    synced = self.actors.broadcaster.publish_staged(version, self.actors.pool.handles)
+                    if synced.lost:
+                        self.actors.pool.remove_lost(synced.lost)
+                    load_s = time.perf_counter() - t0
+                else:  # the generators already hold it (verified when they loaded it)
+                    synced, load_s = self.actors.broadcaster.last, 0.0
+                item = produce(self.cfg, self.actors, self.stream, self.faults, step)
+                item.synced, item.seconds["weights_load"] = synced, load_s
+                item.seconds["generator_wait"] = waited
+                self._out.put(item)
+                self.actors.maybe_grow(self.cfg.pool_max)  # between steps: the pool is idle
+        except BaseException as e:  # noqa: BLE001 - handed to the driver thread
+            self._error = e
+            self._out.put(None)
+
+    def next(self, step: int) -> StepRollouts:
+        t0 = time.perf_counter()
+        while step not in self._done:
+            item = self._out.get()
+            if item is None:
+                raise self._error
+            self._done[item.step] = item
+        item = self._done.pop(step)
+        item.seconds["learner_wait"] = time.perf_counter() - t0
+        return item
+
+    def after_update(self, version: int) -> SyncResult:
+        """Export the new weights (the producer loads them when their step comes)."""
+        seconds = self.actors.broadcaster.stage(version, keep=self.k + 1)
+        with self._staged:
+            self.learner_version = version
+            self._staged.notify_all()
+        return SyncResult(version, "staged", 0, seconds, len(self.actors.pool))
+
+    def pending(self, after_step: int) -> list[StepRollouts]:
+        """The steps after ``after_step`` produced so far: waits for the ones the producer is due
+        to make before the learner needs them (up to ``k``), so a checkpoint can hold them."""
+        wanted = range(after_step + 1, min(after_step + self.k, self.cfg.steps) + 1)
+        for step in wanted:
+            while step not in self._done:
+                item = self._out.get()
+                if item is None:
+                    raise self._error
+                self._done[item.step] = item
+        return [self._done[s] for s in wanted]
+
+    def grow(self) -> None:
+        pass  # the producer grows the pool between its steps
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._staged:
+            self._staged.notify_all()
+        self._thread.join(timeout=5)  # a step in flight ends when the actors are shut down
