@@ -3,6 +3,7 @@
 ``ray-rlhf train --config tiny [key.sub=value ...]``   run PPO (same as ``python -m ray_rlhf.train``)
 ``ray-rlhf show-config --config tiny [overrides]``      print the resolved config and exit
 ``ray-rlhf make-model tiny OUT_DIR [--kind reward]``    build an offline random-init model
+``ray-rlhf bench [--config my_run.yaml] [overrides] [--quick] [--sweep key=v1,v2]``  benchmark a run's config
 
 A user mistake (:class:`~ray_rlhf.errors.UserError`) prints one line and exits with status 2.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ray_rlhf.errors import user_error_of
+from ray_rlhf.run.command import run_command
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -65,48 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["policy", "reward"], default="policy")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_model)
+
+    from ray_rlhf.bench.args import build_parser as bench_parser
+
+    bench = bench_parser()
+    p = sub.add_parser("bench", help="benchmark a run's config (phases, bound, MFU, weight sync, memory)",
+                       parents=[bench], add_help=False, description=bench.description)
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 
-def _stop_ray() -> None:
-    """Shut Ray down (if this process started or joined it) so its log lines come before ours."""
-    ray = sys.modules.get("ray")
-    try:
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()
-    except Exception:  # noqa: BLE001 -- best effort on the way out
-        pass
-    sys.stdout.flush()
+def _cmd_bench(args: argparse.Namespace) -> None:
+    import logging
 
+    from ray_rlhf.bench.run import run_bench
 
-def run_command(func, args) -> int:
-    """Run a command; user mistakes become one line on stderr and exit status 2.
-
-    A user mistake found inside a Ray actor (a reward function that raises, ...) comes back as a
-    Ray error; it is unwrapped to its one line. Ray is shut down before the line is printed, so the
-    error is the last thing on stderr rather than buried under actors' log output.
-    """
-    from ray_rlhf.run.preemption import EXIT_PREEMPTED, Preempted
-
-    try:
-        func(args)
-    except Preempted as p:
-        _stop_ray()
-        print(f"ray-rlhf: preempted by {p.signame} after step {p.step}; checkpoint {p.checkpoint} is complete. "
-              "Run the same command again to resume.", file=sys.stderr)
-        return EXIT_PREEMPTED
-    except KeyboardInterrupt:
-        _stop_ray()
-        print("ray-rlhf: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        user = user_error_of(e)
-        if user is None:
-            raise
-        _stop_ray()
-        print(f"ray-rlhf: error: {user}", file=sys.stderr)
-        return 2
-    return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_bench(args)
 
 
 def main(argv: list[str] | None = None) -> int:

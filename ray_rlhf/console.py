@@ -50,6 +50,59 @@ def setup_worker() -> None:
     handler = logging.StreamHandler(console)
     handler.addFilter(_Important())
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    to_file = logging.StreamHandler(sys.stderr)  # now the log file: every record, routine ones too
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
+    root.addHandler(to_file)
     root.setLevel(min(root.level or logging.WARNING, logging.INFO))
+
+
+# ---------------------------------------------------------------- the driver's side
+
+ROUTINE_RAY_NOTICES = ("Token authentication is enabled for this Ray cluster",)
+"""Ray's routine notices on a local start: kept out of the console, written to ``logs/driver.log``
+(the warning that token authentication is *disabled* is not routine and still shows)."""
+
+
+class _BarSafeHandler(logging.StreamHandler):
+    """Log lines printed above the progress bar (``tqdm.write``), never glued to its line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 -- logging must not raise
+            self.handleError(record)
+
+
+class _RoutineToFile(logging.Filter):
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR or not record.getMessage().startswith(ROUTINE_RAY_NOTICES):
+            return True
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(f"{record.levelname} {record.name}: {record.getMessage()}\n")
+        except OSError:
+            return True  # nowhere to put it: show it rather than lose it
+        return False
+
+
+def setup_driver_logging() -> None:
+    """The driver's console: INFO and above of every logger, printed above the progress bar."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=[_BarSafeHandler(sys.stderr)])
+
+
+def quiet_ray_notices(log_dir: str) -> None:
+    """Before ``ray.init`` of a local Ray: Ray's routine notices go to ``<log_dir>/driver.log``."""
+    flt = _RoutineToFile(os.path.join(log_dir, "driver.log"))
+    for handler in logging.getLogger("ray").handlers:
+        if not any(isinstance(f, _RoutineToFile) for f in handler.filters):
+            handler.addFilter(flt)

@@ -52,8 +52,10 @@ def generate_standalone(generators: list, batch, sampling) -> tuple[list, float]
     return results, seconds
 
 
-def run_bound(cfg, batches, generators, learner, learner_steps: int) -> dict:
-    """Per-step G, R (all ``batches``) and T (first ``learner_steps``); the rollouts of each step too."""
+def run_bound(cfg, batches, generators, learner, learner_steps: int, flops_of=None) -> dict:
+    """Per-step G, R (all ``batches``) and T (first ``learner_steps``); with ``flops_of`` (a scored
+    batch -> ``{"prepare": FLOPs, "update": FLOPs}``, :func:`ray_rlhf.bench.flops.step_flops`) the
+    model FLOPs of each learner step too."""
     rc = cfg.reward
     scorer = RewardScorer([(f.name, f.weight) for f in rc.functions], rc.model_path, rc.model_weight, rc.batch_size)
     ray.get([g.ping.remote() for g in generators] + [learner.ping.remote()])
@@ -71,7 +73,11 @@ def run_bound(cfg, batches, generators, learner, learner_steps: int) -> dict:
             t0 = time.perf_counter()
             stats = ray.get(learner.step.remote(scored))
             row.update(T=stats.prepare_seconds + stats.update_seconds, T_wall=time.perf_counter() - t0,
-                       T_prepare=stats.prepare_seconds, T_update=stats.update_seconds)
+                       T_prepare=stats.prepare_seconds, T_update=stats.update_seconds,
+                       padded_tokens=stats.padded_tokens, real_tokens=stats.real_tokens)
+            if flops_of is not None:
+                f = flops_of(scored)
+                row.update(flops_prepare=f["prepare"], flops_update=f["update"])
         per_step.append(row)
     G = mean_after_warmup([r["G"] for r in per_step])
     R = mean_after_warmup([r["R"] for r in per_step])

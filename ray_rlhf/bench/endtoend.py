@@ -60,9 +60,11 @@ def run_endtoend(cfg: RunConfig) -> dict:
                  generated_tokens_per_s=float(m["perf/generated_tokens_per_s"]),
                  generated_tokens=float(m["perf/generated_tokens_per_s"]) * float(m["time/generate"]),
                  response_length_mean=float(m.get("response/length_mean", 0.0)),
-                 sync_seconds_no_verify=float(m["sync/seconds"]), sync_bytes=int(m["sync/bytes"]))
+                 sync_seconds_no_verify=float(m["sync/seconds"]), sync_bytes=int(m["sync/bytes"]),
+                 padded_token_ratio=float(m.get("perf/padded_token_ratio", float("nan"))))
         per_step.append(r)
-    keys = [*PHASES, "orchestration", "step", "samples_per_s", "sync_seconds_no_verify", "response_length_mean"]
+    keys = [*PHASES, "orchestration", "step", "samples_per_s", "sync_seconds_no_verify", "response_length_mean",
+            "padded_token_ratio"]
     mean = {k: mean_after_warmup([r[k] for r in per_step]) for k in keys}
     kept = per_step[1:] or per_step
     # tokens/s over the kept steps as a whole (total tokens / total generate time), not a mean of rates

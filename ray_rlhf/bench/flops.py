@@ -96,3 +96,33 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def learner_flops_of(shape: Shape, epochs: int, policy_forward_in_prepare: bool):
+    """A ``flops_of`` for :func:`ray_rlhf.bench.bound.run_bound`: a scored batch -> its step FLOPs."""
+    def flops_of(batch) -> dict:
+        return step_flops(shape, batch.prompt_lengths, batch.response_lengths, epochs, policy_forward_in_prepare)
+    return flops_of
+
+
+def mfu_summary(per_step: list[dict], peaks: dict[str, float], threads: int, gemm_tokens: int) -> dict:
+    """Model FLOPs utilisation of the learner per phase, over the learned steps after the warm-up.
+
+    ``peaks``: this machine's matmul FLOP/s by dtype (:func:`matmul_peak`); utilisation is against
+    the float32 one (the learner's dtype on CPU). Also the padded/real token ratio of the update."""
+    learned = [r for r in per_step if "flops_update" in r]
+    kept = learned[1:] or learned
+    peak = peaks["float32"]
+    out = {"peaks": peaks, "threads": threads, "gemm_tokens": gemm_tokens, "phases": {}}
+    for phase, key_s, key_f in (("prepare", "T_prepare", "flops_prepare"), ("update", "T_update", "flops_update")):
+        flops, secs = sum(r[key_f] for r in kept), sum(r[key_s] for r in kept)
+        out["phases"][phase] = {"flops_per_step": flops / max(len(kept), 1), "seconds_per_step": secs / max(len(kept), 1),
+                                "flops_per_s": flops / secs if secs else 0.0,
+                                "mfu": flops / secs / peak if secs else 0.0}
+    flops = sum(p["flops_per_step"] for p in out["phases"].values())
+    secs = sum(p["seconds_per_step"] for p in out["phases"].values())
+    out["learner_mfu"] = flops / secs / peak if secs else 0.0
+    out["learner_flops_per_step"] = flops
+    real = sum(r.get("real_tokens", 0) for r in kept)
+    out["padded_over_real_tokens"] = sum(r.get("padded_tokens", 0) for r in kept) / real if real else float("nan")
+    return out

@@ -43,10 +43,40 @@ def targets(res: dict) -> list[dict]:
                 f"sync {e2e['sync']:.3f} s/step of which checksum verify "
                 f"{e2e['sync'] - e2e['sync_seconds_no_verify']:.3f} s; transfer+load alone is "
                 f"{e2e['sync_seconds_no_verify'] / e2e['step']:.1%} of the step"),
+        *_learner_targets(res),
         _target("vLLM / transformers generate", gen["vllm_over_hf"], 1.5, True,
                 f"at {res['model_params'] / 1e6:.1f} M parameters each token costs little compute, so per-step "
                 "engine overhead (scheduling, sampling, detokenizing) weighs as much as the model itself"),
     ]
+
+
+def _learner_targets(res: dict) -> list[dict]:
+    """The step-speed targets: learner MFU, reward share, everything outside generation and the
+    learner's FLOPs (at the measured peak), and (sampler log-probs, no trunk value) prepare."""
+    e2e, mfu, cfg = res["endtoend"]["mean"], res.get("mfu"), res["config"]
+    if not mfu:
+        return []
+    peak = mfu["peaks"]["float32"]
+    at_peak = mfu["learner_flops_per_step"] / peak
+    outside = (e2e["step"] - e2e["generate"] - at_peak) / e2e["step"]
+    ph = mfu["phases"]
+    rows = [
+        _target("learner MFU (fp32, prepare + update)", mfu["learner_mfu"], 0.75, True,
+                f"prepare {ph['prepare']['mfu']:.2f}, update {ph['update']['mfu']:.2f} of "
+                f"{peak / 1e9:.0f} GFLOP/s on {mfu['threads']} threads; padded/real tokens "
+                f"{mfu['padded_over_real_tokens']:.2f}"),
+        _target("reward / step time", e2e["reward"] / e2e["step"], 0.01, False,
+                f"reward {e2e['reward']:.3f} s/step"),
+        _target("outside generation and learner FLOPs / step time", outside, 0.05, False,
+                f"step {e2e['step']:.2f} s - generate {e2e['generate']:.2f} s - learner FLOPs at peak "
+                f"{at_peak:.2f} s: sync {e2e['sync']:.2f}, reward {e2e['reward']:.2f}, orchestration "
+                f"{e2e['orchestration']:.2f}, learner below peak {e2e['prepare'] + e2e['update'] - at_peak:.2f}"),
+    ]
+    if cfg.get("old_logprobs_from_sampler") and cfg.get("estimator", "gae") != "gae":
+        one_ref = ph["prepare"]["flops_per_step"] / peak / max(ph["update"]["mfu"], 1e-9)
+        rows.append(_target("prepare / one reference pass (sampler log-probs)", ph["prepare"]["seconds_per_step"]
+                            / one_ref, 1.0, False, "prepare runs more than the reference forward"))
+    return rows
 
 
 # ---------------------------------------------------------------- markdown
@@ -112,6 +142,9 @@ def markdown(res: dict) -> str:
                [[r["model"], r["params"] / 1e6, r["bytes"] / MiB, r["backend"], r["generators"], r["seconds"],
                  r["bytes_per_s"] / 1e9] for r in res["weight_sync"]]),
         "",
+        *_mfu_md(res),
+        *_sweep_md(res),
+        *_overlap_md(res),
         "## Peak memory (resident)",
         "",
         _table(["actor", "pid", "peak RSS (MiB)"],
@@ -125,6 +158,47 @@ def markdown(res: dict) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _mfu_md(res: dict) -> list[str]:
+    mfu = res.get("mfu")
+    if not mfu:
+        return []
+    peaks = ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in mfu["peaks"].items())
+    return ["## Learner FLOPs and MFU", "",
+            _table(["phase", "GFLOP/step", "s/step", "GFLOP/s", "MFU (fp32)"],
+                   [[ph, v["flops_per_step"] / 1e9, v["seconds_per_step"], v["flops_per_s"] / 1e9, v["mfu"]]
+                    for ph, v in mfu["phases"].items()]
+                   + [["learner", mfu["learner_flops_per_step"] / 1e9,
+                       sum(v["seconds_per_step"] for v in mfu["phases"].values()), "", mfu["learner_mfu"]]]),
+            "",
+            f"Matmul peak at the learner's shapes ({mfu['gemm_tokens']} tokens per GEMM, {mfu['threads']} threads): "
+            f"{peaks}. Model FLOPs count real tokens only (attention and LM head included; "
+            f"`ray_rlhf/bench/flops.py`); padded/real tokens in the update: {mfu['padded_over_real_tokens']:.3f}.", ""]
+
+
+def _overlap_md(res: dict) -> list[str]:
+    ov = res.get("overlap")
+    if not ov:
+        return []
+    rows = [[name, ov[key]["step"], ov[key]["samples_per_s"], ov[key]["generate"], ov[key]["learner"],
+             ov[key]["step"] / ov["G_plus_T"], ov[key]["step"] / ov["max_G_T"]]
+            for name, key in (("synchronous (max_staleness=0)", "sync"), ("asynchronous (max_staleness=1)", "async"))]
+    return ["## Synchronous vs asynchronous PPO (disjoint cores)", "",
+            _table(["loop", "s/step", "samples/s", "generate s", "learner s", "step / (G+T)", "step / max(G,T)"], rows),
+            "", f"Learner pinned to cores {ov['learner_cores']}, generators to {ov['generator_cores']}; G = "
+            f"{ov['G']:.2f} s and T = {ov['T']:.2f} s from the synchronous run. Asynchronous speed-up "
+            f"{ov['speedup']:.2f}x (ideal (G+T)/max(G,T) = {ov['G_plus_T'] / ov['max_G_T']:.2f}x).", ""]
+
+
+def _sweep_md(res: dict) -> list[str]:
+    sw = res.get("sweep")
+    if not sw:
+        return []
+    return [f"## Sweep of `{sw['key']}`", "",
+            _table([sw["key"], "samples/s", "tokens/s", "s/step", "generate", "learner", "sync", "speed-up"],
+                   [[r["value"], r["samples_per_s"], r["generated_tokens_per_s"], r["step"], r["generate"],
+                     r["prepare"] + r["update"], r["sync"], r["speedup"]] for r in sw["rows"]]), ""]
 
 
 # ---------------------------------------------------------------- plots
@@ -167,6 +241,15 @@ def plots(res: dict, out: Path) -> list[str]:
     ax.set_title("Weight sync")
     ax.legend(fontsize=8)
     files.append(_save(fig, out / "weight_sync.png"))
+
+    if res.get("sweep"):
+        sw = res["sweep"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([str(r["value"]) for r in sw["rows"]], [r["samples_per_s"] for r in sw["rows"]], marker="o")
+        ax.set_xlabel(sw["key"])
+        ax.set_ylabel("samples / s")
+        ax.set_title(f"Throughput against {sw['key']}")
+        files.append(_save(fig, out / "sweep.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.bar([m["actor"] for m in res["memory"]], [m["peak_rss_bytes"] / MiB for m in res["memory"]])

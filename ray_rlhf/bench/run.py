@@ -1,16 +1,21 @@
-"""``python -m ray_rlhf.bench.run [--quick] [--out DIR]``: every benchmark in one run.
+"""``ray-rlhf bench`` / ``python -m ray_rlhf.bench``: every benchmark of one run's config, in one run.
 
-Writes ``results.json``, ``results.md`` and PNG plots to ``DIR`` (default
-``benchmarks/results/<timestamp>/``). Full mode: the ``small`` preset, weight sync on tiny, small
-and medium models. ``--quick``: the ``tiny`` preset, fewer steps, weight sync on tiny only
-(under 3 minutes on 2 cores). Sections, in order: memory-copy bandwidth, end to end (+ actor
-memory), the bound's standalone parts, weight sync at the run's size, transformers baseline,
-weight sync at the other sizes; then the report.
+    ray-rlhf bench [--config my_run.yaml] [key.sub=value ...] [--quick] [--sweep generators.num=1,2,4]
+
+Measures the config as a run would use it (same constructors, resources, Ray cluster: it joins
+``RAY_ADDRESS`` when set, e.g. under ``ray job submit``, else starts a private local Ray) and
+writes ``results.json``, ``results.md`` and PNG plots to ``--out`` (default
+``bench-results/<timestamp>/`` in the current directory). Sections, in order: memory-copy
+bandwidth, end to end (+ actor memory), the bound's standalone parts with the learner's FLOPs,
+weight sync at the run's size, the transformers baseline, this machine's matmul peak (MFU);
+with ``--sweep KEY=V1,V2,...`` the end-to-end section again for each value of one key.
+
+Without ``--config``: the ``small`` preset, plus weight sync on the tiny and medium models too
+(``--quick``: the ``tiny`` preset, fewer steps, under 3 minutes on 2 cores).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -24,54 +29,74 @@ import ray
 
 from ray_rlhf import preflight
 from ray_rlhf.bench import bound as bound_mod
+from ray_rlhf.bench import flops as flops_mod
 from ray_rlhf.bench import generation, report, weightsync
+from ray_rlhf.bench.args import build_parser, parse_sweep
 from ray_rlhf.bench.common import kill, start_generators, start_learner, step_batches
 from ray_rlhf.bench.endtoend import run_endtoend
+from ray_rlhf.bench.overlap import run_overlap
 from ray_rlhf.config import load_config
 from ray_rlhf.models.factory import parameter_count
 from ray_rlhf.run.cluster import init_ray
 
-log = logging.getLogger("benchmarks")
+log = logging.getLogger("ray_rlhf.bench")
 
 MODES = {
     # steps: PPO steps end to end (step 1 is warm-up); learner_steps: standalone learner steps (T);
-    # hf_steps: batches for the transformers baseline; sync_sizes: model presets of section 4.
+    # hf_steps: batches for the transformers baseline; sync_sizes: model presets of section 4
+    # (only without --config: a user's config is measured at its own model's size).
     "full": dict(preset="small", steps=8, learner_steps=4, hf_steps=2, sync_sizes=("tiny", "small", "medium"),
-                 sync_repeats=3),
-    "quick": dict(preset="tiny", steps=3, learner_steps=3, hf_steps=1, sync_sizes=("tiny",), sync_repeats=2),
+                 sync_repeats=3, overlap_steps=6),
+    "quick": dict(preset="tiny", steps=3, learner_steps=3, hf_steps=1, sync_sizes=("tiny",), sync_repeats=2, overlap_steps=0),
 }
+SWEEP_MEANS = ("samples_per_s", "generated_tokens_per_s", "step", "generate", "reward", "prepare", "update", "sync",
+               "orchestration")
 
 
-def _parse(argv):
-    ap = argparse.ArgumentParser(prog="python -m ray_rlhf.bench.run", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny preset, few steps, one sync size (< 3 min)")
-    ap.add_argument("--out", type=Path, default=None, help="output directory (default benchmarks/results/<timestamp>)")
-    ap.add_argument("--steps", type=int, default=None, help="PPO steps end to end (default: 8 full, 3 quick)")
-    ap.add_argument("--cache-dir", default="runs/models", help="where the offline models are built once")
-    ap.add_argument("--ray-address", default=None,
-                    help="Ray cluster to run on (default: RAY_ADDRESS if set, else a private local Ray)")
-    return ap.parse_args(argv)
+def _bench_overrides(out_dir: Path, steps: int, cache_dir: str | None) -> list[str]:
+    return [f"steps={steps}", f"output_dir={out_dir}", *([f"model.cache_dir={cache_dir}"] if cache_dir else []),
+            "logging.progress_bar=false", "logging.tensorboard=false", "logging.rollouts=false",
+            "checkpoint.every=0", "checkpoint.resume=never"]
 
 
-def main(argv=None) -> int:
-    args = _parse(argv)
+def main(argv=None, prog: str = "ray-rlhf bench") -> int:
+    args = build_parser(prog).parse_args(argv)
+    return run_bench(args)
+
+
+def run_bench(args) -> int:
     mode = "quick" if args.quick else "full"
     m = dict(MODES[mode])
     if args.steps:
         m["steps"] = max(2, args.steps)
+    if args.config is not None:
+        m["sync_sizes"] = ()
+    config = args.config or m["preset"]
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = (args.out or Path("benchmarks/results") / stamp).resolve()
+    out = (args.out or Path("bench-results") / stamp).resolve()
+    sweep = parse_sweep(args.sweep)
+    # every config (the base one and each sweep value) is checked before anything starts
+    cfg = load_config(config, [*args.overrides, *_bench_overrides(out / "run", m["steps"], args.cache_dir)])
+    sweep_cfgs = []
+    if sweep:
+        key, values = sweep
+        for i, v in enumerate(values):
+            over = [*args.overrides, f"{key}={v}", *_bench_overrides(out / f"sweep-{i}" / "run", m["steps"], args.cache_dir)]
+            sweep_cfgs.append((v, load_config(config, over)))
     out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / "run", ignore_errors=True)  # the PPO run of a previous benchmark in this dir
-    cfg = load_config(m["preset"], [
-        f"steps={m['steps']}", f"output_dir={out / 'run'}", f"model.cache_dir={args.cache_dir}",
-        "logging.progress_bar=false", "logging.tensorboard=false", "logging.rollouts=false",
-        "checkpoint.every=0", "checkpoint.resume=never",
-    ])
+    for d in ["run", "overlap", *(f"sweep-{i}" for i in range(len(sweep_cfgs)))]:
+        shutil.rmtree(out / d, ignore_errors=True)  # the runs of a previous benchmark in this dir
     t_start = time.perf_counter()
     _init_ray(cfg, args.ray_address or os.environ.get("RAY_ADDRESS"))
     try:
         results = measure(cfg, m, mode)
+        results["config"].update(config=config, overrides=list(args.overrides))
+        if sweep:
+            results["sweep"] = run_sweep(sweep[0], sweep_cfgs)
+        if m["overlap_steps"]:  # section 6: sync vs async on disjoint cores
+            common = [o for o in _bench_overrides(out, m["overlap_steps"], args.cache_dir)
+                      if not o.startswith(("steps=", "output_dir="))]
+            results["overlap"] = run_overlap(config, [*args.overrides, *common], out / "overlap", m["overlap_steps"])
     finally:
         ray.shutdown()
     results.update(timestamp=stamp, wall_seconds=time.perf_counter() - t_start)
@@ -82,6 +107,18 @@ def main(argv=None) -> int:
     print(report.markdown(results))
     print(f"results: {out}  ({results['wall_seconds']:.0f} s)")
     return 0
+
+
+def run_sweep(key: str, cfgs: list) -> dict:
+    """The end-to-end section once per value of ``key``; throughput relative to the first value."""
+    rows = []
+    for value, cfg in cfgs:
+        log.info("sweep %s=%s", key, value)
+        e2e = run_endtoend(cfg)
+        rows.append({"value": value, **{k: e2e["mean"][k] for k in SWEEP_MEANS}})
+    for r in rows:
+        r["speedup"] = r["samples_per_s"] / rows[0]["samples_per_s"]
+    return {"key": key, "rows": rows}
 
 
 def _init_ray(cfg, address: str | None) -> None:
@@ -102,13 +139,18 @@ def measure(cfg, m: dict, mode: str) -> dict:
     policy_path = preflight.resolve_policy_path(cfg)
     prompts = preflight.load_and_check_prompts(cfg, preflight.load_tokenizer(policy_path))
     batches = step_batches(cfg, prompts, cfg.steps)
+    from transformers import AutoConfig
+
+    shape = flops_mod.Shape.of(AutoConfig.from_pretrained(str(policy_path)))
+    trunk_values = cfg.uses_critic and not cfg.model.critic_path
+    flops_of = flops_mod.learner_flops_of(shape, cfg.ppo.epochs, not cfg.old_logprobs_from_sampler or trunk_values)
     gens = start_generators(cfg, policy_path, cfg.generators.num, tag="bench")
     learner = start_learner(cfg, policy_path)
     try:
-        bound = bound_mod.run_bound(cfg, batches, gens, learner, m["learner_steps"])  # section 2
+        bound = bound_mod.run_bound(cfg, batches, gens, learner, m["learner_steps"], flops_of)  # section 2
         params = parameter_count(policy_path)
         counts = tuple(range(1, min(2, len(gens)) + 1))
-        sync_rows = weightsync.measure(learner, gens, cfg.model.preset, params, m["sync_repeats"], counts)  # section 4
+        sync_rows = weightsync.measure(learner, gens, cfg.model.preset or "run", params, m["sync_repeats"], counts)  # section 4
     finally:
         kill(gens + [learner])  # frees their CPU share for the transformers actors
     samplers = generation.start_hf(cfg, policy_path, cfg.generators.num)
@@ -121,29 +163,59 @@ def measure(cfg, m: dict, mode: str) -> dict:
             sync_rows += weightsync.run_size(cfg, size, m["sync_repeats"])
     sync_rows.sort(key=lambda r: (r["bytes"], r["backend"], r["generators"]))
 
+    mfu = measure_mfu(cfg, shape, bound)
     import torch
     import vllm
 
     return {
         "mode": mode,
-        "machine": f"{os.cpu_count()} CPUs ({platform.machine()}), torch {torch.__version__}, "
+        "machine": f"{cpu_model()}, {os.cpu_count()} CPUs ({platform.machine()}), torch {torch.__version__}, "
                    f"vllm {vllm.__version__}, ray {ray.__version__}",
-        "config": {"preset": cfg.model.preset, "steps": cfg.steps, "warmup_steps_skipped": 1,
+        "config": {"preset": cfg.model.preset or "custom", "steps": cfg.steps, "warmup_steps_skipped": 1,
                    "prompts_per_step": cfg.rollout.prompts_per_step,
                    "samples_per_prompt": cfg.rollout.samples_per_prompt,
                    "max_new_tokens": cfg.rollout.max_new_tokens, "generators": cfg.generators.num,
                    "generator_num_cpus": cfg.generators.num_cpus, "shard_prompts": cfg.generators.shard_prompts,
                    "learner_num_cpus": cfg.learner.num_cpus, "sync_backend": cfg.sync.backend,
-                   "sync_verify": cfg.sync.verify},
+                   "sync_verify": cfg.sync.verify, "estimator": cfg.algo.estimator,
+                   "old_logprobs_from_sampler": cfg.old_logprobs_from_sampler, "learner_num": cfg.learner.num},
+        "cpu": cpu_model(),
         "model_params": params,
         "endtoend": e2e,
         "bound": bound_mod.summarize_bound(bound, e2e["weight_bytes"], bandwidth, e2e["mean"]["step"]),
         "generation": generation.compare(e2e, bound, hf),
         "weight_sync": sync_rows,
         "memory": e2e["memory"],
+        "mfu": mfu,
     }
+
+
+def measure_mfu(cfg, shape, bound: dict) -> dict:
+    """This machine's matmul peak at the learner's shapes and threads, and the learner's MFU."""
+    import torch
+
+    threads = cfg.learner.torch_threads or (
+        max(1, int(cfg.learner.num_cpus)) if cfg.rollout.max_staleness > 0 else max(1, (os.cpu_count() or 1) // cfg.learner.num))
+    learned = [r for r in bound["per_step"] if "real_tokens" in r]
+    per_seq = sum(r["real_tokens"] for r in learned) / max(sum(r["sequences"] for r in learned) * cfg.ppo.epochs, 1)
+    tokens = int(cfg.ppo.micro_batch_tokens or max(1, cfg.ppo.micro_batch_size * per_seq))
+    peaks = {"float32": flops_mod.matmul_peak(shape, tokens, threads)}
+    if flops_mod.cpu_has_bf16():
+        peaks["bfloat16"] = flops_mod.matmul_peak(shape, tokens, threads, torch.bfloat16)
+    return flops_mod.mfu_summary(bound["per_step"], peaks, threads, tokens)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo; the platform's processor string elsewhere)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(main())
+    sys.exit(main(prog="python -m ray_rlhf.bench.run"))

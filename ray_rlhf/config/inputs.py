@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ray_rlhf.config.base import _Section
 
@@ -84,6 +84,16 @@ class GeneratorsConfig(_Section):
     """vLLM tensor parallelism inside one generator."""
     kv_cache_gib: float = Field(1.0, gt=0)
     """vLLM KV-cache size on CPU (GiB, VLLM_CPU_KVCACHE_SPACE)."""
+    omp_threads_bind: str = Field("nobind", pattern=r"^(nobind|auto|\d+(-\d+)?(,\d+(-\d+)?)*)$")
+    """CPU engines' cores: ``nobind`` (the OS spreads the engines over the cores), ``auto`` (vLLM's
+    own binding) or a core list such as ``"1"`` or ``"2-3"`` that every generator process is pinned
+    to (with ``learner.pin_cores``: generation and training on disjoint cores, as the benchmark of
+    asynchronous PPO runs them)."""
+
+    @field_validator("omp_threads_bind", mode="before")
+    @classmethod
+    def _core_number(cls, v):
+        return str(v) if isinstance(v, int) else v  # `omp_threads_bind=1` on the command line is YAML's 1
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     """vLLM GPU memory fraction (GPU clusters only)."""
     shard_prompts: int = Field(4, ge=1)

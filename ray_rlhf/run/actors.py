@@ -32,7 +32,8 @@ def generator_kwargs(cfg: RunConfig, policy_path: str | Path, generator_id: str)
     g = cfg.generators
     return dict(model_path=str(policy_path), generator_id=generator_id, max_model_len=g.max_model_len,
                 seed=cfg.seed, gpu_memory_utilization=g.gpu_memory_utilization if g.num_gpus else None,
-                tensor_parallel_size=g.tensor_parallel_size, kv_cache_gib=g.kv_cache_gib)
+                tensor_parallel_size=g.tensor_parallel_size, kv_cache_gib=g.kv_cache_gib,
+                omp_threads_bind=g.omp_threads_bind)
 
 
 def generator_actor(cfg: RunConfig) -> Any:

@@ -9,7 +9,7 @@ import socket
 import ray
 
 from ray_rlhf.config.schema import RunConfig
-from ray_rlhf.console import LOG_DIR_ENV
+from ray_rlhf.console import LOG_DIR_ENV, quiet_ray_notices
 from ray_rlhf.errors import UserError
 
 
@@ -64,5 +64,7 @@ def init_ray(cfg: RunConfig, private: bool = False) -> None:
         ray.init(address=address)
     else:
         log_dir = os.path.join(os.path.abspath(cfg.output_dir), "logs") if cfg.logging.quiet_actors else None
+        if log_dir and not os.environ.get("RAY_RLHF_VERBOSE"):
+            quiet_ray_notices(log_dir)
         ray.init(address="local" if private else None, num_cpus=cfg.ray.num_cpus, include_dashboard=False,
                  runtime_env=local_runtime_env(log_dir), logging_level=logging.WARNING if log_dir else logging.INFO)

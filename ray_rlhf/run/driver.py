@@ -23,6 +23,7 @@ import ray
 
 from ray_rlhf import preflight
 from ray_rlhf.config import RunConfig, to_yaml
+from ray_rlhf.console import setup_driver_logging
 from ray_rlhf.data.prompts import PromptStream
 from ray_rlhf.learning.group import LearnerError
 from ray_rlhf.learning.stats import LearnerStats
@@ -50,7 +51,7 @@ def run(cfg: RunConfig, on_finish: Callable[[RunActors], None] | None = None,
     there). Raises :class:`~ray_rlhf.run.preemption.Preempted` after a SIGTERM/SIGINT (checkpoint
     written).
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_driver_logging()
     out = Path(cfg.output_dir)
     inputs = preflight.check_run(cfg)  # cheap checks of everything the user gave, before Ray
     log.info("resolved config:\n%s", to_yaml(cfg))

@@ -1,4 +1,6 @@
-"""``python -m ray_rlhf.bench.run --quick`` end to end: the outputs exist and are well formed.
+"""``ray-rlhf bench --config tiny --quick --sweep generators.num=1,2`` end to end, run from a
+directory outside the source tree (the benchmark ships in the package): the outputs exist and are
+well formed.
 
 Checks structure and sanity (keys present, numbers finite, positive where a time or a rate must
 be), never the timings themselves: on shared CPUs those are noise.
@@ -17,7 +19,6 @@ import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
-REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -33,9 +34,12 @@ def _finite(x) -> bool:
 def quick_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     cache = tmp_path_factory.getbasetemp() / "models"
+    cwd = tmp_path_factory.mktemp("elsewhere")  # not the checkout: nothing may come from benchmarks/
+    cli = Path(sys.executable).parent / "ray-rlhf"
     proc = subprocess.run(
-        [sys.executable, "-m", "ray_rlhf.bench.run", "--quick", "--out", str(out), "--cache-dir", str(cache)],
-        cwd=REPO, capture_output=True, text=True, timeout=840,
+        [str(cli), "bench", "--config", "tiny", "--quick", "--sweep", "generators.num=1,2", "--out", str(out),
+         "--cache-dir", str(cache)],
+        cwd=cwd, capture_output=True, text=True, timeout=840,
         env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"},
     )
     assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -44,7 +48,7 @@ def quick_results(tmp_path_factory):
 
 def test_end_to_end_section(quick_results):
     _, res = quick_results
-    assert res["mode"] == "quick" and res["config"]["preset"] == "tiny"
+    assert res["mode"] == "quick" and res["config"]["preset"] == "tiny" and res["config"]["config"] == "tiny"
     mean = res["endtoend"]["mean"]
     for key in ("generate", "reward", "prepare", "update", "sync", "step", "samples_per_s", "generated_tokens_per_s"):
         assert _positive(mean[key]), key
@@ -84,15 +88,40 @@ def test_weight_sync_and_memory_sections(quick_results):
 
 def test_targets_markdown_and_plots(quick_results):
     out, res = quick_results
-    assert len(res["targets"]) == 4
+    assert len(res["targets"]) >= 7  # generation, efficiency, sync, MFU, reward, outside, vLLM/HF
     for t in res["targets"]:
         assert _finite(t["value"]) and _finite(t["margin"]) and isinstance(t["met"], bool)
         assert t["met"] or t["why"], f"missed target without a reason: {t['name']}"
     md = (out / "results.md").read_text()
-    for heading in ("## End to end", "## Bound", "## Generation", "## Weight sync", "## Peak memory", "## Targets"):
+    for heading in ("## End to end", "## Bound", "## Generation", "## Weight sync", "## Learner FLOPs and MFU",
+                    "## Sweep of `generators.num`", "## Peak memory", "## Targets"):
         assert heading in md
-    assert md.count("|---|") >= 6  # one Markdown table per section
+    assert md.count("|---|") >= 8  # one Markdown table per section
     assert res["plots"]
     for name in res["plots"]:
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 1000, name
+
+
+def test_mfu_section(quick_results):
+    _, res = quick_results
+    mfu = res["mfu"]
+    assert _positive(mfu["peaks"]["float32"]) and mfu["threads"] >= 1 and mfu["gemm_tokens"] >= 1
+    for phase in ("prepare", "update"):
+        p = mfu["phases"][phase]
+        assert _positive(p["flops_per_step"]) and _positive(p["seconds_per_step"])
+        assert p["mfu"] == pytest.approx(p["flops_per_s"] / mfu["peaks"]["float32"])
+        assert 0 < p["mfu"] < 2  # a utilisation, not a unit error (FLOPs vs GFLOPs, per step vs per run)
+    # gae with the value head on the trunk: prepare = policy + reference forward, update = epochs x 3 forwards
+    fwd = mfu["phases"]["prepare"]["flops_per_step"] / 2
+    assert mfu["phases"]["update"]["flops_per_step"] == pytest.approx(2 * 3 * fwd)  # tiny: 2 epochs
+    assert mfu["padded_over_real_tokens"] >= 1.0
+
+
+def test_sweep_section(quick_results):
+    _, res = quick_results
+    sw = res["sweep"]
+    assert sw["key"] == "generators.num" and [r["value"] for r in sw["rows"]] == ["1", "2"]
+    for r in sw["rows"]:
+        assert _positive(r["samples_per_s"]) and _positive(r["step"]) and _positive(r["speedup"])
+    assert sw["rows"][0]["speedup"] == 1.0
