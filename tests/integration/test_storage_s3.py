@@ -124,12 +124,12 @@ def test_commit_list_and_download_from_another_node(uri, tmp_path):
 UPLOADER = textwrap.dedent("""
     import sys, time
     from ray_rlhf import storage
-    real = storage._copy_file
+    real = storage.base._copy_file
     def slow(*args):  # a slow link: the test kills the process between two files
         real(*args)
         print("copied", args[3], flush=True)
         time.sleep(0.5)
-    storage._copy_file = slow
+    storage.base._copy_file = slow
     store = storage.open_store(sys.argv[1])
     files = {"policy/model.safetensors": b"N" * (3 << 20), "optimizer.pt": b"N" * 1000, "learner.json": b"{}",
              "policy/config.json": b"{}", "value_head.safetensors": b"N" * 40}

@@ -187,7 +187,7 @@ def test_failing_learner_leaves_nothing(store):
 
 def test_object_upload_failing_after_k_files_leaves_nothing_complete(tmp_path, monkeypatch):
     store = storage.ObjectStore(pafs.LocalFileSystem(), str(tmp_path), str(tmp_path))
-    real, copied = storage._copy_file, []
+    real, copied = storage.base._copy_file, []
 
     def copy_then_fail(*args):
         if len(copied) == 2:
@@ -195,7 +195,7 @@ def test_object_upload_failing_after_k_files_leaves_nothing_complete(tmp_path, m
         real(*args)
         copied.append(args[3])
 
-    monkeypatch.setattr(storage, "_copy_file", copy_then_fail)
+    monkeypatch.setattr(storage.base, "_copy_file", copy_then_fail)
     with pytest.raises(OSError, match="connection reset"):
         store.save(5, lambda st: store.write_part(st, write_learner, workers=1), {"driver.json": b"{}"}, keep=2)
     assert len(copied) == 2 and steps(store) == []
