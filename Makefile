@@ -47,10 +47,10 @@ test-unit: install
 	$(PY) -m pytest -q tests/unit
 
 bench: install
-	$(PY) -m ray_rlhf.bench.run
+	$(PY) -m ray_rlhf.bench
 
 bench-quick: install
-	$(PY) -m ray_rlhf.bench.run --quick
+	$(PY) -m ray_rlhf.bench --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

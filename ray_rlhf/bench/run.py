@@ -217,5 +217,7 @@ def cpu_model() -> str:
 
 
 if __name__ == "__main__":
+    from ray_rlhf.run.command import run_command
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(main(prog="python -m ray_rlhf.bench.run"))
+    sys.exit(run_command(run_bench, build_parser("python -m ray_rlhf.bench.run").parse_args()))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from ray_rlhf.errors import user_error_of
-from ray_rlhf.run.preemption import EXIT_PREEMPTED, Preempted
+from ray_rlhf.run.preemption import EXIT_PREEMPTED, Preempted, exit_on_next_signal
 
 
 def _stop_ray() -> None:
@@ -33,6 +33,7 @@ def run_command(func, args) -> int:
     try:
         func(args)
     except Preempted as p:
+        exit_on_next_signal()
         _stop_ray()
         print(f"ray-rlhf: preempted by {p.signame} after step {p.step}; checkpoint {p.checkpoint} is complete. "
               "Run the same command again to resume.", file=sys.stderr)

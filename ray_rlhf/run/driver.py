@@ -64,8 +64,8 @@ def run(cfg: RunConfig, on_finish: Callable[[RunActors], None] | None = None,
                     if inputs.resume else (0, []))
     loop = Loop(cfg, actors, stream, faults, start, ready, resumed=start if inputs.resume else None)
     restarts, step = 0, start + 1
-    try:
-        with StopSignals() as signals:
+    with StopSignals() as signals:  # also over the shutdown: a second signal exits at once
+        try:
             while step <= cfg.steps:
                 timer = PhaseTimer()
                 with timer("rollout"):
@@ -99,11 +99,11 @@ def run(cfg: RunConfig, on_finish: Callable[[RunActors], None] | None = None,
                     on_step_end(step, actors)
                 loop.rollouts.grow()
                 step += 1
-        if on_finish:
-            on_finish(actors)
-    finally:
-        loop.close()
-        actors.shutdown()
+            if on_finish:
+                on_finish(actors)
+        finally:
+            loop.close()
+            actors.shutdown()
     print(f"metrics: {out / 'metrics.jsonl'}  tensorboard: {out / 'tensorboard'}  rollouts: {out / 'rollouts'}")
     return out
 

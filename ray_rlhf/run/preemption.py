@@ -45,9 +45,7 @@ class StopSignals:
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.requested:
-            print(f"ray-rlhf: second {name}: exiting now (the last complete checkpoint stays valid)",
-                  file=sys.stderr, flush=True)
-            os._exit(EXIT_PREEMPTED)
+            self._exit_now(signum, frame)
         self.requested = name
         log.warning("%s received: finishing this step, writing a checkpoint, then stopping "
                     "(send it again to exit at once)", name)
@@ -55,3 +53,18 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+    @staticmethod
+    def _exit_now(signum, frame) -> None:
+        print(f"ray-rlhf: second {signal.Signals(signum).name}: exiting now (the last complete checkpoint stays "
+              "valid)", file=sys.stderr, flush=True)
+        os._exit(EXIT_PREEMPTED)
+
+
+def exit_on_next_signal() -> None:
+    """A preempted command on its way out (Ray stopping): a further SIGTERM/SIGINT exits at once
+    with :data:`EXIT_PREEMPTED`, rather than reaching Ray's handler, which raises ``SystemExit``
+    wherever the process happens to be. Main thread of a process that is about to exit only."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, StopSignals._exit_now)

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -248,23 +249,43 @@ def run_train(config: str, overrides: list[str], cwd: Path, env: dict[str, str],
     return proc, time.monotonic() - t0
 
 
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize("name", list(CASES))
-def test_bad_input(name, tmp_path, model_cache, good_run, tiny_reward_path):
+def _run_case(name: str, tmp_path: Path, model_cache: Path, good_run: Path, reward_model: Path):
+    """Set up case ``name`` in ``tmp_path`` and run the command; (process, seconds, digest before, run dir)."""
     case = CASES[name]
-    if name == "reward_raises_in_actor" and os.environ.get("RAY_RLHF_SKIP_RAY_E2E"):
-        pytest.skip("RAY_RLHF_SKIP_RAY_E2E is set")
     (tmp_path / "bad_rewards.py").write_text(BAD_REWARDS)
     (tmp_path / "broken_reward.py").write_text(BROKEN_IMPORT)
     run = tmp_path / "run"
     shutil.copytree(good_run, run)
-    scene = Scene(tmp=tmp_path, run=run, reward_model=Path(tiny_reward_path))
+    scene = Scene(tmp=tmp_path, run=run, reward_model=reward_model)
     if case.setup:
         case.setup(scene)
     before = tree_digest(run / "checkpoints")
-
     overrides = [f"output_dir={run}", f"model.cache_dir={model_cache}", *FAST, *map(scene.fmt, case.overrides)]
     proc, seconds = run_train(case.config, overrides, cwd=tmp_path, env=case.env, timeout=540)
+    return proc, seconds, before, run
+
+
+PARALLEL = 3
+"""Cases run this many at a time: each is mostly a fresh interpreter importing torch and friends,
+and they share nothing (own directory, own Ray for the one that starts it)."""
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, model_cache, good_run, tiny_reward_path) -> dict:
+    skip_ray = bool(os.environ.get("RAY_RLHF_SKIP_RAY_E2E"))
+    names = [n for n in CASES if not (n == "reward_raises_in_actor" and skip_ray)]
+    with ThreadPoolExecutor(max_workers=PARALLEL) as pool:
+        return {n: pool.submit(_run_case, n, tmp_path_factory.mktemp(n), model_cache, good_run, Path(tiny_reward_path))
+                for n in names}
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(name, outcomes):
+    case = CASES[name]
+    if name not in outcomes:
+        pytest.skip("RAY_RLHF_SKIP_RAY_E2E is set")
+    proc, seconds, before, run = outcomes[name].result()
 
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     tail = "\n".join(lines[-15:])

@@ -1,4 +1,4 @@
-"""Checkpoints in S3 (ray_rlhf/storage.py) against a real S3 wire protocol: moto's server mode.
+"""Checkpoints in S3 (ray_rlhf/storage/) against a real S3 wire protocol: moto's server mode.
 
 The fixture starts ``python -m moto.server`` on 127.0.0.1 (a free port, chosen by the server) and
 stops it afterwards; nothing needs to be running beforehand. Needs ``moto[server]`` (dev extra).

@@ -1,4 +1,4 @@
-"""Checkpoint stores (ray_rlhf/storage.py) on the local disk, in seconds, no network.
+"""Checkpoint stores (ray_rlhf/storage/) on the local disk, in seconds, no network.
 
 Two stores are exercised: :class:`LocalStore` (tmp dir + rename, the default) and
 :class:`ObjectStore` over :class:`pyarrow.fs.LocalFileSystem` -- the object-store protocol (files
