@@ -194,8 +194,10 @@ def measure_mfu(cfg, shape, bound: dict) -> dict:
     """This machine's matmul peak at the learner's shapes and threads, and the learner's MFU."""
     import torch
 
-    threads = cfg.learner.torch_threads or (
-        max(1, int(cfg.learner.num_cpus)) if cfg.rollout.max_staleness > 0 else max(1, (os.cpu_count() or 1) // cfg.learner.num))
+    from ray_rlhf.learning.group import learner_options
+    from ray_rlhf.learning.learner import default_threads
+
+    threads = cfg.learner.torch_threads or default_threads(learner_options(cfg, 0))  # as rank 0 resolves them
     learned = [r for r in bound["per_step"] if "real_tokens" in r]
     per_seq = sum(r["real_tokens"] for r in learned) / max(sum(r["sequences"] for r in learned) * cfg.ppo.epochs, 1)
     tokens = int(cfg.ppo.micro_batch_tokens or max(1, cfg.ppo.micro_batch_size * per_seq))
