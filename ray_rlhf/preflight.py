@@ -166,12 +166,41 @@ class RunInputs:
     """That checkpoint's driver state."""
 
 
+def check_compiler(cfg: RunConfig) -> None:
+    """``learner.compile`` on CPU: torch's inductor builds C++ kernels, so a local run needs a C++
+    compiler here (on a cluster the learner's node decides; inductor's own error names it)."""
+    import os
+    import shutil
+
+    lc = cfg.learner
+    if not lc.compile or lc.device != "cpu" or cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
+        raise UserError("learner.compile=true needs a C++ compiler on CPU (torch.compile builds C++ kernels) and "
+                        "none is on PATH; install g++ (e.g. apt install g++) or set learner.compile=false")
+
+
+def check_preload(cfg: RunConfig) -> None:
+    """``generators.preload``: on a local Ray every library must exist here (a process started with a
+    missing ``LD_PRELOAD`` entry only prints a loader warning)."""
+    import os
+
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return
+    for lib in cfg.generators.preload:
+        if not Path(lib).is_file():
+            raise UserError(f"generators.preload: {lib} does not exist; give the full path of the shared library "
+                            "(e.g. /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4) or leave generators.preload empty")
+
+
 def check_run(cfg: RunConfig) -> RunInputs:
     """Every cheap check of a run's input, in the order a user fixes them; no Ray, no vLLM."""
     from ray_rlhf import checkpoint
     from ray_rlhf.storage import open_store
 
     check_local_capacity(cfg)
+    check_compiler(cfg)
+    check_preload(cfg)
     policy_path = resolve_policy_path(cfg)
     prompts = load_and_check_prompts(cfg, load_tokenizer(policy_path))
     check_reward(cfg, prompts)

@@ -94,6 +94,13 @@ class GeneratorsConfig(_Section):
     @classmethod
     def _core_number(cls, v):
         return str(v) if isinstance(v, int) else v  # `omp_threads_bind=1` on the command line is YAML's 1
+    preload: list[str] = Field(default_factory=list)
+    """Shared libraries put in the generator processes' ``LD_PRELOAD`` (through the actors' Ray
+    runtime environment), e.g. the allocator and OpenMP vLLM's CPU guide recommends:
+    ``[/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4, <venv>/lib/libiomp5.so]`` (Debian's
+    ``libtcmalloc-minimal4``, PyPI's ``intel-openmp``). Empty by default: on an AMD EPYC (AVX2,
+    2 cores) neither changed generation tokens/s beyond noise; measure yours with
+    ``ray-rlhf bench --sweep``. Paths must exist on every generator node."""
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     """vLLM GPU memory fraction (GPU clusters only)."""
     shard_prompts: int = Field(4, ge=1)

@@ -38,7 +38,8 @@ def learner_options(cfg: RunConfig, rank: int = 0) -> LearnerOptions:
                           max_staleness=cfg.rollout.max_staleness,
                           old_logprobs_from_sampler=cfg.old_logprobs_from_sampler, kl_in_loss=cfg.kl_in_loss,
                           rank=rank, world_size=lc.num, strategy=lc.strategy, dtype=lc.dtype,
-                          gradient_checkpointing=lc.gradient_checkpointing, collective_timeout_s=lc.collective_timeout_s,
+                          gradient_checkpointing=lc.gradient_checkpointing, compile=lc.compile,
+                          collective_timeout_s=lc.collective_timeout_s,
                           reserved_cpus=lc.num_cpus)
 
 

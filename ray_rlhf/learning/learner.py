@@ -59,6 +59,7 @@ class LearnerOptions:
     strategy: str = "ddp"
     dtype: str = "float32"
     gradient_checkpointing: bool = False
+    compile: bool = False
     collective_timeout_s: float = 300.0
     reserved_cpus: float = 1.0
     """``learner.num_cpus``: a rank's threads in an asynchronous run when ``torch_threads`` is empty."""
@@ -131,6 +132,8 @@ class Learner:
         self.reference = copy.deepcopy(lm).eval().requires_grad_(False)
         if opt.gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if opt.compile:
+            parallel.compile_layers(lm, self.reference, critic)
         self.kl_ctl = AdaptiveKLController(kl.beta, kl.target, kl.horizon) if kl.adaptive else FixedKLController(kl.beta)
         self.rng = torch.Generator().manual_seed(seed)
         self.comm = Single()

@@ -29,6 +29,18 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return []
 
 
+def compile_layers(*models: nn.Module | None) -> int:
+    """``torch.compile`` each decoder layer of ``models`` in place (dynamic shapes: sequence lengths
+    change every micro-batch); returns how many. Per layer, as FSDP2 wants it (compiled blocks,
+    then ``fully_shard``), and the attention-mask and loss code around them stays eager."""
+    n = 0
+    for model in models:
+        for layer in decoder_layers(model) if model is not None else []:
+            layer.compile(dynamic=True)
+            n += 1
+    return n
+
+
 def wrap(module: nn.Module, strategy: str, world_size: int, device: str, dtype: str = "float32") -> nn.Module:
     """``module`` prepared for ``world_size`` ranks (itself when 1)."""
     if world_size == 1:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ray_rlhf.algo.losses import entropy_from_logits, logprobs_from_logits
+from ray_rlhf.algo.token_logprobs import token_logprobs_and_entropy
 from ray_rlhf.models.output_head import output_logits, trunk_hidden
 
 
@@ -98,12 +98,10 @@ class PolicyWithValueHead(nn.Module):
         if with_logprobs or with_entropy or (wants_values and self.critic is None):
             states = response_states(self.lm, inputs, P, T)
         if with_logprobs or with_entropy:
-            logits = response_logits(self.lm, states, temperature)
-            if with_logprobs:
-                logprobs = logprobs_from_logits(logits, response_ids)
-            if with_entropy:
-                with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                    entropy = entropy_from_logits(logits)
+            # one pass over the logits for both, in row chunks (no full-vocabulary log_softmax copies)
+            logprobs, entropy = token_logprobs_and_entropy(output_logits(self.lm, states), response_ids, temperature,
+                                                           with_entropy=with_entropy, entropy_grad=entropy_grad)
+            logprobs = logprobs if with_logprobs else None
         if wants_values:
             if self.critic is not None:
                 states = response_states(self.critic, inputs, P, T)
@@ -117,16 +115,9 @@ def response_states(lm: nn.Module, inputs, P: int, T: int) -> torch.Tensor:
     return trunk_hidden(lm, input_ids, attention_mask, position_ids)[:, P - 1 : P + T - 1]
 
 
-def response_logits(lm: nn.Module, states: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Next-token logits (float32, through the model's own output processing, divided by the
-    sampling temperature). Shape: (B, T, V)."""
-    logits = output_logits(lm, states)
-    return logits / temperature if temperature != 1.0 else logits
-
-
 @torch.no_grad()
 def reference_logprobs(ref_lm: nn.Module, prompt_ids, prompt_mask, response_ids, response_mask, temperature=1.0):
     """Log-probabilities of the response tokens under the frozen reference LM. Shape: (B, T)."""
     inputs = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
     states = response_states(ref_lm, inputs, prompt_ids.shape[1], response_ids.shape[1])
-    return logprobs_from_logits(response_logits(ref_lm, states, temperature), response_ids)
+    return token_logprobs_and_entropy(output_logits(ref_lm, states), response_ids, temperature, with_entropy=False)[0]

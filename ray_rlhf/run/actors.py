@@ -37,9 +37,21 @@ def generator_kwargs(cfg: RunConfig, policy_path: str | Path, generator_id: str)
 
 
 def generator_actor(cfg: RunConfig) -> Any:
-    """The ``ray.remote`` Generator class with a run's resources."""
+    """The ``ray.remote`` Generator class with a run's resources (and ``generators.preload``)."""
     g = cfg.generators
-    return ray.remote(num_cpus=g.num_cpus, num_gpus=g.num_gpus, max_restarts=0)(Generator)
+    return ray.remote(num_cpus=g.num_cpus, num_gpus=g.num_gpus, max_restarts=0,
+                      **preload_options(g.preload))(Generator)
+
+
+def preload_options(libraries: list[str]) -> dict[str, Any]:
+    """Actor options that start the actor's process with ``libraries`` in ``LD_PRELOAD`` (in front of
+    any it inherits); ``{}`` for none. Ray merges ``env_vars`` with the job's runtime environment."""
+    if not libraries:
+        return {}
+    import os
+
+    preload = ":".join([*libraries, *filter(None, [os.environ.get("LD_PRELOAD")])])
+    return {"runtime_env": {"env_vars": {"LD_PRELOAD": preload}}}
 
 
 def start_reward(cfg: RunConfig, columns: list[str]) -> Any:

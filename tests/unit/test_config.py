@@ -87,3 +87,28 @@ def test_verify_with_tensor_parallel_generators_is_refused():
     with pytest.raises(UserError, match="set sync.verify=false"):
         load_config("tiny", ["generators.tensor_parallel_size=2"])
     assert load_config("tiny", ["generators.tensor_parallel_size=2", "sync.verify=false"]).sync.verify is False
+
+
+def test_compile_without_a_cpp_compiler_is_one_line(monkeypatch):
+    import shutil
+
+    from ray_rlhf import preflight
+    from ray_rlhf.errors import UserError
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    preflight.check_compiler(load_config("tiny", ["learner.compile=true"]))  # g++ is on this machine
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    preflight.check_compiler(load_config("tiny", []))  # not asked for: no check
+    with pytest.raises(UserError, match="learner.compile=true needs a C\\+\\+ compiler.*set learner.compile=false"):
+        preflight.check_compiler(load_config("tiny", ["learner.compile=true"]))
+
+
+def test_preload_of_a_missing_library_is_one_line(monkeypatch, tmp_path):
+    from ray_rlhf import preflight
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    lib = tmp_path / "libx.so"
+    lib.write_bytes(b"")
+    preflight.check_preload(load_config("tiny", [f"generators.preload=[{lib}]"]))
+    with pytest.raises(UserError, match=r"generators.preload: .*nope.so does not exist; give the full path"):
+        preflight.check_preload(load_config("tiny", [f"generators.preload=[{lib},{tmp_path}/nope.so]"]))
