@@ -35,6 +35,7 @@ from ray_rlhf.learning import checkpointing, parallel
 from ray_rlhf.learning.batch import PreparedBatch, TensorBatch, collate, micro_batches, partition_rows
 from ray_rlhf.learning.dist import Single, free_address, init_group
 from ray_rlhf.learning.estimate import advantage_stats, estimate
+from ray_rlhf.learning.loading import load_causal_lm
 from ray_rlhf.learning.stats import LearnerStats, add
 from ray_rlhf.models.policy import PolicyWithValueHead, reference_logprobs
 from ray_rlhf.records import RolloutBatch
@@ -76,34 +77,6 @@ def default_threads(opt: LearnerOptions, pinned: int | None = None) -> int:
     if opt.max_staleness > 0:
         return max(1, int(opt.reserved_cpus))
     return max(1, (os.cpu_count() or 1) // opt.world_size)
-
-
-def load_causal_lm(path: str, device: str) -> torch.nn.Module:
-    """A causal LM in float32, eval mode (dropout off: the sampler drew without it), with the
-    attention kernel that computes what vLLM computes (Gemma 2's soft-capped attention needs
-    ``eager``), checked once: the learner's split trunk/head forward equals the model's own."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ray_rlhf.models.output_head import attention_implementation, check_output_head
-
-    impl = attention_implementation(AutoConfig.from_pretrained(path))
-    kwargs = {"attn_implementation": impl} if impl else {}
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).to(device).eval()
-    disable_dropout(lm)
-    check_output_head(lm)
-    return lm
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Every dropout of ``model`` off for good, in train mode too (gradient checkpointing needs
-    train mode): ``nn.Dropout`` modules get p = 0 and float ``*dropout*`` attributes (attention
-    dropout read in forward) become 0."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
-            m.p = 0.0
-        for name, value in list(vars(m).items()):
-            if "dropout" in name and isinstance(value, float):
-                setattr(m, name, 0.0)
 
 
 class Learner:
@@ -227,7 +200,7 @@ class Learner:
         so that micro-batching and ranks do not change the gradient.
         """
         p, opt = self.ppo, self.options
-        self.train_model.train(opt.gradient_checkpointing)  # dropout is off either way (see __init__)
+        self.train_model.train(opt.gradient_checkpointing)  # dropout is off either way (learning.loading)
         B = len(prep.batch)
         lengths = prep.batch.lengths
         totals: dict[str, float] = {}
