@@ -20,40 +20,17 @@ state of the generator.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
+from tests.integration.runs import run_tiny as _run
 
-STEPS = 4
-OVERRIDES = [
-    f"steps={STEPS}", "checkpoint.every=2", "checkpoint.keep=2", "checkpoint.resume=auto",
-    "rollout.prompts_per_step=8", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=16",
-    "generators.shard_prompts=2", "ppo.minibatch_size=8", "ppo.micro_batch_size=4",
-    "kl.adaptive=true", "logging.progress_bar=false", "logging.tensorboard=false", "ray.num_cpus=2",
-]
-"""Two generators pulling shards of 2 prompts from the work queue (so which generator serves which
-prompts varies from run to run), two minibatches of two micro-batches, an adaptive KL controller."""
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 
 NOT_COMPARED = ("time/", "perf/", "sync/seconds", "sync/verify_seconds", "ppo/prepare_seconds", "ppo/update_seconds")
 """Wall-clock measurements: everything else in a metrics row must match."""
-
-
-def _run(out: Path, cache: Path, *extra: str) -> list[dict]:
-    import ray
-
-    from ray_rlhf.config import load_config
-    from ray_rlhf.run.driver import run
-
-    cfg = load_config("tiny", [*OVERRIDES, f"output_dir={out}", f"model.cache_dir={cache}", *extra])
-    try:
-        run(cfg)
-    finally:
-        ray.shutdown()
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _responses(out: Path, step: int) -> list[tuple]:
@@ -83,30 +60,19 @@ def _leave_crash_debris(run_dir: Path) -> None:
     (run_dir / "checkpoints" / "step_000004" / "driver.json").write_text("{}")
 
 
-@pytest.fixture(scope="module")
-def cache(tiny_policy_path) -> Path:
-    return Path(tiny_policy_path).parent
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, cache) -> tuple[Path, list[dict]]:
-    out = tmp_path_factory.mktemp("uninterrupted")
-    return out, _run(out, cache)
-
-
-def test_stop_and_resume_matches_uninterrupted(tmp_path, cache, uninterrupted):
+def test_stop_and_resume_matches_uninterrupted(tmp_path, models_dir, uninterrupted):
     from ray_rlhf import checkpoint
 
     a_dir, a_rows = uninterrupted
     assert [r["step"] for r in a_rows] == [1, 2, 3, 4]
 
     b_dir = tmp_path / "stopped"
-    stopped = _run(b_dir, cache, "faults.stop_after_step=2")
+    stopped = _run(b_dir, models_dir, "faults.stop_after_step=2")
     assert [r["step"] for r in stopped] == [1, 2]
     assert [p.name for p in checkpoint.complete_checkpoints(b_dir)] == ["step_000002"]
 
     _leave_crash_debris(b_dir)
-    b_rows = _run(b_dir, cache)  # the same command again: resume=auto picks step_000002
+    b_rows = _run(b_dir, models_dir)  # the same command again: resume=auto picks step_000002
     assert [r["step"] for r in b_rows] == [1, 2, 3, 4], "metrics.jsonl must hold each step once"
     assert [p.name for p in checkpoint.complete_checkpoints(b_dir)] == ["step_000002", "step_000004"]
     assert sorted(p.name for p in (b_dir / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
@@ -127,7 +93,7 @@ def test_stop_and_resume_matches_uninterrupted(tmp_path, cache, uninterrupted):
     assert a_rows[3]["ppo/kl_ref"] > 0
 
 
-def test_two_learner_ranks_give_the_one_rank_run_and_resume_at_world_size_two(tmp_path, cache, uninterrupted):
+def test_two_learner_ranks_give_the_one_rank_run_and_resume_at_world_size_two(tmp_path, models_dir, uninterrupted):
     """The same run with ``learner.num=2`` (DDP, gloo), stopped after step 2 and resumed: every
     step equals the one-learner uninterrupted run -- the update is the whole batch's at any world
     size, and the group's checkpoint carries all of its state. The tolerance is looser than for
@@ -135,8 +101,8 @@ def test_two_learner_ranks_give_the_one_rank_run_and_resume_at_world_size_two(tm
     _, a_rows = uninterrupted
     d = tmp_path / "two-ranks"
     two = ("learner.num=2", "learner.num_cpus=0.25")  # Ray's CPU share only: each rank still gets 1 thread
-    assert [r["step"] for r in _run(d, cache, *two, "faults.stop_after_step=2")] == [1, 2]
-    rows = _run(d, cache, *two)
+    assert [r["step"] for r in _run(d, models_dir, *two, "faults.stop_after_step=2")] == [1, 2]
+    rows = _run(d, models_dir, *two)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     def close(key, x, y):
         if key == "ppo/value_clipfrac":  # a fraction of tokens past a threshold (|V - V_old| > 0.2):

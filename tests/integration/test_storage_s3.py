@@ -210,44 +210,32 @@ def test_refused_credentials_are_a_one_line_error(tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_a_run_checkpoints_to_s3_and_resumes_from_it_on_another_driver(uri, tmp_path, tiny_policy_path):
+def test_a_run_checkpoints_to_s3_and_resumes_from_it_on_another_driver(uri, tmp_path, models_dir, uninterrupted):
     """``checkpoint.location=s3://...``: the learner writes its part straight into the bucket; a run
     stopped after step 2 is resumed by a driver with an empty output_dir of its own (nothing local
-    carries over) and ends equal to an uninterrupted run."""
-    import json
+    carries over) and ends equal to the uninterrupted run (the session's shared one, checkpointed
+    locally)."""
+    import math
 
-    import ray
-
-    from ray_rlhf.config import load_config
     from ray_rlhf.models.output_head import read_hf_state
-    from ray_rlhf.run.driver import run
-    from ray_rlhf.sync.checksum import state_dict_checksum
+    from tests.integration.runs import run_tiny
 
-    base = ["steps=4", "rollout.prompts_per_step=4", "rollout.max_new_tokens=12", "ppo.minibatch_size=16",
-            "ppo.micro_batch_size=16", "checkpoint.every=2", "logging.progress_bar=false", "logging.tensorboard=false",
-            "logging.ray_metrics=false", f"model.cache_dir={tiny_policy_path.parent}", "ray.num_cpus=2"]
-
-    def train(out, *extra):
-        try:
-            run(load_config("tiny", [*base, f"output_dir={out}", *extra]))
-        finally:
-            ray.shutdown()
-
-    def rows(out):
-        return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
-
-    train(tmp_path / "whole")
-    train(tmp_path / "first", f"checkpoint.location={uri}", "faults.stop_after_step=2")
+    whole_dir, whole_rows = uninterrupted
+    s3 = (f"checkpoint.location={uri}", "logging.ray_metrics=false")
+    run_tiny(tmp_path / "first", models_dir, *s3, "faults.stop_after_step=2")
     store = storage.open_store(uri)
     assert [c.step for c in store.list_complete()] == [2]
-    train(tmp_path / "elsewhere", f"checkpoint.location={uri}")  # resumes from the bucket at step 2
-    whole, elsewhere = rows(tmp_path / "whole"), rows(tmp_path / "elsewhere")
+    rows = run_tiny(tmp_path / "elsewhere", models_dir, *s3)  # resumes from the bucket at step 2
+    whole, elsewhere = {r["step"]: r for r in whole_rows}, {r["step"]: r for r in rows}
     assert sorted(elsewhere) == [3, 4]
     for step in (3, 4):
         for key in ("reward/mean", "ppo/policy_loss", "ppo/kl_ref", "ppo/grad_norm"):
-            assert elsewhere[step][key] == whole[step][key], (step, key)
+            assert math.isclose(elsewhere[step][key], whole[step][key], rel_tol=1e-4, abs_tol=1e-6), (step, key)
     final = store.latest()
     assert final.step == 4
     local = store.fetch(final, tmp_path / "fetched")
-    want = read_hf_state(tmp_path / "whole" / "checkpoints" / "step_000004" / "policy")
-    assert state_dict_checksum(read_hf_state(local / "policy")) == state_dict_checksum(want)
+    want = read_hf_state(whole_dir / "checkpoints" / "step_000004" / "policy")
+    got = read_hf_state(local / "policy")
+    assert set(got) == set(want)
+    for name, t in want.items():  # bit-equal when measured; the resume tests' tolerance
+        assert (got[name] - t).abs().max() <= 1e-5 * max(1.0, float(t.abs().max())), name
