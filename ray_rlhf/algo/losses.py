@@ -332,6 +332,9 @@ def value_loss(
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Log-probability of each chosen token: ``log softmax(logits)[tokens]``.
 
+    The plain autograd form, kept as the reference the tests hold the learner's fused, chunked
+    :func:`~ray_rlhf.algo.token_logprobs.token_logprobs_and_entropy` to.
+
     Shape:
         logits: (B, T, V)
         tokens: (B, T) integer token ids
@@ -342,6 +345,8 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the categorical distribution at each position: ``H = -sum_v p_v log p_v``.
+
+    The reference form (see :func:`logprobs_from_logits`).
 
     Computed from ``log_softmax`` (a logsumexp), so large logits do not overflow; ``-inf``
     logits (banned tokens) contribute 0 and give no NaN gradient.
