@@ -119,12 +119,20 @@ def check_reward(cfg: RunConfig, prompts: list[PromptItem] | None = None) -> Non
             probe.validate()
 
 
+def joins_cluster(cfg: RunConfig) -> bool:
+    """True when the run joins an existing Ray cluster (``ray.address`` or ``RAY_ADDRESS``): the
+    actors' nodes are not this machine, so checks of this machine do not apply."""
+    import os
+
+    return bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+
+
 def check_local_capacity(cfg: RunConfig) -> None:
     """On a local Ray (no cluster to join, nothing can autoscale): the actors must fit its CPUs and
     GPUs, else one line now instead of a placement timeout later."""
     import os
 
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+    if joins_cluster(cfg):
         return
     g, lc, rc = cfg.generators, cfg.learner, cfg.reward
     cpus = cfg.ray.num_cpus or os.cpu_count() or 1
@@ -173,7 +181,7 @@ def check_compiler(cfg: RunConfig) -> None:
     import shutil
 
     lc = cfg.learner
-    if not lc.compile or lc.device != "cpu" or cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+    if not lc.compile or lc.device != "cpu" or joins_cluster(cfg):
         return
     if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
         raise UserError("learner.compile=true needs a C++ compiler on CPU (torch.compile builds C++ kernels) and "
@@ -183,9 +191,7 @@ def check_compiler(cfg: RunConfig) -> None:
 def check_preload(cfg: RunConfig) -> None:
     """``generators.preload``: on a local Ray every library must exist here (a process started with a
     missing ``LD_PRELOAD`` entry only prints a loader warning)."""
-    import os
-
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+    if joins_cluster(cfg):
         return
     for lib in cfg.generators.preload:
         if not Path(lib).is_file():

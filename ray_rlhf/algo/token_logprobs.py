@@ -33,7 +33,8 @@ CHUNK_ELEMENTS = 1 << 24
 """Logits per chunk (64 MB in float32): bounds the softmax temporaries of forward and backward."""
 
 
-def _rows(n: int, vocab: int) -> int:
+def _rows(vocab: int) -> int:
+    """Rows per chunk."""
     return max(1, CHUNK_ELEMENTS // max(1, vocab))
 
 
@@ -48,7 +49,7 @@ class _TokenLogprobEntropy(torch.autograd.Function):
         n, vocab = z.shape
         lse = torch.empty(n, dtype=z.dtype, device=z.device)
         entropy = torch.empty(n if with_entropy else 0, dtype=z.dtype, device=z.device)
-        step = _rows(n, vocab)
+        step = _rows(vocab)
         for s in range(0, n, step):
             zc = z[s : s + step]
             if not with_entropy:
@@ -73,7 +74,7 @@ class _TokenLogprobEntropy(torch.autograd.Function):
         if not ctx.with_entropy:
             g_entropy = None
         grad = torch.empty_like(z)
-        step = _rows(n, vocab)
+        step = _rows(vocab)
         for s in range(0, n, step):
             sl = slice(s, s + step)
             logp_c = _finite(z[sl] - lse[sl, None])
