@@ -34,6 +34,8 @@ key                              definition
 ``response/length_max``          longest response, tokens
 ``response/finished_frac``       fraction of completions that ended on EOS
                                  (``finish_reason == "stop"``) rather than the length limit
+``rollout/truncated_frac``       fraction of completions cut off at the length limit without
+                                 EOS (``finish_reason == "length"``); 1 - ``finished_frac``
 ``rollout/version_lag_mean``     mean of ``learner_version - policy_version``: how many weight
                                  versions behind the learner each completion was sampled (0 =
                                  fully on-policy); only when ``learner_version`` is given
@@ -77,6 +79,7 @@ def rollout_stats(summary: RolloutSummary, learner_version: int | None = None) -
         "response/length_mean": summary.length_mean,
         "response/length_max": summary.length_max,
         "response/finished_frac": summary.finished_frac,
+        "rollout/truncated_frac": summary.truncated_frac,
     }
     for name, value in summary.reward_parts.items():
         out[f"reward_part/{name}"] = value

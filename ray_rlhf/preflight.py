@@ -18,8 +18,23 @@ from ray_rlhf.records import PromptItem
 log = logging.getLogger(__name__)
 
 
+def causal_lm_classes() -> frozenset[str]:
+    """The model classes the installed transformers loads as causal LMs: the values of
+    ``AutoModelForCausalLM``'s mapping (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names: set[str] = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update([value] if isinstance(value, str) else value)
+    return frozenset(names)
+
+
 def check_causal_lm_dir(path: str | Path, key: str) -> Path:
-    """``path`` must be a Hugging Face directory holding a causal LM."""
+    """``path`` must be a Hugging Face directory holding a causal LM: one of the ``architectures``
+    in its ``config.json`` is a class transformers loads with ``AutoModelForCausalLM``
+    (:func:`causal_lm_classes`). Going by the name alone would refuse ``GPT2LMHeadModel`` and accept
+    any ``*ForCausalLM`` transformers cannot load; a sequence classifier (a reward model) is refused:
+    ``AutoModelForCausalLM`` would load its trunk under a random output head."""
     p = Path(path).expanduser()
     if not p.is_dir():
         raise UserError(f"{key}={path}: no such directory; point it at a Hugging Face model directory")
@@ -31,10 +46,15 @@ def check_causal_lm_dir(path: str | Path, key: str) -> Path:
     except ValueError as e:
         raise UserError(f"{key}={path}: config.json is not valid JSON ({e})") from None
     archs = cfg.get("architectures") or []
-    if not any(a.endswith("ForCausalLM") for a in archs):
+    archs = [archs] if isinstance(archs, str) else [str(a) for a in archs]
+    if not set(archs) & causal_lm_classes():
+        import transformers
+
         raise UserError(
-            f"{key}={path} holds {', '.join(archs) or 'no architecture'}, not a causal LM "
-            "(need an *ForCausalLM checkpoint)"
+            f"{key}={path} holds {', '.join(archs) or 'no architecture'}, not a causal LM that transformers "
+            f"{transformers.__version__} loads (AutoModelForCausalLM: LlamaForCausalLM, GPT2LMHeadModel, ...); "
+            "point it at a causal LM checkpoint (not a reward or classifier model), or upgrade transformers "
+            "if the architecture is newer than it"
         )
     if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
         raise UserError(f"{key}={path}: no weight files (*.safetensors) in the directory")

@@ -23,6 +23,11 @@ import pyarrow as pa
 _SEED_STRIDE = 1_000_003
 """Per-step sampling seed = ``seed * _SEED_STRIDE + step`` (distinct for every (seed, step))."""
 
+FINISH_REASONS = ("stop", "length")
+"""How a completion may end: ``"stop"`` -- the model sampled EOS (kept as its last token);
+``"length"`` -- it was cut off without one, at ``max_new_tokens`` (or, rarely, at the engine's
+context limit)."""
+
 
 @dataclass(frozen=True)
 class PromptItem:
@@ -134,7 +139,8 @@ class RolloutBatch:
     policy_version: np.ndarray
     """Weight version the generator held when it sampled the sequence. Shape (N,), int64."""
     finish_reason: np.ndarray
-    """``"stop"`` (EOS) or ``"length"`` (hit ``max_new_tokens``). Shape (N,), str."""
+    """``"stop"`` (EOS) or ``"length"`` (cut off at ``max_new_tokens`` without EOS): one of
+    :data:`FINISH_REASONS`; :attr:`truncated` is its boolean view. Shape (N,), str."""
     generator_id: np.ndarray
     """Which generator produced it (diagnostics). Shape (N,), str."""
     prompt_ids: np.ndarray
@@ -168,7 +174,9 @@ class RolloutBatch:
                        generator_id: str | Sequence[str] = "", columns: Mapping[str, list] | None = None,
                        reward: Sequence[float] | None = None) -> RolloutBatch:
         """A batch from per-sequence Python lists (tests, the transformers sampler)."""
-        n = len(prompt_index)
+        n, finish_reason = len(prompt_index), [str(r) for r in finish_reason]
+        if bad := sorted(set(finish_reason) - set(FINISH_REASONS)):
+            raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {bad}")
         plen = np.array([len(x) for x in prompt_ids], dtype=np.int64)
         rlen = np.array([len(x) for x in response_ids], dtype=np.int64)
         flat = lambda rows, dt: np.fromiter((v for r in rows for v in r), dtype=dt, count=-1)  # noqa: E731
@@ -178,7 +186,7 @@ class RolloutBatch:
             prompt_index=np.asarray(prompt_index, dtype=np.int64).reshape(n),
             sample_index=np.asarray(sample_index, dtype=np.int64).reshape(n),
             policy_version=versions.astype(np.int64).reshape(n),
-            finish_reason=np.asarray(list(finish_reason), dtype=str).reshape(n),
+            finish_reason=np.asarray(finish_reason, dtype=str).reshape(n),
             generator_id=np.asarray(gids, dtype=str).reshape(n),
             prompt_ids=flat(prompt_ids, np.int32), prompt_offsets=_offsets(plen),
             response_ids=flat(response_ids, np.int32), response_offsets=_offsets(rlen),
@@ -234,6 +242,14 @@ class RolloutBatch:
     def response_lengths(self) -> np.ndarray:
         """Shape (N,), int64."""
         return np.diff(self.response_offsets)
+
+    @property
+    def truncated(self) -> np.ndarray:
+        """Whether each sequence was cut off without EOS (``finish_reason == "length"``): its last
+        token is not a natural end. Derived from :attr:`finish_reason`, so every constructor,
+        :meth:`concat`, :meth:`select`, :meth:`with_rewards` and the rollout log carry it.
+        Shape (N,), bool."""
+        return self.finish_reason == "length"
 
     @property
     def scored(self) -> bool:
@@ -365,6 +381,9 @@ class RolloutSummary:
     length_mean: float
     length_max: int
     finished_frac: float
+    """Fraction of sequences that ended on EOS (``finish_reason == "stop"``)."""
+    truncated_frac: float
+    """Fraction of sequences cut off at the length limit (:attr:`RolloutBatch.truncated`)."""
     response_tokens: int
     version_min: int
     version_mean: float
@@ -383,7 +402,8 @@ class RolloutSummary:
             reward_min=float(batch.reward.min()), reward_max=float(batch.reward.max()),
             reward_parts={k: float(v.mean()) for k, v in sorted(batch.reward_parts.items())},
             length_mean=float(lengths.mean()), length_max=int(lengths.max()),
-            finished_frac=float((batch.finish_reason == "stop").mean()), response_tokens=int(lengths.sum()),
+            finished_frac=float((batch.finish_reason == "stop").mean()),
+            truncated_frac=float(batch.truncated.mean()), response_tokens=int(lengths.sum()),
             version_min=int(batch.policy_version.min()), version_mean=float(batch.policy_version.mean()),
             versions=batch.policy_version.astype(np.int64),
         )

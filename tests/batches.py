@@ -36,7 +36,7 @@ def make_batch(rows: list[dict]) -> RolloutBatch:
 
 def sequences(batch: RolloutBatch) -> list:
     """Per-sequence views of a batch (slow, for assertions): objects with ``key``, ``prompt_ids``,
-    ``response_ids``, ``sampler_logprobs``, ``finish_reason``, ``policy_version``, ``generator_id``,
+    ``response_ids``, ``sampler_logprobs``, ``finish_reason``, ``truncated``, ``policy_version``, ``generator_id``,
     ``prompt``, ``response``, ``reward``."""
     from types import SimpleNamespace
 
@@ -48,6 +48,7 @@ def sequences(batch: RolloutBatch) -> list:
             key=(int(batch.prompt_index[i]), int(batch.sample_index[i])), prompt_index=int(batch.prompt_index[i]),
             prompt_ids=batch.prompt_ids[p0:p1].tolist(), response_ids=batch.response_ids[r0:r1].tolist(),
             sampler_logprobs=batch.sampler_logprobs[r0:r1].tolist(), finish_reason=str(batch.finish_reason[i]),
+            truncated=bool(batch.truncated[i]),
             policy_version=int(batch.policy_version[i]), generator_id=str(batch.generator_id[i]),
             prompt=batch.prompt[i], response=batch.response[i], reward=float(batch.reward[i])))
     return out

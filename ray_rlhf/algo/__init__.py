@@ -1,4 +1,5 @@
-"""Pure RL math: masked reductions, KL estimators and controllers, advantages, losses.
+"""Pure RL math: masked reductions, KL estimators and controllers, advantages, losses, and the
+off-policy / rollout-correction weights and reward shaping that feed them.
 
 Imports torch and the standard library only (no Ray, vLLM, transformers or config), so every
 function here is a function of tensors that a unit test can check by hand.
@@ -30,7 +31,9 @@ from ray_rlhf.algo.kl import (
     per_token_rewards,
 )
 from ray_rlhf.algo.losses import (
+    KL_LOSS_CLAMP,
     LOG_RATIO_BOUND,
+    LOSS_AGGS,
     KLLossStats,
     PolicyLossStats,
     ValueLossStats,
@@ -40,6 +43,7 @@ from ray_rlhf.algo.losses import (
     explained_variance,
     kl_loss,
     logprobs_from_logits,
+    loss_denominators,
     policy_loss,
     value_loss,
 )
@@ -53,16 +57,22 @@ from ray_rlhf.algo.masked import (
     moments_from_sums,
 )
 from ray_rlhf.algo.off_policy import IS_MODES, ImportanceWeightStats, importance_weights
+from ray_rlhf.algo.overlong import overlong_penalty
+from ray_rlhf.algo.rollout_correction import ROLLOUT_CORRECTIONS, RolloutCorrectionStats, rollout_correction_weights
 
 __all__ = [
     "IS_MODES",
+    "KL_LOSS_CLAMP",
     "LOG_RATIO_BOUND",
+    "LOSS_AGGS",
+    "ROLLOUT_CORRECTIONS",
     "AdaptiveKLController",
     "FixedKLController",
     "ImportanceWeightStats",
     "KLLossStats",
     "KL_ESTIMATORS",
     "PolicyLossStats",
+    "RolloutCorrectionStats",
     "ValueLossStats",
     "aggregate",
     "check_right_padded",
@@ -85,6 +95,7 @@ __all__ = [
     "kl_k3",
     "kl_loss",
     "logprobs_from_logits",
+    "loss_denominators",
     "masked_count",
     "masked_mean",
     "masked_moment_sums",
@@ -92,12 +103,14 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "moments_from_sums",
+    "overlong_penalty",
     "per_token_rewards",
     "policy_loss",
     "reinforce_pp_advantages",
     "reinforce_pp_advantages_reference",
     "rloo_advantages",
     "rloo_advantages_reference",
+    "rollout_correction_weights",
     "value_loss",
     "zero_std_groups",
 ]

@@ -313,7 +313,6 @@ def reinforce_pp_advantages(
     rewards_per_token: torch.Tensor,
     mask: torch.Tensor,
     gamma: float = 1.0,
-    moments: tuple[torch.Tensor | float, torch.Tensor | float] | None = None,
     eps: float = 1e-8,
 ) -> torch.Tensor:
     """REINFORCE++ advantages: discounted token returns, normalised over the whole batch.
@@ -327,12 +326,8 @@ def reinforce_pp_advantages(
     valid token plus ``-beta * KL_t`` at every token (:func:`~ray_rlhf.algo.kl.per_token_rewards`).
     ``std`` is the sample (Bessel) std, as in :func:`~ray_rlhf.algo.masked.masked_whiten`.
 
-    ``moments = (mean, std)`` of the GLOBAL batch's returns, when this call sees only a shard of
-    it; if None, the moments of this call's own valid tokens are used. A shard computes them as::
-
-        sums = masked_moment_sums(discounted_returns(r, m, gamma), m)   # (3,)
-        all_reduce(sums, SUM)                                           # over the shards
-        adv = reinforce_pp_advantages(r, m, gamma, moments=moments_from_sums(sums))
+    The moments are the whole batch's: every learner rank holds the whole prepared batch (the
+    learner gathers its forward passes), so no shard ever normalises alone.
 
     Shape:
         rewards_per_token: (B, T)
@@ -340,7 +335,7 @@ def reinforce_pp_advantages(
         returns: (B, T), 0 at padding
     """
     returns = discounted_returns(rewards_per_token, mask, gamma)
-    mean, std = moments_from_sums(masked_moment_sums(returns, mask)) if moments is None else moments
+    mean, std = moments_from_sums(masked_moment_sums(returns, mask))
     mean = torch.as_tensor(mean, dtype=torch.float64, device=returns.device)
     std = torch.as_tensor(std, dtype=torch.float64, device=returns.device)
     adv = ((returns.to(torch.float64) - mean) / (std + eps)).to(returns.dtype)

@@ -6,8 +6,12 @@ valid tokens divided by ``num_tokens``. Pass ``num_tokens`` = the valid-token co
 (global) minibatch when a minibatch is split into micro-batches or data-parallel shards: the
 per-piece losses (and their gradients) then sum exactly to the full-minibatch token mean.
 
-Dr. GRPO's sequence-length-unbiased aggregation is the same reduction with a constant
-denominator: pass ``num_tokens = dr_grpo_num_tokens(num_sequences, max_response_len)``.
+``num_tokens`` may also be a (B, 1) tensor of per-row denominators ``N_i``; the reduction is then
+``sum_i sum_t m_it x_it / N_i``. :func:`loss_denominators` builds them for the three aggregation
+modes of :data:`LOSS_AGGS` (verl's ``loss_agg_mode``): the global token mean, GRPO's per-sequence
+token mean, and Dr. GRPO's per-sequence token sum over a constant ``L_max`` (the last is also
+``num_tokens = dr_grpo_num_tokens(num_sequences, max_response_len)``). Built from GLOBAL
+minibatch sizes, the pieces of any split sum to the whole's loss and gradient in every mode.
 
 Stats records hold plain floats, computed without gradient over this call's valid tokens (token
 means, not divided by ``num_tokens``); they are 0.0 when the mask has no valid token.
@@ -25,13 +29,16 @@ from ray_rlhf.algo.masked import masked_mean, masked_sum, masked_var
 from ray_rlhf.algo.off_policy import importance_weights
 
 __all__ = [
+    "KL_LOSS_CLAMP",
     "LOG_RATIO_BOUND",
+    "LOSS_AGGS",
     "KLLossStats",
     "PolicyLossStats",
     "ValueLossStats",
     "aggregate",
     "dr_grpo_num_tokens",
     "kl_loss",
+    "loss_denominators",
     "policy_loss",
     "value_loss",
     "entropy_from_logits",
@@ -43,19 +50,34 @@ __all__ = [
 def aggregate(
     per_token: torch.Tensor, mask: torch.Tensor, num_tokens: int | float | torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Token-sum-then-divide reduction: ``sum_t m_t x_t / N``.
+    """Token-sum-then-divide reduction: ``sum_t m_t x_t / N``, or ``sum_i sum_t m_it x_it / N_i``.
 
     ``N = num_tokens`` when given -- the valid-token count of the GLOBAL batch this piece belongs
     to, so that ``sum_k aggregate(x_k, m_k, N) == aggregate(x, m)`` over any split of the rows into
     minibatches, micro-batches or shards. Otherwise ``N`` is this batch's own valid-token count
     (at least 1, so an all-padding batch gives 0).
 
+    With ``num_tokens`` a (B, 1) tensor, row ``i`` has its own denominator ``N_i`` (see
+    :func:`loss_denominators`; each ``N_i`` must be > 0, not checked here to avoid a device sync)::
+
+        L = sum_i (1 / N_i) sum_t m_it x_it,        dL / dx_it = m_it / N_i
+
+    The denominators are constants, cast to ``per_token``'s dtype.
+
     Shape:
         per_token: (B, T)
         mask: (B, T), 1 = valid response token
-        num_tokens: scalar (int, float or 0-d tensor), > 0
+        num_tokens: scalar (int, float or 0-d tensor) > 0, or a (B, 1) tensor of per-row N_i
         returns: scalar tensor
     """
+    if isinstance(num_tokens, torch.Tensor) and num_tokens.dim() == 2:
+        if tuple(num_tokens.shape) != (per_token.shape[0], 1):
+            raise ValueError(
+                f"per-row num_tokens must have shape (B, 1) = ({per_token.shape[0]}, 1) (one denominator per row, "
+                f"see loss_denominators); got {tuple(num_tokens.shape)}"
+            )
+        rows = masked_sum(per_token, mask, dim=-1)
+        return (rows / num_tokens.detach().squeeze(-1).to(device=rows.device, dtype=rows.dtype)).sum()
     total = masked_sum(per_token, mask)
     if num_tokens is None:
         return total / mask.bool().sum().clamp(min=1).to(total.dtype)
@@ -90,6 +112,65 @@ def dr_grpo_num_tokens(num_sequences: int, max_response_len: int) -> int:
             f"max_response_len >= 1 (the generation budget); got {num_sequences}, {max_response_len}"
         )
     return int(num_sequences) * int(max_response_len)
+
+
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+"""Loss aggregation modes of :func:`loss_denominators` (verl's ``loss_agg_mode``, with underscores)."""
+
+
+def loss_denominators(
+    mode: str,
+    row_tokens: torch.Tensor,
+    num_sequences: int,
+    num_tokens: float | torch.Tensor,
+    max_response_len: int,
+) -> torch.Tensor:
+    """Per-row denominators ``N_i`` that make :func:`aggregate` compute one of :data:`LOSS_AGGS`.
+
+    The rows belong to one piece (micro-batch or data-parallel shard) of a GLOBAL minibatch of
+    ``B = num_sequences`` sequences holding ``N = num_tokens`` valid tokens; ``|o_i|`` =
+    ``row_tokens[i]`` is row ``i``'s valid-token count and ``L_max = max_response_len`` the
+    generation budget (max new tokens). With ``l_it`` the per-token loss::
+
+        "token_mean":              N_i = N                  L = (1/N) sum_i sum_t l_it
+        "seq_mean_token_mean":     N_i = B * max(|o_i|, 1)  L = (1/B) sum_i (1/|o_i|) sum_t l_it
+        "seq_mean_token_sum_norm": N_i = B * L_max          L = (1/B) sum_i (1/L_max) sum_t l_it
+
+    ``token_mean`` is the global token mean (every token weighs ``1/N``); ``seq_mean_token_mean``
+    is GRPO's per-sequence mean (Shao et al. 2024, "DeepSeekMath", eq. 3; a token of a short
+    sequence weighs more); ``seq_mean_token_sum_norm`` is Dr. GRPO's length-unbiased form (Liu et
+    al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective"; equal to
+    ``num_tokens=dr_grpo_num_tokens(B, L_max)``). Because every ``N_i`` depends only on the row and
+    on global sizes, ``sum_k aggregate(x_k, m_k, loss_denominators(mode, rows of k, ...))`` over
+    any split of the minibatch's rows equals the whole minibatch's loss, and so does the gradient.
+    An all-padding row contributes 0 in every mode.
+
+    Shape:
+        row_tokens: (B_piece,) valid response tokens of each row of this piece (int or float)
+        num_tokens: scalar (float, int or 0-d tensor) > 0, the global minibatch's valid-token
+            count (used by "token_mean" only)
+        returns: (B_piece, 1) float64 on ``row_tokens``' device, to pass as ``num_tokens``
+    """
+    if mode not in LOSS_AGGS:
+        raise ValueError(f"unknown loss aggregation mode {mode!r}; valid choices: {', '.join(LOSS_AGGS)}")
+    if row_tokens.dim() != 1:
+        raise ValueError(f"row_tokens must be (B,), one valid-token count per row; got shape {tuple(row_tokens.shape)}")
+    if not (num_sequences >= 1 and max_response_len >= 1):
+        raise ValueError(
+            "loss_denominators needs num_sequences >= 1 (sequences in the GLOBAL minibatch) and "
+            f"max_response_len >= 1 (the generation budget); got {num_sequences}, {max_response_len}"
+        )
+    counts = row_tokens.detach().to(torch.float64)
+    if mode == "token_mean":
+        if not isinstance(num_tokens, torch.Tensor) and not num_tokens > 0:
+            raise ValueError(f"num_tokens must be > 0 (the global minibatch's valid-token count); got {num_tokens}")
+        n = torch.as_tensor(num_tokens).detach().to(device=counts.device, dtype=torch.float64)
+        den = n.expand_as(counts)
+    elif mode == "seq_mean_token_mean":
+        den = float(num_sequences) * counts.clamp(min=1.0)
+    else:
+        den = torch.full_like(counts, float(num_sequences) * float(max_response_len))
+    return den.reshape(-1, 1).clone()
 
 
 @dataclass(frozen=True)
@@ -139,6 +220,9 @@ class ValueLossStats:
 LOG_RATIO_BOUND = 20.0
 """Bound on ``|log(pi_new / pi_old)|`` in :func:`policy_loss` (and on the off-policy log-weight)."""
 
+KL_LOSS_CLAMP = 10.0
+"""Bound on ``|KL_t|`` per token in :func:`kl_loss` (as verl clamps its low-variance KL)."""
+
 
 def _token_stats(mask: torch.Tensor, **per_token: torch.Tensor) -> dict[str, float]:
     """Masked means of boolean/float per-token tensors as floats in one device sync; 0.0 if empty."""
@@ -161,13 +245,22 @@ def policy_loss(
     behav_logp: torch.Tensor | None = None,
     is_cap: float = 2.0,
     is_mode: str = "truncate",
+    clip_low: float | None = None,
+    clip_high: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, PolicyLossStats]:
     """PPO clipped surrogate loss (to minimise), optionally dual-clipped and off-policy corrected.
 
     Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7, negated::
 
         r_t  = exp(clamp(logp_t - old_logp_t, -LOG_RATIO_BOUND, LOG_RATIO_BOUND))
-        l_t  = max(-r_t A_t, -clip(r_t, 1 - eps, 1 + eps) A_t)
+        l_t  = max(-r_t A_t, -clip(r_t, 1 - eps_low, 1 + eps_high) A_t)
+
+    with ``eps_low = clip_low`` and ``eps_high = clip_high``, each defaulting to ``clip_eps``
+    (symmetric PPO). DAPO's "clip-higher" (Yu et al. 2025, "DAPO: An Open-Source LLM
+    Reinforcement Learning System at Scale", sec. 3.1 "Clip-Higher") sets ``eps_high > eps_low``
+    (e.g. 0.28 / 0.2) so that low-probability tokens with ``A > 0`` can grow further before the
+    clip stops their gradient, which keeps the policy's entropy from collapsing.
 
     The log-ratio is clamped to +-``LOG_RATIO_BOUND`` = +-20 before the exponential: ``e^20`` =
     4.9e8 (times any sane advantage) is finite in float32 / bfloat16, whereas an unclamped
@@ -191,6 +284,12 @@ def policy_loss(
     the clip and the dual clip. Without ``behav_logp`` the loss is exactly the plain PPO loss;
     with ``behav_logp == old_logp`` too (w = 1.0).
 
+    Per-token weights (keyword-only ``weights``, e.g. from
+    :func:`~ray_rlhf.algo.rollout_correction.rollout_correction_weights`): detached constants
+    multiplied on last, after the clip, the dual clip and the ``behav_logp`` weight:
+    ``l_t <- w_t l_t``. They are read only at valid tokens; all-ones weights give exactly the
+    unweighted loss and gradient.
+
     The loss is ``aggregate(l, mask, num_tokens)``. ``old_logp``, ``behav_logp`` and
     ``advantages`` are treated as constants (detached); padding entries of all inputs are
     ignored, also in the gradient.
@@ -202,10 +301,20 @@ def policy_loss(
         advantages: (B, T)
         mask: (B, T), 1 = valid response token
         behav_logp: (B, T) log pi_behav(y_t | ...) of the sampler, or None
+        weights: (B, T) per-token loss weights (constants), or None
+        num_tokens: scalar, or (B, 1) per-row denominators (see :func:`aggregate`)
         returns: (scalar loss, :class:`PolicyLossStats`)
     """
     if not clip_eps > 0:
         raise ValueError(f"clip_eps must be > 0; got {clip_eps}")
+    if clip_low is not None and not clip_low > 0:
+        raise ValueError(f"clip_low must be > 0 (the ratio's lower bound is 1 - clip_low), or None for clip_eps; got {clip_low}")
+    if clip_high is not None and not clip_high > 0:
+        raise ValueError(f"clip_high must be > 0 (the ratio's upper bound is 1 + clip_high), or None for clip_eps; got {clip_high}")
+    if weights is not None and weights.shape != logp.shape:
+        raise ValueError(f"weights must have the shape of logp {tuple(logp.shape)}; got {tuple(weights.shape)}")
+    eps_low = clip_eps if clip_low is None else clip_low
+    eps_high = clip_eps if clip_high is None else clip_high
     if dual_clip is not None and not dual_clip > 1:
         raise ValueError(f"dual_clip must be > 1 (or None to disable); got {dual_clip}")
     keep = mask.bool()
@@ -215,7 +324,7 @@ def policy_loss(
     log_ratio = torch.where(keep, logp - old_logp, 0.0).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     ratio = torch.exp(log_ratio)
     surr = -adv * ratio
-    surr_clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    surr_clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     per_token = torch.maximum(surr, surr_clipped)
     with torch.no_grad():
         clipped = surr_clipped > surr
@@ -235,6 +344,9 @@ def policy_loss(
             "is_weight_max": ws.weight_max,
             "is_truncated_frac": ws.truncated_frac,
         }
+    if weights is not None:
+        # 1 at padding so junk there (inf, NaN) cannot reach the gradient through the product
+        per_token = per_token * torch.where(keep, weights.detach(), 1.0).to(per_token.dtype)
     loss = aggregate(per_token, mask, num_tokens)
 
     with torch.no_grad():
@@ -265,17 +377,25 @@ def kl_loss(
     *forward* KL; ``"k2"`` (0.5 (logp - ref)^2) gives the gradient of KL(pi || ref); ``"k1"``
     gives a zero-mean gradient. ``ref_logp`` is detached; padding is ignored, also in the gradient.
 
+    Clamp: each token's estimate is clamped to ``[-KL_LOSS_CLAMP, KL_LOSS_CLAMP]`` = [-10, 10]
+    before aggregating (as verl clamps its low-variance KL). The k3 gradient
+    ``1 - e^(ref - logp)`` grows exponentially where ``ref >> logp`` (a token the policy has
+    nearly ruled out but the reference likes): ``ref - logp = 4`` already gives k3 = 49.6 and a
+    gradient of -53.6. A clamped token contributes exactly 10 and NO gradient (the clamp is flat
+    there); tokens inside the bound are unchanged bit for bit. The stats report clamped values.
+
     Shape:
         logp: (B, T) log pi(y_t | ...), differentiable
         ref_logp: (B, T) log pi_ref(y_t | ...)
         mask: (B, T), 1 = valid response token
+        num_tokens: scalar, or (B, 1) per-row denominators (see :func:`aggregate`)
         returns: (scalar loss, :class:`KLLossStats`)
     """
     keep = mask.bool()
     # padding -> logp = ref = 0 (KL 0) so junk there (inf, NaN) cannot reach the loss or its gradient
     lp = torch.where(keep, logp, 0.0)
     ref = torch.where(keep, ref_logp.detach(), 0.0)
-    kl = kl_estimate(lp, ref, estimator)
+    kl = kl_estimate(lp, ref, estimator).clamp(-KL_LOSS_CLAMP, KL_LOSS_CLAMP)
     loss = aggregate(kl, mask, num_tokens)
     with torch.no_grad():
         k = kl.detach()
@@ -308,6 +428,7 @@ def value_loss(
         old_values: (B, T) V(s_t) at rollout time
         returns: (B, T) targets R_t (e.g. from ``gae``)
         mask: (B, T), 1 = valid response token
+        num_tokens: scalar, or (B, 1) per-row denominators (see :func:`aggregate`)
         returns: (scalar loss, :class:`ValueLossStats`)
     """
     old_values = old_values.detach()

@@ -58,6 +58,23 @@ class RolloutConfig(_Section):
     reports the log-probs of) the renormalised nucleus, while the learner scores the full
     distribution, so PPO's ratio would compare different distributions."""
 
+    overlong: Literal["keep", "mask", "penalty"] = "keep"
+    """Responses that hit ``max_new_tokens`` without a stop token (finish reason ``length``).
+    ``keep``: scored like any other; ``mask``: left out of the loss (DAPO's overlong filtering: a
+    truncated answer's reward says little about its tokens); ``penalty``: DAPO's soft overlong
+    punishment added to the score, 0 up to ``max_new_tokens - overlong_buffer`` tokens, then
+    falling linearly to -1 at ``max_new_tokens``."""
+    overlong_buffer: int = Field(0, ge=0)
+    """``overlong=penalty``: the length of the linear penalty zone in tokens (DAPO's L_cache);
+    must be > 0 and < ``max_new_tokens`` with ``penalty``."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (group estimators): drop the prompts whose samples all scored the
+    same and keep sampling further prompts until the step holds ``prompts_per_step`` prompts with
+    non-zero reward variance, at most ``max_sampling_rounds`` rounds (then it trains on what it
+    has). Costs extra generation; the update sees only informative groups."""
+    max_sampling_rounds: int = Field(3, ge=1)
+    """``dynamic_sampling``: most generation rounds per step."""
+
     max_staleness: int = Field(0, ge=0)
     """Asynchronous PPO: how many versions the learner may be ahead of the weights that sampled a
     batch. 0: the synchronous loop. k >= 1: the next batches are generated while the learner

@@ -134,6 +134,30 @@ class RunConfig(_Section):
         if self.learner.num > 1 and p.minibatch_size < self.learner.num:
             raise ValueError(f"ppo.minibatch_size={p.minibatch_size} is smaller than learner.num={self.learner.num}: "
                              "every learner rank needs at least one sequence of each minibatch")
+        if p.clip_lo > p.clip_hi:
+            raise ValueError(f"ppo.clip_low={p.clip_lo} is larger than ppo.clip_high={p.clip_hi}: the clip range would "
+                             "favour shrinking probabilities; set ppo.clip_high >= ppo.clip_low (DAPO: 0.2 and 0.28)")
+        if r.max_staleness and p.old_logprobs == "sampler":
+            raise ValueError(f"ppo.old_logprobs=sampler with rollout.max_staleness={r.max_staleness} makes pi_old the "
+                             "stale sampler itself, so the staleness correction would silently vanish; set "
+                             "ppo.old_logprobs=auto (or recompute)")
+        if self.algo.rollout_correction != "none" and p.old_logprobs == "sampler":
+            raise ValueError(f"algo.rollout_correction={self.algo.rollout_correction} compares the learner's log-probs "
+                             "with the sampler's; ppo.old_logprobs=sampler leaves none to compare: set "
+                             "ppo.old_logprobs=auto (or recompute)")
+        if self.kl_in_loss and self.kl.loss_estimator == "k1":
+            raise ValueError("kl.estimator=k1 as a loss term (kl.placement=loss, or auto with a group estimator) has a "
+                             "gradient that is zero in expectation; set kl.estimator=k3 (or k2, or auto)")
+        if r.overlong == "penalty" and not 0 < r.overlong_buffer < r.max_new_tokens:
+            raise ValueError(f"rollout.overlong=penalty needs 0 < rollout.overlong_buffer < rollout.max_new_tokens "
+                             f"({r.max_new_tokens}); got rollout.overlong_buffer={r.overlong_buffer}")
+        if r.overlong_buffer >= r.max_new_tokens:
+            raise ValueError(f"rollout.overlong_buffer={r.overlong_buffer} must be smaller than "
+                             f"rollout.max_new_tokens={r.max_new_tokens}")
+        if r.dynamic_sampling and self.algo.estimator not in GROUP_ESTIMATORS:
+            raise ValueError(f"rollout.dynamic_sampling keeps prompts whose samples' rewards differ, which only a group "
+                             f"estimator uses; algo.estimator={self.algo.estimator} has no groups: use one of "
+                             f"{', '.join(GROUP_ESTIMATORS)} or set rollout.dynamic_sampling=false")
         if self.checkpoint.resume not in ("auto", "never") and not self.checkpoint.resume.strip():
             raise ValueError("checkpoint.resume must be 'auto', 'never' or a checkpoint directory")
         return self
@@ -156,7 +180,7 @@ class RunConfig(_Section):
         if self.ppo.old_logprobs != "auto":
             return self.ppo.old_logprobs == "sampler"
         trunk_values = self.uses_critic and not self.model.critic_path
-        return self.rollout.max_staleness == 0 and not trunk_values
+        return self.rollout.max_staleness == 0 and not trunk_values and self.algo.rollout_correction == "none"
 
     @property
     def pool_min(self) -> int:

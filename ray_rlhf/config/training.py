@@ -34,7 +34,15 @@ class PPOConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
     clip: float = Field(0.2, gt=0)
-    """PPO ratio clip epsilon."""
+    """PPO ratio clip epsilon: the ratio is clipped to [1 - clip, 1 + clip] (the symmetric
+    shorthand of ``clip_low`` / ``clip_high``)."""
+    clip_low: float | None = Field(None, gt=0)
+    """Lower clip epsilon: the ratio's floor is 1 - clip_low. Empty: ``clip``."""
+    clip_high: float | None = Field(None, gt=0)
+    """Upper clip epsilon: the ratio's ceiling is 1 + clip_high. Empty: ``clip``. DAPO's
+    "clip-higher" (Yu et al. 2025) raises it above ``clip_low`` (0.28 vs 0.2) so that unlikely
+    tokens with a positive advantage can grow, which keeps the policy's entropy from collapsing
+    in long critic-free runs."""
     dual_clip: float | None = Field(None, gt=1)
     """Dual-clip constant c > 1 for negative advantages (empty: off)."""
     value_clip: float | None = Field(0.2, gt=0)
@@ -51,6 +59,16 @@ class PPOConfig(_Section):
     """Gradient-norm clip."""
     whiten_advantages: bool = True
     """Normalize advantages to mean 0 / std 1 over the valid tokens of the batch."""
+
+    @property
+    def clip_lo(self) -> float:
+        """``clip_low`` resolved (``clip`` when empty)."""
+        return self.clip if self.clip_low is None else self.clip_low
+
+    @property
+    def clip_hi(self) -> float:
+        """``clip_high`` resolved (``clip`` when empty)."""
+        return self.clip if self.clip_high is None else self.clip_high
 
 
 class AlgoConfig(_Section):
@@ -69,11 +87,40 @@ class AlgoConfig(_Section):
     pi_old / pi_sampler that corrects for the sampler's stale weights (decoupled PPO)."""
     is_mode: Literal["truncate", "mask"] = "truncate"
     """``truncate``: weight min(w, is_cap); ``mask``: tokens with w > is_cap get weight 0."""
+    rollout_correction: Literal["none", "tis", "mis"] = "none"
+    """Correct for the sampler's log-probs differing from the learner's for the same weights
+    (another engine, other kernels, another precision -- vLLM's bf16 kernels vs FSDP is the known
+    cause of collapsing GPU runs), at any staleness. ``tis``: token-level truncated importance
+    sampling, each token's loss weighted by min(pi_learner_old / pi_sampler,
+    ``rollout_correction_cap``); ``mis``: sequence-level masking, a sequence whose geometric-mean
+    ratio leaves [1/cap, cap] leaves the loss. Needs the learner's own pi_old (``ppo.old_logprobs``
+    resolves to ``recompute``). Use it when ``rollout/mismatch_kl`` is not ~0 (bf16 engines or
+    learners); on this fp32 CPU setup the two agree to ~1e-7 and it changes nothing."""
+    rollout_correction_cap: float = Field(2.0, gt=1)
+    """``tis``: the weight's cap; ``mis``: the bound C of the accepted ratio range [1/C, C]."""
+    loss_agg: Literal["auto", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "auto"
+    """How a minibatch's per-token losses become one number (verl's names; resolved by :attr:`agg`). ``token_mean``: sum
+    over every valid token / the minibatch's token count (every token weighs the same);
+    ``seq_mean_token_mean``: the mean over sequences of each sequence's token mean (DeepSeekMath's
+    GRPO: short sequences' tokens weigh more); ``seq_mean_token_sum_norm``: each sequence's token
+    sum / ``rollout.max_new_tokens``, averaged over sequences (Dr. GRPO's length-unbiased form).
+    ``auto``: ``seq_mean_token_sum_norm`` for ``dr_grpo``, ``token_mean`` otherwise. Exact across
+    micro-batches and learner ranks."""
+
+    @property
+    def agg(self) -> str:
+        """``loss_agg`` resolved (``auto``: the estimator's own aggregation)."""
+        if self.loss_agg != "auto":
+            return self.loss_agg
+        return "seq_mean_token_sum_norm" if self.estimator == "dr_grpo" else "token_mean"
 
 
 class KLConfig(_Section):
-    estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimator used in the reward penalty."""
+    estimator: Literal["auto", "k1", "k2", "k3"] = "auto"
+    """Per-token KL estimator (Schulman's k1 = log(pi/ref), k2 = (log(pi/ref))^2 / 2, k3 =
+    ref/pi - 1 - log(ref/pi)), used where the KL acts (``placement``) and in ``kl_ref``.
+    ``auto``: ``k1`` in the reward penalty (unbiased), ``k3`` as a loss term (GRPO). ``k1`` as
+    a loss term is refused: its gradient is zero in expectation."""
     beta: float = Field(0.05, ge=0)
     """Initial KL penalty coefficient."""
     adaptive: bool = False
@@ -84,8 +131,19 @@ class KLConfig(_Section):
     """Adaptive controller: horizon in samples."""
     placement: Literal["auto", "reward", "loss"] = "auto"
     """Where the KL to the reference acts. ``reward``: -beta * KL per token in the reward
-    (InstructGPT, REINFORCE++); ``loss``: beta * k3 KL as a loss term (GRPO); ``auto``: ``reward``
-    for ``gae`` and ``reinforce_pp``, ``loss`` for the group estimators."""
+    (InstructGPT, REINFORCE++); ``loss``: beta * KL (``estimator``, k3 by default, clamped to
+    [-10, 10] per token) as a loss term (GRPO); ``auto``: ``reward`` for ``gae`` and
+    ``reinforce_pp``, ``loss`` for the group estimators."""
+
+    @property
+    def reward_estimator(self) -> str:
+        """``estimator`` resolved for the per-token reward penalty and ``kl_ref`` (``auto``: k1)."""
+        return "k1" if self.estimator == "auto" else self.estimator
+
+    @property
+    def loss_estimator(self) -> str:
+        """``estimator`` resolved for the KL loss term (``auto``: k3)."""
+        return "k3" if self.estimator == "auto" else self.estimator
 
 
 class LearnerConfig(_Section):
@@ -107,8 +165,12 @@ class LearnerConfig(_Section):
     """``ddp``: every rank holds the whole model, gradients are all-reduced; ``fsdp``: FSDP2
     ``fully_shard`` (parameters, gradients and optimizer state sharded over the ranks)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """Training dtype. ``bfloat16`` (GPU): bf16 compute with float32 master weights (FSDP2 mixed
-    precision for ``fsdp``, autocast for ``ddp``); on CPU only where the CPU has bf16 support."""
+    """Training dtype. ``bfloat16`` (GPU): bf16 compute with float32 master weights, gradients and
+    optimizer state -- FSDP2's mixed-precision policy for ``fsdp`` with several ranks, autocast
+    otherwise (``ddp``, or one rank); log-probs and values are computed in float32 from the bf16
+    trunk. On CPU it runs (autocast) but is fast only where the CPU has bf16 instructions
+    (AVX-512-BF16/AMX). Where the engine samples in another precision, watch
+    ``rollout/mismatch_kl`` and consider ``algo.rollout_correction``."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
     compile: bool = False
@@ -117,7 +179,10 @@ class LearnerConfig(_Section):
     The first step pays the compilation (~25 s for the ``small`` model on 2 CPU cores; torch
     caches it for later runs on the node); on CPU it needs a C++ compiler on the learner's node."""
     shard_reference: bool = False
-    """``fsdp``: shard the frozen reference model too (else every rank holds a full copy)."""
+    """``fsdp`` with several ranks: shard the frozen reference with FSDP2 like the policy (each rank
+    holds 1/``num`` of it; its parameters are all-gathered for each reference pass). Off: every
+    rank holds a full copy (no communication for the reference). Measured with 2 ranks on the
+    tiny model: 3.67 of 7.35 MB of reference parameters per rank."""
     pin_cores: bool = False
     """Pin each rank to its own cores (a CPU placement for benchmarks; off on shared machines)."""
     collective_timeout_s: float = Field(300.0, gt=0)

@@ -82,6 +82,43 @@ def _missing_column(path: Path, column: str, names: list[str]) -> None:
     )
 
 
+def _to_pylist(path: Path, table: pa.Table, name: str) -> list:
+    """Column ``name`` as Python values; a :class:`UserError` naming the line (JSON Lines) or row
+    (Parquet) when a text value is not valid UTF-8 (neither reader checks it; decoding does)."""
+    col = table.column(name)
+    try:
+        return col.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    row, err = next(_decode_errors(col))
+    byte = f"byte 0x{err.object[err.start]:02x}"
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        raise UserError(f"prompt file {path}: row {row} of column {name!r} is not valid UTF-8 ({byte}); "
+                        "write the text as UTF-8 (decode the bytes before saving the file)")
+    raise UserError(f"prompt file {path}: line {_jsonl_line(path, row)} (column {name!r}) is not valid UTF-8 "
+                    f"({byte}); re-encode the file as UTF-8 (e.g. iconv -f <its encoding> -t UTF-8) or fix that line")
+
+
+def _decode_errors(col: pa.ChunkedArray):
+    """``(row, UnicodeDecodeError)`` for each row of ``col`` that does not decode (slow: error path only)."""
+    for i in range(len(col)):
+        try:
+            col[i].as_py()
+        except UnicodeDecodeError as e:
+            yield i, e
+
+
+def _jsonl_line(path: Path, row: int) -> int:
+    """The 1-based line of JSON Lines row ``row`` (0-based): the reader skips blank lines."""
+    seen = -1
+    with path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            seen += bool(line.strip())
+            if seen == row:
+                return number
+    raise AssertionError(f"{path} has no row {row}")
+
+
 def _check_messages(path: Path, column: str, i: int, cell: Any) -> Messages:
     fix = ("each cell must be a non-empty list of {role, content} objects with string values, e.g. "
            "[{role: user, content: 'Hi'}]")
@@ -111,8 +148,9 @@ def load_prompt_table(path, column: str = "prompt") -> PromptTable:
     (``.parquet``) or JSON Lines (``.jsonl``/``.json``) file.
 
     Raises :class:`UserError` (one line naming the file and the fix) when the file is missing,
-    has another extension, can't be parsed, lacks the column, holds no rows, or holds a prompt
-    that is not non-empty text or a list of ``{role, content}`` messages.
+    has another extension, can't be parsed, lacks the column, holds no rows, holds text that is
+    not valid UTF-8 (naming the line of a JSON Lines file, the row of a Parquet file), or holds a
+    prompt that is not non-empty text or a list of ``{role, content}`` messages.
     """
     path = Path(path)
     if not path.is_file():
@@ -138,7 +176,7 @@ def load_prompt_table(path, column: str = "prompt") -> PromptTable:
             "messages; store each prompt as text or as [{role, content}, ...]"
         )
     prompts: list[str | Messages] = []
-    for i, p in enumerate(col.to_pylist()):
+    for i, p in enumerate(_to_pylist(path, table, column)):
         if p is None:
             raise UserError(f"prompt file {path}: row {i} of column {column!r} is null; remove it or give it text")
         if is_list:
@@ -147,7 +185,7 @@ def load_prompt_table(path, column: str = "prompt") -> PromptTable:
             raise UserError(f"prompt file {path}: row {i} of column {column!r} is an empty prompt; remove it or give it text")
         else:
             prompts.append(p)
-    columns = {name: table.column(name).to_pylist() for name in table.column_names if name != column}
+    columns = {name: _to_pylist(path, table, name) for name in table.column_names if name != column}
     return PromptTable(prompts, columns, str(path))
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from ray_rlhf.errors import UserError
-from ray_rlhf.records import PromptShard, RolloutBatch, SamplingSpec
+from ray_rlhf.records import FINISH_REASONS, PromptShard, RolloutBatch, SamplingSpec
 from ray_rlhf.sync.receiver import WeightReceiver
 from ray_rlhf.sync.types import EngineChecksum, GroupInfo, LoadReport, SinkInfo
 
@@ -232,8 +232,8 @@ class Generator:
                                   use_tqdm=False)
         completions = [(p, j, c) for p, out in zip(prompts, outs)
                        for j, c in enumerate(sorted(out.outputs, key=lambda c: c.index))]
-        for p, j, c in completions:
-            if c.finish_reason not in ("stop", "length"):
+        for p, j, c in completions:  # vLLM: "stop" = EOS sampled, "length" = max_tokens (or context) used up
+            if c.finish_reason not in FINISH_REASONS:
                 raise RuntimeError(f"{self.generator_id}: prompt {p.index} sample {j} finished with {c.finish_reason!r}")
         n = len(completions)
         plen = np.array([len(p.prompt_ids) for p, _, _ in completions], dtype=np.int64)

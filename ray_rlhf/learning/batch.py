@@ -38,6 +38,10 @@ class TensorBatch:
     group_ids: torch.Tensor
     """Group of each sequence: the samples of one prompt of this step (a prompt drawn twice in a
     step, across an epoch boundary, makes two groups). Shape: (B,)."""
+    truncated: torch.Tensor
+    """True where the sequence was cut off at the length limit without EOS (``finish_reason ==
+    "length"``, :attr:`~ray_rlhf.records.RolloutBatch.truncated`): its reward judges an unfinished
+    answer (DAPO's overlong filtering masks such rows). Shape: (B,), bool."""
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
@@ -130,6 +134,7 @@ def collate(batch: RolloutBatch, pad_id: int) -> TensorBatch:
         policy_versions=torch.from_numpy(batch.policy_version.astype(np.int64)),
         prompt_index=torch.from_numpy(batch.prompt_index.astype(np.int64)),
         group_ids=torch.from_numpy(group_ids(batch)),
+        truncated=torch.from_numpy(batch.truncated.astype(np.bool_)),
     )
 
 
@@ -154,8 +159,11 @@ class PreparedBatch:
     advantages: torch.Tensor
     returns: torch.Tensor | None
     """Value targets; None without a critic."""
+    weights: torch.Tensor | None = None
+    """Per-token weights of the policy loss from ``algo.rollout_correction`` (and, with it, the
+    staleness correction); None: the loss applies the decoupled weight itself, or none."""
 
     def select(self, rows: torch.Tensor) -> PreparedBatch:
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         return PreparedBatch(self.batch.select(rows), pick(self.old_logprobs), pick(self.old_values),
-                             pick(self.ref_logprobs), pick(self.advantages), pick(self.returns))
+                             pick(self.ref_logprobs), pick(self.advantages), pick(self.returns), pick(self.weights))

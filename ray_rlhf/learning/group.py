@@ -39,6 +39,8 @@ def learner_options(cfg: RunConfig, rank: int = 0) -> LearnerOptions:
                           old_logprobs_from_sampler=cfg.old_logprobs_from_sampler, kl_in_loss=cfg.kl_in_loss,
                           rank=rank, world_size=lc.num, strategy=lc.strategy, dtype=lc.dtype,
                           gradient_checkpointing=lc.gradient_checkpointing, compile=lc.compile,
+                          shard_reference=lc.shard_reference, overlong=cfg.rollout.overlong,
+                          overlong_buffer=cfg.rollout.overlong_buffer,
                           collective_timeout_s=lc.collective_timeout_s,
                           reserved_cpus=lc.num_cpus)
 

@@ -19,6 +19,7 @@ ranks (DDP or FSDP2, :mod:`ray_rlhf.learning.parallel`). Nothing here imports Ra
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -28,8 +29,18 @@ from pathlib import Path
 import torch
 
 from ray_rlhf.algo.kl import AdaptiveKLController, FixedKLController, kl_estimate
-from ray_rlhf.algo.losses import aggregate, dr_grpo_num_tokens, explained_variance, kl_loss, policy_loss, value_loss
+from ray_rlhf.algo.losses import (
+    aggregate,
+    dr_grpo_num_tokens,
+    explained_variance,
+    kl_loss,
+    loss_denominators,
+    policy_loss,
+    value_loss,
+)
 from ray_rlhf.algo.masked import masked_mean
+from ray_rlhf.algo.overlong import overlong_penalty
+from ray_rlhf.algo.rollout_correction import rollout_correction_weights
 from ray_rlhf.config.training import AlgoConfig, KLConfig, PPOConfig
 from ray_rlhf.learning import checkpointing, parallel
 from ray_rlhf.learning.batch import PreparedBatch, TensorBatch, collate, micro_batches, partition_rows
@@ -37,7 +48,7 @@ from ray_rlhf.learning.dist import Single, free_address, init_group
 from ray_rlhf.learning.estimate import advantage_stats, estimate
 from ray_rlhf.learning.loading import load_causal_lm
 from ray_rlhf.learning.stats import LearnerStats, add
-from ray_rlhf.models.policy import PolicyWithValueHead, reference_logprobs
+from ray_rlhf.models.policy import PolicyWithValueHead, ReferenceModel
 from ray_rlhf.records import RolloutBatch
 from ray_rlhf.sync.sender import WeightSender
 from ray_rlhf.sync.types import GroupInfo, SyncResult
@@ -61,6 +72,12 @@ class LearnerOptions:
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     compile: bool = False
+    shard_reference: bool = False
+    """``learner.shard_reference``: FSDP2-shard the frozen reference too (``fsdp``, several ranks)."""
+    overlong: str = "keep"
+    """``rollout.overlong``: truncated responses kept, masked out of the loss, or penalised."""
+    overlong_buffer: int = 0
+    """``rollout.overlong_buffer``: DAPO's L_cache for ``overlong=penalty``."""
     collective_timeout_s: float = 300.0
     reserved_cpus: float = 1.0
     """``learner.num_cpus``: a rank's threads in an asynchronous run when ``torch_threads`` is empty."""
@@ -102,11 +119,11 @@ class Learner:
         lm = load_causal_lm(model_path, device)
         critic = load_causal_lm(critic_path, device) if critic_path else None
         self.model = PolicyWithValueHead(lm, critic, value_head=self.uses_critic).to(device)
-        self.reference = copy.deepcopy(lm).eval().requires_grad_(False)
+        self.reference = ReferenceModel(copy.deepcopy(lm))
         if opt.gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if opt.compile:
-            parallel.compile_layers(lm, self.reference, critic)
+            parallel.compile_layers(lm, self.reference.lm, critic)
         self.kl_ctl = AdaptiveKLController(kl.beta, kl.target, kl.horizon) if kl.adaptive else FixedKLController(kl.beta)
         self.rng = torch.Generator().manual_seed(seed)
         self.comm = Single()
@@ -131,6 +148,8 @@ class Learner:
         backend = "nccl" if self.device.startswith("cuda") else "gloo"
         self.comm = init_group(host, port, opt.rank, opt.world_size, backend, opt.collective_timeout_s)
         self.train_model = parallel.wrap(self.model, opt.strategy, opt.world_size, self.device, opt.dtype)
+        if self.sharded and opt.shard_reference:
+            parallel.wrap(self.reference, "fsdp", opt.world_size, self.device, opt.dtype)
         self._build_optimizer()
         self._refresh_export()
 
@@ -140,6 +159,14 @@ class Learner:
     @property
     def sharded(self) -> bool:
         return self.options.world_size > 1 and self.options.strategy == "fsdp"
+
+    def _autocast(self):
+        """``learner.dtype=bfloat16`` without FSDP2 sharding (``ddp``, or one rank): bf16 compute
+        under autocast, float32 weights, gradients and optimizer (FSDP2 has its mixed-precision
+        policy instead); log-probs and values leave the model in float32."""
+        if self.options.dtype != "bfloat16" or self.sharded:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16)
 
     # ---- phase 2a: fixed quantities --------------------------------------------------------
     @torch.no_grad()
@@ -157,10 +184,11 @@ class Learner:
             mb = b.select(idx if idx is not None else torch.zeros(1, dtype=torch.long)).trimmed()
             width = mb.response_ids.shape[1]
             out = None
-            if recompute or self.uses_critic:
-                out = self.model(*_inputs(mb), temperature=self.temperature, with_entropy=False,
-                                 with_logprobs=recompute, with_values=self.uses_critic)
-            ref = reference_logprobs(self.reference, *_inputs(mb), temperature=self.temperature)
+            with self._autocast():
+                if recompute or self.uses_critic:
+                    out = self.model(*_inputs(mb), temperature=self.temperature, with_entropy=False,
+                                     with_logprobs=recompute, with_values=self.uses_critic)
+                ref = self.reference(*_inputs(mb), temperature=self.temperature)
             if idx is None:  # a pass only to keep sharded ranks in step
                 continue
             pad = lambda x, w=width: torch.nn.functional.pad(x, (0, T - w))  # noqa: E731
@@ -173,8 +201,20 @@ class Learner:
         ref_logprobs = gather(refs)
         old_logprobs = gather(olds) if recompute else b.sampler_logprobs
         old_values = gather(vals) * mask if self.uses_critic else None
-        kl = kl_estimate(old_logprobs, ref_logprobs, self.kl_cfg.estimator) * mask
-        adv = estimate(opt.algo.estimator, scores=b.scores, kl=kl, mask=mask, beta=self.kl_ctl.value,
+        kl = kl_estimate(old_logprobs, ref_logprobs, self.kl_cfg.reward_estimator) * mask
+        scores, extra = b.scores, {}
+        if opt.overlong == "penalty":  # DAPO's soft overlong punishment, added to the score
+            penalty = overlong_penalty(mask.sum(dim=1), opt.response_budget, opt.overlong_buffer)
+            scores, extra["overlong_penalty_mean"] = scores + penalty.to(scores.dtype), float(penalty.mean())
+        weights = None
+        if recompute:  # the learner's pi_old against the sampler's: the engine mismatch (+ the lag, async)
+            w, rc = rollout_correction_weights(old_logprobs, b.sampler_logprobs, mask, opt.algo.rollout_correction,
+                                               opt.algo.rollout_correction_cap,
+                                               token_cap=opt.algo.is_cap if opt.max_staleness > 0 else None)
+            weights = w if opt.algo.rollout_correction != "none" else None
+            extra.update(mismatch_kl=rc.mismatch_kl, correction_truncated_frac=rc.truncated_frac,
+                         correction_masked_frac=rc.masked_frac)
+        adv = estimate(opt.algo.estimator, scores=scores, kl=kl, mask=mask, beta=self.kl_ctl.value,
                        kl_in_reward=not opt.kl_in_loss, group_ids=b.group_ids, values=old_values,
                        gamma=self.ppo.gamma, lam=self.ppo.lam, whiten=self.ppo.whiten_advantages)
         stats = {
@@ -182,13 +222,18 @@ class Learner:
             "sampler_logprob_diff": masked_mean((old_logprobs - b.sampler_logprobs).abs(), mask).item()
             if recompute else math.nan,
             "value_mean": masked_mean(old_values, mask).item() if self.uses_critic else math.nan,
-            **advantage_stats(adv, mask, b.group_ids),
+            **advantage_stats(adv, mask, b.group_ids), **extra,
         }
-        prepared = PreparedBatch(b, old_logprobs, old_values, ref_logprobs, adv.advantages, adv.returns)
-        if opt.algo.drop_zero_std_groups and adv.zero_std is not None and adv.zero_std.any():
-            keep = (~adv.zero_std).nonzero().flatten()
-            stats["dropped_sequences"] = B - len(keep)
-            prepared = prepared.select(keep)
+        prepared = PreparedBatch(b, old_logprobs, old_values, ref_logprobs, adv.advantages, adv.returns, weights)
+        drop = torch.zeros(B, dtype=torch.bool, device=mask.device)
+        if opt.algo.drop_zero_std_groups and adv.zero_std is not None:
+            drop |= adv.zero_std
+            stats["dropped_sequences"] = int(adv.zero_std.sum())
+        if opt.overlong == "mask":  # DAPO's overlong filtering: truncated answers leave the loss
+            drop |= b.truncated.to(drop.device)
+            stats["overlong_masked"] = int(b.truncated.sum())
+        if drop.any():
+            prepared = prepared.select((~drop).nonzero().flatten())
         return prepared, stats
 
     # ---- phase 2b: the update ---------------------------------------------------------------
@@ -209,16 +254,16 @@ class Learner:
             perm = torch.randperm(B, generator=self.rng)
             for mb in perm.split(p.minibatch_size):
                 real = prep.batch.response_mask[mb].sum().clamp(min=1.0)
-                n_tokens = (dr_grpo_num_tokens(len(mb), opt.response_budget) if opt.algo.estimator == "dr_grpo"
-                            else real)
                 mine = mb[partition_rows(lengths[mb], self.comm.world_size)[self.comm.rank]]
                 micros = micro_batches(mine, lengths, p.micro_batch_size, p.micro_batch_tokens)
-                micros = self._equal_count(micros) if self.sharded else micros
+                # every rank runs as many passes (empty ones where it holds fewer rows, even none):
+                # DDP's gradient all-reduce and FSDP's all-gathers pair up across the ranks
+                micros = self._equal_count(micros) if self.comm.world_size > 1 else micros
                 self.optimizer.zero_grad(set_to_none=True)
                 acc: dict[str, float] = {}
                 for i, idx in enumerate(micros):
                     with parallel.accumulating(self.train_model, opt.strategy, last=i == len(micros) - 1):
-                        micro = self._micro_step(prep, idx, n_tokens, real)
+                        micro = self._micro_step(prep, idx, len(mb), real)
                     acc = _merge(acc, micro)
                 acc = self._reduce(acc)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), p.max_grad_norm)
@@ -231,9 +276,21 @@ class Learner:
         out["padded_tokens"], out["real_tokens"] = totals.get("padded_tokens", 0.0), totals.get("real_tokens", 0.0)
         return out
 
-    def _micro_step(self, prep: PreparedBatch, idx: torch.Tensor | None, n_tokens, real) -> dict[str, float]:
-        """Forward and backward of one micro-batch (``idx`` None: an empty pass that keeps the
-        ranks' collectives in step and contributes nothing)."""
+    def _denominators(self, mask: torch.Tensor, n_seq: int, real: torch.Tensor):
+        """Each row's loss denominator for ``algo.loss_agg`` in a minibatch of ``n_seq`` sequences and
+        ``real`` tokens (:func:`~ray_rlhf.algo.losses.loss_denominators`; the two modes with one
+        denominator for every row pass it as a scalar, the token mean's sum-then-divide)."""
+        agg, budget = self.options.algo.agg, self.options.response_budget
+        if agg == "token_mean":
+            return real
+        if agg == "seq_mean_token_sum_norm":
+            return dr_grpo_num_tokens(n_seq, budget)
+        return loss_denominators(agg, mask.sum(dim=1), n_seq, real, budget)
+
+    def _micro_step(self, prep: PreparedBatch, idx: torch.Tensor | None, n_seq: int, real) -> dict[str, float]:
+        """Forward and backward of one micro-batch of a minibatch of ``n_seq`` sequences and ``real``
+        response tokens (``idx`` None: an empty pass that keeps the ranks' collectives in step and
+        contributes nothing)."""
         opt, ppo = self.options, self.ppo
         empty = idx is None
         idx = torch.zeros(1, dtype=torch.long) if empty else idx.to(self.device)
@@ -241,13 +298,17 @@ class Learner:
         width = mb.response_ids.shape[1]
         sel = lambda x: None if x is None else x[idx][:, :width]  # noqa: E731
         mask = mb.response_mask * (0.0 if empty else 1.0)
-        out = self.train_model(*_inputs(mb), temperature=self.temperature, with_values=self.uses_critic,
-                               entropy_grad=ppo.ent_coef > 0)
-        # decoupled PPO: with asynchrony, correct for the sampler's (possibly stale) weights
-        behav = mb.sampler_logprobs if opt.max_staleness > 0 else None
+        n_tokens = self._denominators(mask, n_seq, real)
+        with self._autocast():
+            out = self.train_model(*_inputs(mb), temperature=self.temperature, with_values=self.uses_critic,
+                                   entropy_grad=ppo.ent_coef > 0)
+        # decoupled PPO: with asynchrony, correct for the sampler's (possibly stale) weights -- unless a
+        # rollout correction's weights (prepare) already hold that same ratio pi_old / pi_sampler
+        behav = mb.sampler_logprobs if opt.max_staleness > 0 and prep.weights is None else None
         pg, pgs = policy_loss(out.logprobs, sel(prep.old_logprobs), sel(prep.advantages), mask, clip_eps=ppo.clip,
                               dual_clip=ppo.dual_clip, num_tokens=n_tokens, behav_logp=behav,
-                              is_cap=opt.algo.is_cap, is_mode=opt.algo.is_mode)
+                              is_cap=opt.algo.is_cap, is_mode=opt.algo.is_mode, clip_low=ppo.clip_lo,
+                              clip_high=ppo.clip_hi, weights=sel(prep.weights))
         loss = pg
         stats = {"policy_loss": pg.item()}
         share = float(mask.sum() / real)  # this micro-batch's share of the minibatch's tokens
@@ -257,7 +318,7 @@ class Learner:
             loss = loss + ppo.vf_coef * vf
             stats.update(value_loss=vf.item(), value_clipfrac=vfs.clipfrac * share)
         if opt.kl_in_loss:
-            kll, _ = kl_loss(out.logprobs, sel(prep.ref_logprobs), mask, "k3", num_tokens=n_tokens)
+            kll, _ = kl_loss(out.logprobs, sel(prep.ref_logprobs), mask, self.kl_cfg.loss_estimator, num_tokens=n_tokens)
             loss = loss + self.kl_ctl.value * kll
             stats["kl_loss"] = kll.item()
         ent = aggregate(out.entropy, mask, num_tokens=real)
@@ -321,7 +382,10 @@ class Learner:
             is_truncated_frac=ustats.get("is_truncated_frac", 0.0),
             padded_tokens=int(ustats.get("padded_tokens", 0)), real_tokens=int(ustats.get("real_tokens", 0)),
             **{k: pstats.get(k, 0) for k in ("kl_ref", "sampler_logprob_diff", "advantage_mean", "return_mean",
-                                            "value_mean", "zero_std_groups", "dropped_sequences")},
+                                            "value_mean", "zero_std_groups", "dropped_sequences", "overlong_masked",
+                                            "overlong_penalty_mean", "correction_truncated_frac",
+                                            "correction_masked_frac")},
+            mismatch_kl=pstats.get("mismatch_kl", math.nan),
         )
 
     # ---- weights for the generators (the WeightSource surface; see ray_rlhf.sync) ---------------

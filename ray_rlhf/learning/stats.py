@@ -43,6 +43,16 @@ class LearnerStats:
     is_truncated_frac: float = 0.0
     staleness_mean: float = 0.0
     staleness_max: int = 0
+    mismatch_kl: float = float("nan")
+    """k3 KL(pi_sampler || pi_learner_old) over response tokens; NaN when pi_old is the sampler's."""
+    correction_truncated_frac: float = 0.0
+    """``algo.rollout_correction=tis``: fraction of tokens whose weight was capped."""
+    correction_masked_frac: float = 0.0
+    """``algo.rollout_correction=mis``: fraction of sequences left out of the loss."""
+    overlong_masked: int = 0
+    """``rollout.overlong=mask``: truncated sequences left out of the update."""
+    overlong_penalty_mean: float = 0.0
+    """``rollout.overlong=penalty``: mean penalty added to the scores (0 to -1)."""
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)

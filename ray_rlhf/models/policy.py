@@ -99,7 +99,8 @@ class PolicyWithValueHead(nn.Module):
             states = response_states(self.lm, inputs, P, T)
         if with_logprobs or with_entropy:
             # one pass over the logits for both, in row chunks (no full-vocabulary log_softmax copies)
-            logprobs, entropy = token_logprobs_and_entropy(output_logits(self.lm, states), response_ids, temperature,
+            # float32 log-probs even when the trunk runs in bf16 (autocast): a no-op copy-free .float() otherwise
+            logprobs, entropy = token_logprobs_and_entropy(output_logits(self.lm, states).float(), response_ids, temperature,
                                                            with_entropy=with_entropy, entropy_grad=entropy_grad)
             logprobs = logprobs if with_logprobs else None
         if wants_values:
@@ -115,9 +116,25 @@ def response_states(lm: nn.Module, inputs, P: int, T: int) -> torch.Tensor:
     return trunk_hidden(lm, input_ids, attention_mask, position_ids)[:, P - 1 : P + T - 1]
 
 
+class ReferenceModel(nn.Module):
+    """The frozen reference LM as a module whose ``forward`` gives the response tokens' log-probs:
+    one root module for FSDP2 to shard (``learner.shard_reference``), whose forward hook gathers
+    the parameters before the pass -- calling the LM's trunk directly would skip it."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, prompt_ids, prompt_mask, response_ids, response_mask, temperature: float = 1.0) -> torch.Tensor:
+        """Shape: (B, T)."""
+        return reference_logprobs(self.lm, prompt_ids, prompt_mask, response_ids, response_mask, temperature)
+
+
 @torch.no_grad()
 def reference_logprobs(ref_lm: nn.Module, prompt_ids, prompt_mask, response_ids, response_mask, temperature=1.0):
     """Log-probabilities of the response tokens under the frozen reference LM. Shape: (B, T)."""
     inputs = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
     states = response_states(ref_lm, inputs, prompt_ids.shape[1], response_ids.shape[1])
-    return token_logprobs_and_entropy(output_logits(ref_lm, states), response_ids, temperature, with_entropy=False)[0]
+    logits = output_logits(ref_lm, states).float()
+    return token_logprobs_and_entropy(logits, response_ids, temperature, with_entropy=False)[0]

@@ -73,7 +73,10 @@ class PhaseTimer:
 
 STATS_KEYS = {"zero_std_groups": "adv/zero_std_groups", "dropped_sequences": "adv/dropped_sequences",
               "staleness_mean": "rollout/staleness_mean", "staleness_max": "rollout/staleness_max",
-              "padded_tokens": "perf/padded_tokens", "real_tokens": "perf/real_tokens"}
+              "padded_tokens": "perf/padded_tokens", "real_tokens": "perf/real_tokens",
+              "mismatch_kl": "rollout/mismatch_kl", "correction_truncated_frac": "rollout/correction_truncated_frac",
+              "correction_masked_frac": "rollout/correction_masked_frac", "overlong_masked": "rollout/overlong_masked",
+              "overlong_penalty_mean": "rollout/overlong_penalty_mean"}
 """Learner statistics logged outside ``ppo/*`` (every other field of LearnerStats is ``ppo/<field>``)."""
 
 
@@ -107,4 +110,7 @@ def step_metrics(batch: StepRollouts, stats: LearnerStats, synced: SyncResult, t
         "pool/deaths": len(events.died),
         "pool/requeued_shards": events.requeued_shards,
     })
+    if batch.sampling_rounds is not None:  # rollout.dynamic_sampling
+        row["rollout/sampling_rounds"] = batch.sampling_rounds
+        row["rollout/discarded_groups"] = batch.discarded_groups
     return row

@@ -13,6 +13,9 @@ policy version. Two implementations, chosen by ``rollout.max_staleness = k``:
   sample's sampler. New weights are exported when the learner finishes (``stage``) and loaded
   into the generators between steps, never inside one (a step's shards all run on one version).
   A checkpoint stores the steps already produced (at most ``k``) with it.
+
+Both make a step with :func:`produce`; with ``rollout.dynamic_sampling`` that is several rounds of
+generate + score (:mod:`ray_rlhf.run.sampling`), all sampled by the step's one weight version.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from ray_rlhf.generation.pool import PoolEvents, make_shards
 from ray_rlhf.records import RolloutSummary, SamplingSpec
 from ray_rlhf.run.actors import RunActors
 from ray_rlhf.run.faults import FaultPlan
+from ray_rlhf.run.sampling import keep_informative, round_sampling
 from ray_rlhf.sync.types import SyncResult
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,10 @@ class StepRollouts:
     """``generate``, ``reward`` (and ``weights_load`` in async runs): time spent making it."""
     synced: SyncResult | None = None
     """Async runs: the load of the weights this step was sampled with."""
+    sampling_rounds: int | None = None
+    """``rollout.dynamic_sampling``: generation rounds this step took (None: off)."""
+    discarded_groups: int = 0
+    """``rollout.dynamic_sampling``: zero-variance prompt groups left out over the step's rounds."""
 
 
 class SyncRollouts:
@@ -79,19 +87,76 @@ class SyncRollouts:
 
 
 def produce(cfg: RunConfig, actors: RunActors, stream: PromptStream, faults: FaultPlan, step: int) -> StepRollouts:
-    """Generate and score step ``step``: its prompts, sharded over the pool; the scores."""
+    """Generate and score step ``step``: its prompts, sharded over the pool; the scores. With
+    ``rollout.dynamic_sampling``, more rounds until enough groups are informative (:mod:`.sampling`)."""
+    if cfg.rollout.dynamic_sampling:
+        return produce_informative(cfg, actors, stream, faults, step)
     t0 = time.perf_counter()
-    shards = make_shards(stream.next_batch(cfg.rollout.prompts_per_step), cfg.generators.shard_prompts)
-    cursor = stream.state_dict()
-    batches, events = actors.pool.generate(shards, SamplingSpec.for_step(cfg.rollout, cfg.seed, step),
-                                           kill_after_dispatch=faults.generators_to_kill(step),
-                                           hang_before_dispatch=faults.generators_to_hang(step))
+    scored, summary, events = _generate_and_score(cfg, actors, stream, faults, step, 0)
     t1 = time.perf_counter()
-    faults.before_reward(step, actors.reward)
-    scored, summary = actors.reward.score.options(num_returns=2).remote(*batches)
     summary = ray.get(summary)
-    return StepRollouts(step, scored, summary, events, cursor,
+    return StepRollouts(step, scored, summary, events, stream.state_dict(),
                         seconds={"generate": t1 - t0, "reward": time.perf_counter() - t1})
+
+
+def _generate_and_score(cfg: RunConfig, actors: RunActors, stream: PromptStream, faults: FaultPlan, step: int,
+                        rnd: int) -> tuple[Any, Any, PoolEvents]:
+    """Round ``rnd`` of step ``step``: the stream's next ``prompts_per_step`` prompts generated
+    (returns when the pool is done) and handed to the reward actor (refs of the scored batch and
+    its summary). The step's faults are injected in its first round only."""
+    shards = make_shards(stream.next_batch(cfg.rollout.prompts_per_step), cfg.generators.shard_prompts)
+    first = rnd == 0
+    sampling = round_sampling(SamplingSpec.for_step(cfg.rollout, cfg.seed, step), rnd)
+    batches, events = actors.pool.generate(shards, sampling,
+                                           kill_after_dispatch=faults.generators_to_kill(step) if first else [],
+                                           hang_before_dispatch=faults.generators_to_hang(step) if first else [])
+    if first:
+        faults.before_reward(step, actors.reward)
+    scored, summary = actors.reward.score.options(num_returns=2).remote(*batches)
+    return scored, summary, events
+
+
+_keep_informative = ray.remote(num_cpus=0)(keep_informative)
+
+
+def produce_informative(cfg: RunConfig, actors: RunActors, stream: PromptStream, faults: FaultPlan,
+                        step: int) -> StepRollouts:
+    """Dynamic sampling: rounds of generate + score until ``prompts_per_step`` groups have
+    differing rewards, at most ``max_sampling_rounds``; the step keeps the first ones
+    (:func:`~ray_rlhf.run.sampling.keep_informative`, a Ray task on the scored refs)."""
+    r, want = cfg.rollout, cfg.rollout.prompts_per_step
+    seconds, events, scored = {"generate": 0.0, "reward": 0.0}, PoolEvents(), []
+    for rnd in range(r.max_sampling_rounds):
+        t0 = time.perf_counter()
+        ref, _, round_events = _generate_and_score(cfg, actors, stream, faults, step, rnd)
+        t1 = time.perf_counter()
+        scored.append(ref)
+        kept, result = _keep_informative.options(num_returns=2).remote(want, *scored)
+        result = ray.get(result)
+        seconds["generate"] += t1 - t0
+        seconds["reward"] += time.perf_counter() - t1
+        events = _merged(events, round_events)
+        if result.informative >= want:
+            break
+    rounds = rnd + 1
+    if result.kept < want:
+        log.warning("step %d: %d of %d prompt groups with differing rewards after %d sampling rounds; %s", step,
+                    result.informative, want, rounds,
+                    f"training on {result.kept}" if result.kept else
+                    "none usable: training on the first round's groups as they are (all zero advantages; "
+                    "algo.drop_zero_std_groups=true skips such an update)")
+    return StepRollouts(step, kept, result.summary, events, stream.state_dict(), seconds=seconds,
+                        sampling_rounds=rounds, discarded_groups=result.discarded)
+
+
+def _merged(a: PoolEvents, b: PoolEvents) -> PoolEvents:
+    """The pool events of two generation calls of one step."""
+    return PoolEvents(died=a.died + b.died, started=a.started + b.started,
+                      requeued_shards=a.requeued_shards + b.requeued_shards, hung=a.hung + b.hung,
+                      shards_per_member={k: a.shards_per_member.get(k, 0) + b.shards_per_member.get(k, 0)
+                                         for k in {*a.shards_per_member, *b.shards_per_member}},
+                      generate_seconds={k: a.generate_seconds.get(k, 0.0) + b.generate_seconds.get(k, 0.0)
+                                        for k in {*a.generate_seconds, *b.generate_seconds}})
 
 
 class AsyncRollouts:

@@ -3,10 +3,11 @@
 Where and how atomically checkpoints are stored is :mod:`ray_rlhf.storage`'s (a local directory
 or, with ``checkpoint.location`` a URI, an object store: ``s3://``, ``gs://``...); what a checkpoint
 holds is decided here: the learner group's state (rank 0 writes its part straight into the store,
-from its own node), the policy version, the prompt stream's cursor, the pool's restart count, the
-resolved config and -- in asynchronous runs -- the scored batches already produced for the next
-steps (``pending/step_NNNNNN.parquet``: their samplers' weights are not in the checkpoint, so
-they are kept rather than regenerated).
+from its own node), the policy version, the prompt stream's cursor (past every prompt drawn,
+dynamic sampling's extra rounds included), the pool's restart count, the resolved config and --
+in asynchronous runs -- the scored batches already produced for the next steps
+(``pending/step_NNNNNN.parquet``, with their dynamic-sampling counts: their samplers' weights are
+not in the checkpoint, so they are kept rather than regenerated).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def save(cfg: RunConfig, actors: RunActors, cursor: dict, step: int, pending: li
     covers (``step``, or the last of ``pending``).
     """
     state = {"step": step, "version": step, "data": cursor, "pool_restarts": actors.pool.restarts,
-             "pending": [{"step": p.step, "seconds": p.seconds} for p in pending], "config": cfg.model_dump(mode="json")}
+             "pending": [_pending_entry(p) for p in pending], "config": cfg.model_dump(mode="json")}
     files = {"driver.json": json.dumps(state, indent=1, sort_keys=True).encode()}
     for p in pending:
         sink = pa.BufferOutputStream()
@@ -50,6 +51,14 @@ def save(cfg: RunConfig, actors: RunActors, cursor: dict, step: int, pending: li
                       keep=cfg.checkpoint.keep)
     log.info("checkpoint written: %s", ckpt.path)
     return ckpt.path
+
+
+def _pending_entry(p: StepRollouts) -> dict:
+    """What a pending step's metrics need besides its batch: its times and dynamic-sampling counts."""
+    entry = {"step": p.step, "seconds": p.seconds}
+    if p.sampling_rounds is not None:
+        entry.update(sampling_rounds=p.sampling_rounds, discarded_groups=p.discarded_groups)
+    return entry
 
 
 def restore(actors: RunActors, stream: PromptStream, uri: str, ckpt: Checkpoint,
@@ -67,7 +76,10 @@ def restore(actors: RunActors, stream: PromptStream, uri: str, ckpt: Checkpoint,
         data = store.read_bytes(ckpt, f"{PENDING}/step_{s:06d}.parquet")
         batch = rollout_batch_from_arrow(pq.read_table(pa.BufferReader(data)))
         seconds = {k: float(v) for k, v in entry.get("seconds", {}).items() if k in ("generate", "reward")}
+        rounds = entry.get("sampling_rounds")
         pending.append(StepRollouts(s, ray.put(batch), RolloutSummary.of(batch), PoolEvents(), cursor={},
-                                    seconds=seconds))  # made before the stop: its times as measured then
+                                    seconds=seconds,  # made before the stop: its times as measured then
+                                    sampling_rounds=None if rounds is None else int(rounds),
+                                    discarded_groups=int(entry.get("discarded_groups", 0))))
     log.info("resumed from %s at step %d", ckpt.path, state["step"])
     return int(state["step"]), pending

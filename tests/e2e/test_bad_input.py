@@ -114,6 +114,13 @@ def _model_without_chat_template(scene: Scene) -> None:
     (dst / "chat_template.jinja").unlink(missing_ok=True)
 
 
+def _gpt2_policy(scene: Scene) -> None:
+    """A tiny GPT-2 (``GPT2LMHeadModel``: a causal LM not named ``*ForCausalLM``)."""
+    from ray_rlhf.models.architectures import build_arch
+
+    build_arch("gpt2", scene.tmp / "gpt2")
+
+
 def _corrupt_learner_json(scene: Scene) -> None:
     (_ckpt(scene) / "learner.json").write_text('{"version": 0, "kl_ctl": ')  # torn write
 
@@ -153,6 +160,12 @@ CASES: dict[str, Case] = {
     "impossible_combination": Case(["ppo.minibatch_size=128"], ["ppo.minibatch_size=128", "larger than the batch"]),
     "config_file_missing": Case([], ["--config", "nothere.yaml"], config="nothere.yaml"),
     "missing_model_dir": Case(["model.policy_path={tmp}/no_such_model"], ["model.policy_path", "no such directory"]),
+    # Not a mistake: a GPT-2 policy passes the whole preflight, so the run gets as far as joining Ray
+    # (the last line names the unreachable address, not the model). Its own output_dir: the run
+    # directory's checkpoint is of another model.
+    "gpt2_policy_passes_preflight": Case(["model.policy_path={tmp}/gpt2", "output_dir={tmp}/gpt2_run"],
+                                         ["127.0.0.1:1", "RAY_ADDRESS"], setup=_gpt2_policy,
+                                         env={"RAY_ADDRESS": "127.0.0.1:1"}, max_seconds=60),
     "empty_model_dir": Case(["model.policy_path={tmp}/empty_model"], ["model.policy_path", "config.json"],
                             setup=_mkdir("empty_model")),
     "reward_model_as_policy": Case(["model.policy_path={reward_model}"], ["model.policy_path", "not a causal LM"]),
@@ -160,6 +173,9 @@ CASES: dict[str, Case] = {
                               setup=_write("empty.jsonl", b"")),
     "malformed_jsonl": Case(["data.prompts_path={tmp}/bad.jsonl"], ["bad.jsonl", "not valid JSON Lines"],
                             setup=_write("bad.jsonl", '{"prompt": "hi"}\n{"prompt": "unterminated\n')),
+    "prompt_not_utf8": Case(["data.prompts_path={tmp}/latin1.jsonl"],
+                            ["latin1.jsonl", "line 2 (column 'prompt')", "not valid UTF-8", "byte 0xff"],
+                            setup=_write("latin1.jsonl", b'{"prompt": "ok"}\n{"prompt": "bad \xff\xfe here"}\n')),
     "malformed_parquet": Case(["data.prompts_path={tmp}/bad.parquet"], ["bad.parquet", "not valid Parquet"],
                               setup=_write("bad.parquet", b"PAR1 this is not really parquet")),
     "missing_prompt_column": Case(["data.prompt_column=question"], ["no column 'question'", "data.prompt_column"]),
@@ -196,6 +212,10 @@ CASES: dict[str, Case] = {
     "unreachable_reward_url": Case(["reward.remote=[{url: 'http://127.0.0.1:1/score'}]"],
                                    ["http://127.0.0.1:1/score", "unreachable"], max_seconds=60),
     "top_p_below_one": Case(["rollout.top_p=0.9"], ["rollout.top_p=0.9", "not supported"]),
+    "clip_low_above_clip_high": Case(["ppo.clip_low=0.3", "ppo.clip_high=0.2"], ["ppo.clip_low=0.3", "ppo.clip_high"]),
+    "dynamic_sampling_without_groups": Case(["rollout.dynamic_sampling=true"], ["rollout.dynamic_sampling", "no groups"]),
+    "sampler_pi_old_when_stale": Case(["ppo.old_logprobs=sampler", "rollout.max_staleness=1"],
+                                      ["ppo.old_logprobs=sampler", "rollout.max_staleness=1"]),
     "more_generators_than_the_local_ray_holds": Case(["generators.num=5", "ray.num_cpus=2"],
                                                      ["generators.num=5", "this local Ray has 2"], max_seconds=60),
     "reward_raises_in_actor": Case(

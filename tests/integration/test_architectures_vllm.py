@@ -323,7 +323,7 @@ def test_the_loop_on_this_architecture(arch, llm, tmp_path):
             assert pstats["sampler_logprob_diff"] <= MEAN_TOL, pstats
     stats = learner.step(batch)  # T = 1.0; prepare checks the same difference on this batch
     assert stats.sampler_logprob_diff <= MEAN_TOL and np.isfinite(stats.policy_loss), stats
-    assert learner.weights_checksum() != state_dict_checksum(learner.reference.state_dict())
+    assert learner.weights_checksum() != state_dict_checksum(learner.reference.lm.state_dict())
     sync(101)  # the updated weights, tied and packed tensors included, read back from the engine
     _, after = gen.generate(shard, SamplingSpec(n=2, max_new_tokens=MAX_NEW, temperature=1.0, seed=3))
     assert isinstance(after, RolloutBatch) and set(after.policy_version.tolist()) == {101}

@@ -3,8 +3,10 @@
 Step ``s`` is sampled by version ``max(0, s - 1 - k)`` while the learner trains step ``s - 1``.
 Checked on every rollout of every run: the recorded staleness never exceeds ``k`` (the learner
 also refuses such a batch itself), each step holds exactly one scored result per (prompt,
-sample), the policy learns; a generator killed mid-run loses and duplicates nothing; a run
-stopped and resumed equals the uninterrupted run (the in-flight batches travel in the checkpoint).
+sample), the learner weights stale samples by pi_old / pi_sampler (1 on the fresh first step,
+not 1 on every stale one), the policy learns; a generator killed mid-run loses and duplicates
+nothing; a run stopped and resumed equals the uninterrupted run (the in-flight batches travel in
+the checkpoint).
 """
 
 from __future__ import annotations
@@ -58,6 +60,26 @@ def check_rollouts(out: Path, k: int, steps: int) -> list[dict]:
     return rows
 
 
+def check_importance_weights(rows: list[dict]) -> None:
+    """The decoupled-PPO weight w = pi_old / pi_sampler (``algo/off_policy.py``) as the metrics log
+    it: pi_old is the learner's log-prob at its own version, pi_sampler the generator's at the
+    version that sampled. A fresh batch (lag 0, step 1) has both at the same weights: w = 1 up to
+    the engines' numerics (vLLM vs the learner, ~1e-7 in log-prob). A stale one (lag >= 1) was
+    sampled by weights the learner has since updated: its tokens' weights spread around 1 (their
+    mean under the sampler is 1 before the cap), so the largest is clearly above 1. A learner that
+    ignored the sampler's log-probs, or compared pi_old with itself, logs 1 / 1 everywhere."""
+    fresh = [r for r in rows if r["rollout/staleness_max"] == 0]
+    stale = [r for r in rows if r["rollout/staleness_mean"] >= 1]
+    assert fresh and len(stale) >= len(rows) - 2, [r["rollout/staleness_mean"] for r in rows]
+    for r in fresh:
+        assert abs(r["ppo/is_weight_max"] - 1) < 1e-3 and abs(r["ppo/is_weight_mean"] - 1) < 1e-4, r
+    for r in stale:
+        assert r["ppo/is_weight_max"] > 1.01, (r["step"], r["ppo/is_weight_max"])
+        assert r["ppo/is_weight_mean"] != 1.0 and 0 < r["ppo/is_weight_mean"] <= 2.0, (r["step"], r["ppo/is_weight_mean"])
+    print("is_weight_max by step:", [round(r["ppo/is_weight_max"], 4) for r in rows])
+    print("is_weight_mean by step:", [round(r["ppo/is_weight_mean"], 6) for r in rows])
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_async_learns_within_the_staleness_bound_and_survives_a_generator_death(tmp_path, tiny_policy_path, fresh_ray,
                                                                                 k):
@@ -70,6 +92,7 @@ def test_async_learns_within_the_staleness_bound_and_survives_a_generator_death(
     assert rows[4]["pool/deaths"] == 1 and rows[4]["pool/requeued_shards"] >= 1
     assert all(r["sync/verified"] == 1.0 for r in rows)
     check_rollouts(out, k, steps)
+    check_importance_weights(rows)
     rewards = [r["reward/mean"] for r in rows]
     first, last = statistics.mean(rewards[:4]), statistics.mean(rewards[-4:])
     print(f"k={k}: reward/mean first 4 steps {first:.3f}, last 4 steps {last:.3f}; learner waited "

@@ -225,3 +225,32 @@ def test_rotating_read_back_covers_every_tensor_and_still_catches_corruption(gen
         compare_checksums(8, state_dict_checksum(state), [gen.weights_status()], [gen.weights_checksum(0, 4)])
     gen.load_weights(8, state)
     verify(state_dict_checksum(state), gen, 8)
+
+
+def test_truncated_marks_samples_cut_off_at_max_new_tokens(gen, hf):
+    """``truncated`` is vLLM's finish reason "length": the response has exactly ``max_new_tokens``
+    tokens and no EOS; a response that ends on EOS is never truncated. The learner's tensors carry it."""
+    from ray_rlhf.learning.batch import collate
+
+    model, tok = hf
+    eos = tok.eos_token_id
+    # 1. The random model rarely samples EOS (~1/vocab per token): with 2 new tokens nearly every
+    #    sample is cut off.
+    gen.load_weights(9, {k: v.clone() for k, v in model.state_dict().items()})
+    _, short = gen.generate(shard(tok, *PROMPTS), SamplingSpec(n=4, max_new_tokens=2, seed=31))
+    assert len(short) == 16 and short.truncated.mean() >= 0.9, short.finish_reason
+    for r in sequences(short):
+        assert r.truncated == (r.finish_reason == "length") == (eos not in r.response_ids)
+        assert (len(r.response_ids) == 2) if r.truncated else (r.response_ids[-1] == eos)
+    # 2. EOS likely at every step (~9%): 16-token responses end both ways.
+    gen.load_weights(10, eos_friendly(model.state_dict(), eos))
+    _, mixed = gen.generate(shard(tok, *PROMPTS), SamplingSpec(n=4, max_new_tokens=16, seed=21))
+    assert 0 < mixed.truncated.sum() < len(mixed), mixed.finish_reason
+    for r in sequences(mixed):
+        if r.response_ids[-1] == eos:
+            assert not r.truncated and r.finish_reason == "stop"
+        else:
+            assert r.truncated and len(r.response_ids) == 16 and eos not in r.response_ids
+    t = collate(mixed.with_rewards(mixed.response_lengths.astype(float), {}), pad_id=tok.pad_token_id)
+    assert t.truncated.dtype == torch.bool and t.truncated.tolist() == mixed.truncated.tolist()
+    assert (t.response_mask.sum(1)[t.truncated] == 16).all()

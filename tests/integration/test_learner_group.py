@@ -1,8 +1,9 @@
 """The learner group on a real local Ray: 1 rank vs 2 ranks (gloo, CPU), DDP and FSDP2.
 
 The same scored batch, the same seed: one PPO update by one learner rank and by two must agree --
-policy loss, value loss, grad norm and every updated parameter within 1e-5 (relative, per tensor
-norm: AdamW's first step amplifies the last-bit differences of near-zero gradients elementwise).
+policy loss, value loss, grad norm within 1e-5 of the size of their terms (:data:`TERM_SCALE`), and
+every updated parameter within 1e-5 (relative, per tensor norm: AdamW's first step amplifies the
+last-bit differences of near-zero gradients elementwise).
 A rank killed in the middle of an update fails the step at once with an error naming it.
 """
 
@@ -46,6 +47,16 @@ def batch(tiny_policy_path, local_ray):
     return ray.put(out.with_rewards(rng.random(len(out)), {}))
 
 
+TERM_SCALE = {"policy_loss": 1.0, "value_loss": 1e-2, "grad_norm": 1e-2, "entropy": 1e-2, "approx_kl": 1e-2,
+              "clipfrac": 1e-2, "kl_ref": 1e-2, "return_mean": 1e-2}
+"""The size of the terms a statistic sums, for the absolute floor of its tolerance. A sum in another
+order moves by a few ulps of its TERMS, not of the result: the policy loss sums ratio * advantage
+over tokens with whitened advantages (|A| ~ 1), so a loss near 0 (-0.0048) moves by ~1e-7 between
+1 and 2 ranks on an AVX-512 CPU (2.1e-7 seen on an Intel Xeon) -- fp32 noise of unit-size terms,
+which a relative 1e-5 of the result cannot absorb. A real error (a token or a rank counted twice or
+missed) moves it by ~1e-2 and still fails; the per-tensor parameter check below is the strict one."""
+
+
 def cfg_for(path, ranks: int, strategy: str, *extra):
     return load_config("tiny", [
         f"learner.num={ranks}", f"learner.strategy={strategy}", "learner.num_cpus=0.5", "learner.torch_threads=1",
@@ -53,21 +64,26 @@ def cfg_for(path, ranks: int, strategy: str, *extra):
         "rollout.samples_per_prompt=2", "learner.collective_timeout_s=60", *extra])
 
 
-def full_state(learner):
-    """Runs on every rank: the whole (policy + value head) state, gathered on rank 0."""
+def full_grads(learner):
+    """Runs on every rank: the gradient each parameter of policy + value head holds after the step
+    (the last minibatch's, after the norm clip), whole tensors (gathered from the shards under FSDP)."""
     from ray_rlhf.learning import parallel
 
-    o = learner.options
-    return parallel.full_state_dict(learner.model, o.world_size, o.strategy)
+    out = {}
+    for name, p in parallel.unwrap(learner.model).named_parameters():
+        if p.grad is not None:
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            out[name] = g.detach().clone()
+    return out
 
 
-def one_update(path, ranks: int, strategy: str, batch):
-    group = LearnerGroup(cfg_for(path, ranks, strategy), path)
+def one_update(path, ranks: int, strategy: str, batch, *extra):
+    group = LearnerGroup(cfg_for(path, ranks, strategy, *extra), path)
     try:
         group.ready()
         stats = group.step(batch)
-        states = ray.get([r.__ray_call__.remote(full_state) for r in group.ranks])
-        return stats, {k: v.clone() for k, v in states[0].items()}
+        grads = ray.get([r.__ray_call__.remote(full_grads) for r in group.ranks])
+        return stats, grads[0]
     finally:
         group.shutdown()
 
@@ -76,24 +92,90 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-12))
 
 
+ONE_STEP = ("ppo.minibatch_size=12",)
+"""One optimizer step on the whole batch: the gradients compared are both taken at the initial
+weights (after a first AdamW step, lr * m / sqrt(v) turns last-bit differences of near-zero
+gradients into differences of 2 lr: parameters after a step are no place for a 1e-5 comparison)."""
+
+
 @pytest.fixture(scope="module")
 def one_rank(tiny_policy_path, batch):
-    return one_update(tiny_policy_path, 1, "ddp", batch)
+    return one_update(tiny_policy_path, 1, "ddp", batch, *ONE_STEP)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def reference_bytes(learner) -> int:
+    """Runs on every rank: the bytes of the frozen reference's parameters this rank holds."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in learner.reference.parameters())
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp+shard_reference"])
 def test_two_ranks_give_the_one_rank_update(tiny_policy_path, batch, one_rank, strategy):
     s1, p1 = one_rank
-    s2, p2 = one_update(tiny_policy_path, 2, strategy, batch)
+    shard_ref = strategy.endswith("+shard_reference")
+    strategy = strategy.removesuffix("+shard_reference")
+    extra = (*ONE_STEP, f"learner.shard_reference={str(shard_ref).lower()}")
+    if shard_ref:  # the reference's memory per rank, measured: about half of the whole with 2 ranks
+        group = LearnerGroup(cfg_for(tiny_policy_path, 2, strategy, *extra), tiny_policy_path)
+        try:
+            group.ready()
+            held = ray.get([r.__ray_call__.remote(reference_bytes) for r in group.ranks])
+        finally:
+            group.shutdown()
+        whole = sum(v.nbytes for k, v in p1.items() if k.startswith("lm."))  # the policy LM = the reference's size
+        print(f"\nreference bytes per rank {held} of {whole}")
+        assert all(0.4 * whole < h < 0.6 * whole for h in held), (held, whole)
+    s2, p2 = one_update(tiny_policy_path, 2, strategy, batch, *extra)
     print(f"\n{strategy}: policy loss {s1.policy_loss:.8f} vs {s2.policy_loss:.8f}, grad norm {s1.grad_norm:.8f} vs "
           f"{s2.grad_norm:.8f}")
     for key in ("policy_loss", "value_loss", "grad_norm", "entropy", "approx_kl", "clipfrac", "kl_ref", "return_mean"):
         a, b = getattr(s2, key), getattr(s1, key)
-        assert abs(a - b) <= 1e-5 * max(abs(b), 1e-2), (key, a, b)  # losses near 0: an absolute 1e-7 floor
-    assert s2.optimizer_steps == s1.optimizer_steps == 2 and s2.response_tokens == s1.response_tokens
+        assert abs(a - b) <= 1e-5 * max(abs(b), TERM_SCALE[key]), (key, a, b)
+    assert s2.optimizer_steps == s1.optimizer_steps == 1 and s2.response_tokens == s1.response_tokens
     assert set(p1) == set(p2) and len(p1) > 10
     worst = max((rel(p2[k], p1[k]), k) for k in p1)
-    print(f"{strategy}: worst relative parameter difference {worst[0]:.2e} ({worst[1]})")
+    print(f"{strategy}: worst relative gradient difference {worst[0]:.2e} ({worst[1]})")
+    assert worst[0] < 1e-5, worst
+
+
+@pytest.fixture(scope="module")
+def four_informative_rows(batch):
+    """The batch rescored so that a group estimator with ``algo.drop_zero_std_groups`` keeps 4 of its
+    12 rows: prompts 0-3 score the same in both samples (dropped), prompts 4-5 differ."""
+    rollouts = ray.get(batch)
+    reward = np.where(rollouts.prompt_index < 4, 0.5, 0.0) + np.where(rollouts.prompt_index >= 4,
+                                                                     rollouts.sample_index * 0.7 + 0.1, 0.0)
+    return ray.put(rollouts.with_rewards(reward, {}))
+
+
+def test_a_rank_without_rows_in_a_minibatch_keeps_step_with_ddp(tiny_policy_path, four_informative_rows):
+    """4 rows left in minibatches of 3: the last minibatch holds 1 row, so one of 2 ranks has none. It
+    still takes part in every gradient all-reduce (an empty pass), and the gradient is one rank's.
+    (Before: the idle rank skipped to the stats all-reduce, which paired with the other's gradient
+    buckets -- garbage sums or a crash.)"""
+    extra = ("algo.estimator=grpo", "algo.drop_zero_std_groups=true", "ppo.minibatch_size=3",
+             "ppo.micro_batch_size=1", "ppo.lr=1e-9")  # weights ~still: the 2nd minibatch's gradients compare too
+
+    (s1, p1), (s2, p2) = (one_update(tiny_policy_path, n, "ddp", four_informative_rows, *extra) for n in (1, 2))
+    assert s1.dropped_sequences == s2.dropped_sequences == 8
+    assert s1.optimizer_steps == s2.optimizer_steps == 2  # minibatches of 3 rows and of 1 row
+    for key in ("policy_loss", "grad_norm", "entropy", "kl_loss"):
+        a, b = getattr(s2, key), getattr(s1, key)
+        assert abs(a - b) <= 1e-5 * max(abs(b), TERM_SCALE.get(key, 1e-2)), (key, a, b)
+    worst = max((rel(p2[k], p1[k]), k) for k in p1)
+    assert worst[0] < 1e-5, worst
+
+
+@pytest.mark.parametrize("estimator,agg", [("grpo", "seq_mean_token_mean"), ("reinforce_pp", "seq_mean_token_sum_norm")])
+def test_each_loss_aggregation_gives_the_one_rank_gradient_with_two_ranks(tiny_policy_path, batch, estimator, agg):
+    """token_mean is the test above; the per-sequence forms divide by sequence counts of the whole
+    minibatch, which each rank must see, not its own rows. Critic-free estimators at 2 ranks too:
+    GRPO's group moments and REINFORCE++'s whole-batch moments are over the whole batch on each rank."""
+    extra = (*ONE_STEP, f"algo.estimator={estimator}", f"algo.loss_agg={agg}")
+    (s1, p1), (s2, p2) = (one_update(tiny_policy_path, n, "ddp", batch, *extra) for n in (1, 2))
+    for key in ("policy_loss", "grad_norm", "kl_loss"):
+        a, b = getattr(s2, key), getattr(s1, key)
+        assert abs(a - b) <= 1e-5 * max(abs(b), TERM_SCALE.get(key, 1e-2)), (key, a, b)
+    worst = max((rel(p2[k], p1[k]), k) for k in p1)
     assert worst[0] < 1e-5, worst
 
 

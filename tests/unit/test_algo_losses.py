@@ -5,17 +5,22 @@ import math
 import pytest
 import torch
 
+from ray_rlhf.algo.kl import kl_estimate, kl_k3
 from ray_rlhf.algo.losses import (
+    KL_LOSS_CLAMP,
     LOG_RATIO_BOUND,
+    LOSS_AGGS,
     aggregate,
     dr_grpo_num_tokens,
     entropy_from_logits,
     explained_variance,
     kl_loss,
     logprobs_from_logits,
+    loss_denominators,
     policy_loss,
     value_loss,
 )
+from ray_rlhf.algo.masked import masked_sum
 
 EPS = 0.2  # clip range [0.8, 1.2]
 
@@ -343,3 +348,269 @@ def test_kl_loss_batch_num_tokens_padding_and_other_estimators():
     torch.testing.assert_close(lp.grad, torch.tensor([[0.5, -1.0, 0.0], [0.0, 0.0, 0.0]]) / 3)
     with pytest.raises(ValueError, match="k4"):
         kl_loss(lp, lp, mask, estimator="k4")
+
+
+def test_kl_loss_clamps_each_token_at_kl_loss_clamp():
+    assert KL_LOSS_CLAMP == 10.0
+    # token 0: logp = -1, ref = -1.5: k3 = e^-0.5 - 1 + 0.5 = 0.10653066 (below the clamp)
+    # token 1: logp = -5, ref = -1: ref - logp = 4, k3 = e^4 - 1 - 4 = 49.59815 -> clamped to 10
+    logp = torch.tensor([[-1.0, -5.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0]])
+    loss, stats = kl_loss(logp, ref, torch.ones(1, 2))
+    assert kl_k3(torch.tensor(-5.0), torch.tensor(-1.0)).item() == pytest.approx(math.exp(4) - 5)  # 49.6 unclamped
+    # (0.10653066 + 10) / 2 = 5.05326533
+    assert loss.item() == pytest.approx((math.exp(-0.5) - 0.5 + 10.0) / 2, rel=1e-6)
+    assert stats.kl_max == 10.0 and stats.kl_mean == pytest.approx(5.05326533, rel=1e-6)  # clamped values
+    loss.backward()
+    # unclamped token: (1 - e^-0.5) / 2 = 0.19673467; clamped token: exactly 0 (not 1 - e^4 = -53.6)
+    assert logp.grad[0, 0].item() == pytest.approx((1 - math.exp(-0.5)) / 2, rel=1e-6)
+    assert logp.grad[0, 1].item() == 0.0
+    # k1 = logp - ref = -15 is clamped from below to -10, also without gradient
+    lp = torch.tensor([[-16.0]], requires_grad=True)
+    loss, stats = kl_loss(lp, torch.tensor([[-1.0]]), torch.ones(1, 1), estimator="k1")
+    loss.backward()
+    assert loss.item() == -10.0 and stats.kl_max == -10.0 and lp.grad.item() == 0.0
+
+
+def test_kl_loss_below_the_clamp_is_unchanged_bit_for_bit():
+    g = torch.Generator().manual_seed(3)
+    logp = -torch.rand(4, 5, generator=g) * 3
+    ref = logp + torch.randn(4, 5, generator=g)  # |ref - logp| of a few units: k3 well below 10
+    mask = torch.ones(4, 5)
+    for est in ("k1", "k2", "k3"):
+        a = logp.clone().requires_grad_(True)
+        loss, _ = kl_loss(a, ref, mask, estimator=est, num_tokens=1)
+        assert kl_estimate(logp, ref, est).abs().max() < KL_LOSS_CLAMP
+        assert torch.equal(loss, masked_sum(kl_estimate(logp, ref, est), mask) / 1)
+        loss.backward()
+        b = logp.clone().requires_grad_(True)
+        masked_sum(kl_estimate(b, ref, est), mask).backward()
+        assert torch.equal(a.grad, b.grad)
+
+
+# ---- asymmetric clip (DAPO clip-higher) -------------------------------------------------------------
+
+# (name, ratio, A, clip_low, clip_high, expected loss, clipped?) with clip_eps = 0.2
+ASYMMETRIC = [
+    # clip [0.9, 1.3]: r = 1.5 > 1.3, A = 2: max(-1.5*2, -1.3*2) = max(-3.0, -2.6) = -2.6, clipped
+    ("above_clip_high_pos_adv", 1.5, 2.0, 0.1, 0.3, -2.6, True),
+    # clip [0.9, 1.3]: r = 1.25 <= 1.3, A = 2: -1.25*2 = -2.5, NOT clipped (symmetric 0.2 would give -2.4)
+    ("inside_clip_high_only", 1.25, 2.0, 0.1, 0.3, -2.5, False),
+    # clip [0.9, 1.3]: r = 0.85 < 0.9, A = -1: max(0.85, 0.9) = 0.9, clipped (symmetric 0.2 would give 0.85)
+    ("below_clip_low_neg_adv", 0.85, -1.0, 0.1, 0.3, 0.9, True),
+    # clip [0.9, 1.3]: r = 1.1 inside, A = 3: -1.1*3 = -3.3, unclipped
+    ("inside", 1.1, 3.0, 0.1, 0.3, -3.3, False),
+    # clip_low defaults to clip_eps = 0.2 -> [0.8, 1.28]: r = 0.7, A = -1: max(0.7, 0.8) = 0.8, clipped
+    ("clip_low_defaults_to_clip_eps", 0.7, -1.0, None, 0.28, 0.8, True),
+    # clip_high defaults to clip_eps = 0.2 -> [0.7, 1.2]: r = 1.25, A = 2: max(-2.5, -2.4) = -2.4, clipped
+    ("clip_high_defaults_to_clip_eps", 1.25, 2.0, 0.3, None, -2.4, True),
+]
+
+
+@pytest.mark.parametrize("name,ratio,adv,low,high,expected,clipped", ASYMMETRIC, ids=[c[0] for c in ASYMMETRIC])
+def test_policy_loss_asymmetric_clip_branches(name, ratio, adv, low, high, expected, clipped):
+    logp, old, a, mask = _one_token(ratio, adv, requires_grad=True)
+    loss, stats = policy_loss(logp, old, a, mask, clip_eps=EPS, clip_low=low, clip_high=high)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert stats.clipfrac == float(clipped)
+    loss.backward()
+    # gradient -A r on the live branch, 0 where the clip holds
+    assert logp.grad.item() == pytest.approx(0.0 if clipped else -adv * ratio, rel=1e-6, abs=1e-12)
+
+
+def test_policy_loss_explicit_symmetric_clip_and_all_ones_weights_are_bit_for_bit_the_default():
+    logp, old, adv, _, _, _, mask = _random_batch(4)
+    a = logp.clone().requires_grad_(True)
+    plain, s0 = policy_loss(a, old, adv, mask, EPS, 2.0, num_tokens=30)
+    plain.backward()
+    b = logp.clone().requires_grad_(True)
+    same, s1 = policy_loss(
+        b, old, adv, mask, EPS, 2.0, num_tokens=30, clip_low=EPS, clip_high=EPS, weights=torch.ones_like(logp)
+    )
+    same.backward()
+    assert torch.equal(plain, same) and torch.equal(a.grad, b.grad) and s0 == s1
+
+
+def test_bad_asymmetric_clip_and_weights_arguments():
+    z = torch.zeros(1, 1)
+    with pytest.raises(ValueError, match="clip_low"):
+        policy_loss(z, z, z, z + 1, clip_eps=EPS, clip_low=0.0)
+    with pytest.raises(ValueError, match="clip_high"):
+        policy_loss(z, z, z, z + 1, clip_eps=EPS, clip_high=-0.1)
+    with pytest.raises(ValueError, match="weights"):
+        policy_loss(z, z, z, z + 1, clip_eps=EPS, weights=torch.ones(1, 2))
+
+
+# ---- per-token loss weights -------------------------------------------------------------------------
+
+
+def test_policy_loss_weights_by_hand():
+    # token 0: r = 1.1, A = 3 -> -3.3 (inside); token 1: r = 1.5, A = 2 -> -2.4 (clipped); token 2: padding
+    # weights 0.5, 2.0, NaN (junk at padding): (0.5 * -3.3 + 2.0 * -2.4) / 2 = (-1.65 - 4.8) / 2 = -3.225
+    ratios = torch.tensor([[1.1, 1.5, 1.0]])
+    old = torch.full((1, 3), -2.0)
+    logp = (old + ratios.log()).requires_grad_(True)
+    adv = torch.tensor([[3.0, 2.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    w = torch.tensor([[0.5, 2.0, math.nan]], requires_grad=True)
+    loss, _ = policy_loss(logp, old, adv, mask, clip_eps=EPS, weights=w)
+    assert loss.item() == pytest.approx(-3.225, rel=1e-6)
+    loss.backward()
+    # d/dlogp: 0.5 * -A r / 2 = 0.5 * -3.3 / 2 = -0.825; clipped token and padding: 0; nothing into w
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.825, 0.0, 0.0]]))
+    assert w.grad is None
+
+
+def test_policy_loss_weights_multiply_after_the_behaviour_weight_and_dual_clip():
+    # r = 4, A = -1, dual clip 3: max(4, 1.2) = 4 capped at 3; raw IS weight pi_old / pi_behav = 1.5 (< cap 2)
+    # weight 0.5: 3 * 1.5 * 0.5 = 2.25
+    old = torch.tensor([[-1.0]])
+    logp = old + math.log(4.0)
+    behav = old - math.log(1.5)
+    loss, stats = policy_loss(
+        logp, old, torch.tensor([[-1.0]]), torch.ones(1, 1), EPS, 3.0, behav_logp=behav, weights=torch.tensor([[0.5]])
+    )
+    assert loss.item() == pytest.approx(2.25, rel=1e-6)
+    assert stats.dual_clipfrac == 1.0 and stats.is_weight_mean == pytest.approx(1.5)
+
+
+# ---- per-row denominators and the aggregation modes -------------------------------------------------
+
+
+def test_aggregate_per_row_denominators_by_hand():
+    x = torch.tensor([[1.0, 2.0, math.nan], [3.0, 50.0, 60.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    # (1 + 2) / 2 + 3 / 4 = 1.5 + 0.75 = 2.25
+    assert aggregate(x, mask, num_tokens=torch.tensor([[2.0], [4.0]])).item() == 2.25
+    # the same denominator on every row is the scalar form: (1 + 2 + 3) / 6 = 1.0
+    assert aggregate(x, mask, num_tokens=torch.tensor([[6.0], [6.0]])).item() == 1.0
+    with pytest.raises(ValueError, match="loss_denominators"):
+        aggregate(x, mask, num_tokens=torch.ones(3, 1))
+
+
+def test_loss_denominators_by_hand():
+    # 2 x 3 example: rows of 2 and 1 valid tokens, sums 3 and 3; B = 2 sequences, N = 3 tokens, L_max = 3
+    x = torch.tensor([[1.0, 2.0, math.nan], [3.0, 50.0, 60.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    rows = mask.sum(-1)  # [2, 1]
+    # token_mean: N_i = N = 3 -> (1 + 2 + 3) / 3 = 2.0
+    d = loss_denominators("token_mean", rows, num_sequences=2, num_tokens=3, max_response_len=3)
+    assert d.shape == (2, 1) and d.tolist() == [[3.0], [3.0]]
+    assert aggregate(x, mask, d).item() == 2.0
+    # seq_mean_token_mean: N_i = B * |o_i| = [4, 2] -> (1/2) ((1 + 2)/2 + 3/1) = (1.5 + 3) / 2 = 2.25
+    d = loss_denominators("seq_mean_token_mean", rows, num_sequences=2, num_tokens=3, max_response_len=3)
+    assert d.tolist() == [[4.0], [2.0]] and aggregate(x, mask, d).item() == 2.25
+    # seq_mean_token_sum_norm: N_i = B * L_max = 6 -> (1/2) ((1 + 2)/3 + 3/3) = 1.0 = (1 + 2 + 3) / dr_grpo_num_tokens
+    d = loss_denominators("seq_mean_token_sum_norm", rows, num_sequences=2, num_tokens=3, max_response_len=3)
+    assert d.tolist() == [[6.0], [6.0]] and aggregate(x, mask, d).item() == 1.0
+    assert aggregate(x, mask, dr_grpo_num_tokens(2, 3)).item() == 1.0
+    # an all-padding row gets N_i = B * 1 (no division by 0) and contributes 0
+    d = loss_denominators("seq_mean_token_mean", torch.tensor([0, 2]), num_sequences=4, num_tokens=3, max_response_len=3)
+    assert d.tolist() == [[4.0], [8.0]]
+    # num_tokens as a 0-d tensor (a global count reduced across ranks)
+    d = loss_denominators("token_mean", rows, num_sequences=2, num_tokens=torch.tensor(7), max_response_len=3)
+    assert d.tolist() == [[7.0], [7.0]]
+
+
+def test_loss_denominators_rejects_bad_arguments():
+    rows = torch.tensor([2, 1])
+    with pytest.raises(ValueError, match="seq_mean_token_mean"):  # the message lists the valid modes
+        loss_denominators("seq-mean-token-mean", rows, 2, 3, 3)
+    with pytest.raises(ValueError, match="num_tokens"):
+        loss_denominators("token_mean", rows, 2, 0, 3)
+    with pytest.raises(ValueError, match="num_sequences"):
+        loss_denominators("seq_mean_token_mean", rows, 0, 3, 3)
+    with pytest.raises(ValueError, match="max_response_len"):
+        loss_denominators("seq_mean_token_sum_norm", rows, 2, 3, 0)
+    with pytest.raises(ValueError, match="row_tokens"):
+        loss_denominators("token_mean", rows[:, None], 2, 3, 3)
+
+
+def _mode_reference(mode, x, mask, L_max):
+    """The mode's loss written out row by row, as the docstring's formulas."""
+    B = x.shape[0]
+    sums = [sum(float(x[i, t]) for t in range(x.shape[1]) if mask[i, t]) for i in range(B)]
+    lens = [int(mask[i].sum()) for i in range(B)]
+    if mode == "token_mean":
+        return sum(sums) / sum(lens)
+    if mode == "seq_mean_token_mean":
+        return sum(s / max(n, 1) for s, n in zip(sums, lens)) / B
+    return sum(s / L_max for s in sums) / B
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_loss_aggregation_modes_are_invariant_to_micro_batching(mode, dtype, rel):
+    assert mode in LOSS_AGGS
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.tensor([6, 1, 4, 2, 5])  # 5 rows of different lengths, 18 valid tokens
+    T, L_max = 6, 8
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
+    x0 = torch.randn(5, T, generator=g, dtype=dtype)
+    n_global = mask.sum()
+    x = x0.clone().requires_grad_(True)
+    whole = aggregate(x, mask, loss_denominators(mode, mask.sum(-1), 5, n_global, L_max))
+    whole.backward()
+    assert whole.item() == pytest.approx(_mode_reference(mode, x0, mask, L_max), rel=rel)
+    xp = x0.clone().requires_grad_(True)
+    total = 0.0
+    for rows in ([0, 1], [2], [3, 4]):
+        d = loss_denominators(mode, mask[rows].sum(-1), num_sequences=5, num_tokens=n_global, max_response_len=L_max)
+        part = aggregate(xp[rows], mask[rows], d)
+        part.backward()
+        total = total + part
+    assert total.item() == pytest.approx(whole.item(), rel=rel)
+    torch.testing.assert_close(xp.grad, x.grad, rtol=rel, atol=0.0)
+    if dtype == torch.float64:
+        assert torch.equal(xp.grad, x.grad)  # each token's gradient m_it / N_i is computed identically
+    # the gradient is the mode's token weight: 1/N, 1/(B |o_i|) or 1/(B L_max)
+    weight = {
+        "token_mean": torch.full((5, 1), 1 / 18.0),
+        "seq_mean_token_mean": 1 / (5.0 * lengths[:, None].to(torch.float64)),
+        "seq_mean_token_sum_norm": torch.full((5, 1), 1 / 40.0),
+    }[mode]
+    torch.testing.assert_close(x.grad, (weight * mask).to(dtype))
+
+
+def test_policy_loss_accepts_per_row_denominators():
+    # row 0: r = 1.1, A = 3 -> -3.3 | r = 1.5, A = 2 -> -2.4 (clipped) | padding           sum -5.7
+    # row 1: r = 0.5, A = 2 -> -1.0 | r = 0.5, A = -1 -> 0.8 (clipped) | r = 2, A = -1 -> 2.0   sum 1.8
+    ratios = torch.tensor([[1.1, 1.5, 1.0], [0.5, 0.5, 2.0]])
+    adv = torch.tensor([[3.0, 2.0, 100.0], [2.0, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.float32)
+    old = torch.full((2, 3), -2.0)
+    logp = (old + ratios.log()).requires_grad_(True)
+    # seq_mean_token_mean with B = 2: N = [2*2, 2*3] = [4, 6] -> -5.7/4 + 1.8/6 = -1.425 + 0.3 = -1.125
+    d = loss_denominators("seq_mean_token_mean", mask.sum(-1), 2, 5, 3)
+    loss, _ = policy_loss(logp, old, adv, mask, clip_eps=EPS, num_tokens=d)
+    assert loss.item() == pytest.approx(-1.125, rel=1e-6)
+    loss.backward()
+    expected = torch.tensor([[-3.3 / 4, 0.0, 0.0], [-1.0 / 6, 0.0, 2.0 / 6]])
+    torch.testing.assert_close(logp.grad, expected)
+
+
+def test_value_loss_accepts_per_row_denominators():
+    # row 0: 0.5 ((1-2)^2 + (3-1)^2) = 2.5; row 1: 0.5 (2-0)^2 = 2.0 (+ padding)
+    values = torch.tensor([[1.0, 3.0], [2.0, 9.0]], requires_grad=True)
+    ret = torch.tensor([[2.0, 1.0], [0.0, 0.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    # N = [5, 4]: 2.5/5 + 2.0/4 = 0.5 + 0.5 = 1.0
+    loss, _ = value_loss(values, torch.zeros(2, 2), ret, mask, num_tokens=torch.tensor([[5.0], [4.0]]))
+    assert loss.item() == pytest.approx(1.0)
+    loss.backward()
+    # (V - R) / N_i: [-1/5, 2/5], [2/4, 0]
+    torch.testing.assert_close(values.grad, torch.tensor([[-0.2, 0.4], [0.5, 0.0]]))
+
+
+def test_kl_loss_accepts_per_row_denominators():
+    # row 0: k3 = 0.10653066 + 0.71828183 = 0.82481249; row 1: k3 = 0.10653066 (logp -1, ref -1.5) + padding
+    logp = torch.tensor([[-1.0, -2.0], [-1.0, math.nan]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0], [-1.5, 0.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    # N = [2, 4]: 0.82481249/2 + 0.10653066/4 = 0.41240625 + 0.02663267 = 0.43903891
+    loss, _ = kl_loss(logp, ref, mask, num_tokens=torch.tensor([[2.0], [4.0]]))
+    assert loss.item() == pytest.approx(0.43903891, rel=1e-6)
+    loss.backward()
+    # (1 - e^(ref - logp)) / N_i
+    g0, g1 = 1 - math.exp(-0.5), 1 - math.e
+    torch.testing.assert_close(logp.grad, torch.tensor([[g0 / 2, g1 / 2], [g0 / 4, 0.0]]))

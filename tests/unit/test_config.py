@@ -51,6 +51,40 @@ def test_bad_overrides_are_one_line_errors(override, needle):
     assert "\n" not in message
 
 
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["ppo.clip_low=0.3", "ppo.clip_high=0.2"], "ppo.clip_low=0.3 is larger than ppo.clip_high=0.2"),
+        (["ppo.clip_low=0.3"], "ppo.clip_low=0.3 is larger than ppo.clip_high=0.2"),  # clip_high falls back on clip
+        (["algo.rollout_correction=tis", "algo.rollout_correction_cap=1"], "config key 'algo.rollout_correction_cap'"),
+        (["algo.rollout_correction_cap=0.5"], "config key 'algo.rollout_correction_cap'"),
+        (["rollout.overlong=penalty", "rollout.overlong_buffer=24"], "0 < rollout.overlong_buffer < rollout.max_new_tokens"),
+        (["rollout.overlong=penalty"], "rollout.overlong=penalty needs 0 < rollout.overlong_buffer"),
+        (["rollout.overlong_buffer=30"], "rollout.overlong_buffer=30 must be smaller than rollout.max_new_tokens=24"),
+        (["rollout.dynamic_sampling=true"], "algo.estimator=gae has no groups"),
+        (["rollout.dynamic_sampling=true", "algo.estimator=reinforce_pp"], "algo.estimator=reinforce_pp has no groups"),
+        (["ppo.old_logprobs=sampler", "rollout.max_staleness=1"], "ppo.old_logprobs=sampler with rollout.max_staleness=1"),
+        (["ppo.old_logprobs=sampler", "algo.rollout_correction=mis"], "leaves none to compare"),
+        (["algo.estimator=grpo", "kl.estimator=k1"], "kl.estimator=k1 as a loss term"),
+        (["kl.placement=loss", "kl.estimator=k1"], "kl.estimator=k1 as a loss term"),
+    ],
+)
+def test_refused_combinations_are_one_line_errors(overrides, needle):
+    with pytest.raises(UserError) as info:
+        load_config("tiny", overrides)
+    assert needle in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_new_options_resolve():
+    cfg = load_config("tiny", ["algo.estimator=grpo", "rollout.dynamic_sampling=true", "ppo.clip_high=0.28",
+                               "rollout.overlong=penalty", "rollout.overlong_buffer=4", "algo.rollout_correction=tis"])
+    assert (cfg.ppo.clip_lo, cfg.ppo.clip_hi) == (0.2, 0.28)
+    assert (cfg.kl.reward_estimator, cfg.kl.loss_estimator) == ("k1", "k3") and cfg.kl_in_loss
+    assert not cfg.old_logprobs_from_sampler  # a rollout correction needs the learner's own pi_old
+    assert load_config("tiny", ["algo.estimator=grpo"]).old_logprobs_from_sampler
+    assert load_config("tiny", ["kl.estimator=k2", "kl.placement=loss"]).kl.loss_estimator == "k2"
+
+
 def test_unknown_preset_names_the_choices():
     with pytest.raises(UserError, match="neither a preset .*tiny"):
         load_config("huge")

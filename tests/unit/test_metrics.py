@@ -158,6 +158,7 @@ def test_rollout_stats_hand_computed():
         "response/length_mean": 5.0,
         "response/length_max": 8,
         "response/finished_frac": 0.75,
+        "rollout/truncated_frac": 0.25,
         "reward_part/f": 0.75,
         "reward_part/model": 0.5,
         "rollout/version_lag_mean": 0.75,

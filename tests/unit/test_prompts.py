@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_rlhf.data.make_prompts import generate_prompts, write_prompts
-from ray_rlhf.data.prompts import PromptStream, bundled_prompts_path, load_prompts
+from ray_rlhf.data.prompts import PromptStream, bundled_prompts_path, load_prompt_table, load_prompts
 from ray_rlhf.errors import UserError
 from ray_rlhf.records import PromptItem
 
@@ -131,6 +131,40 @@ def test_null_or_empty_prompt_names_the_row(tmp_path, make, bad, what):
 def test_all_null_column(tmp_path):
     path = _jsonl(tmp_path / "p.jsonl", [{"prompt": None}, {"prompt": None}])
     with pytest.raises(UserError, match="row 0 of column 'prompt' is null"):
+        load_prompts(path)
+
+
+def test_invalid_utf8_in_jsonl_names_the_line(tmp_path):
+    # Blank lines are skipped by the reader, so the bad row (row 2) sits on line 4 of the file.
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt": "ok"}\n\n{"prompt": "fine"}\n{"prompt": "bad \xff\xfe here"}\n')
+    with pytest.raises(UserError) as e:
+        load_prompts(path)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert f"{path}: line 4" in msg and "column 'prompt'" in msg and "not valid UTF-8" in msg
+    assert "byte 0xff" in msg and "UTF-8" in msg.split(";")[-1]  # the fix: re-encode the file
+
+
+def test_invalid_utf8_in_another_column(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": "\xe9t\xe9"}\n')
+    with pytest.raises(UserError, match=r"p\.jsonl: line 2 \(column 'answer'\) is not valid UTF-8 \(byte 0xe9\)"):
+        load_prompt_table(path)
+
+
+def test_invalid_utf8_in_chat_messages(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"messages": [{"role": "user", "content": "\xff"}]}\n')
+    with pytest.raises(UserError, match=r"line 1 \(column 'messages'\) is not valid UTF-8"):
+        load_prompts(path, column="messages")
+
+
+def test_invalid_utf8_in_parquet_names_the_row(tmp_path):
+    # Parquet does not check UTF-8 on write: raw bytes viewed as a string column are stored as they are.
+    bad = pa.array([b"fine", b"also fine", b"x\xff\xfe"]).view(pa.string())
+    path = _parquet(tmp_path / "p.parquet", {"prompt": bad})
+    with pytest.raises(UserError, match=r"p\.parquet: row 2 of column 'prompt' is not valid UTF-8 \(byte 0xff\)"):
         load_prompts(path)
 
 

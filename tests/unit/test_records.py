@@ -1,13 +1,17 @@
-"""The columnar RolloutBatch: construction, concat, select, padding (vs a slow loop), Parquet rows."""
+"""The columnar RolloutBatch: construction, concat, select, padding (vs a slow loop), Parquet rows, the
+truncated flag (finish reason "length") from the samplers to the learner's tensors."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from ray_rlhf.learning.batch import collate
-from ray_rlhf.records import ROLLOUT_SCHEMA, RolloutBatch, SamplingSpec, pad_ragged, ragged_rows
+from ray_rlhf.records import ROLLOUT_SCHEMA, PromptItem, RolloutBatch, SamplingSpec, pad_ragged, ragged_rows
 from tests.batches import make_batch
 
 
@@ -91,6 +95,7 @@ def test_collate_equals_padding_each_sequence_by_hand():
     assert t.response_ids.tolist() == responses and t.response_mask.tolist() == rmask
     assert np.allclose(t.sampler_logprobs.numpy(), np.array(lps, dtype=np.float32))
     assert t.scores.tolist() == pytest.approx(b.reward.tolist()) and t.prompt_index.tolist() == b.prompt_index.tolist()
+    assert t.truncated.tolist() == (b.finish_reason == "length").tolist()
 
 
 def test_to_arrow_holds_the_fixed_schema_then_parts_and_columns():
@@ -127,3 +132,88 @@ def test_arrow_round_trip_is_exact():
     assert back.finish_reason.tolist() == b.finish_reason.tolist() and back.prompt == b.prompt
     assert back.response == b.response and back.columns == b.columns
     assert {k: v.tolist() for k, v in back.reward_parts.items()} == {k: v.tolist() for k, v in b.reward_parts.items()}
+
+
+# ------------------------------------------------------------------------------ truncated (finish reason "length")
+
+FINISH = ["stop", "length", "length", "stop", "length"]
+
+
+def by_finish(reasons, start=0) -> RolloutBatch:
+    return make_batch([dict(prompt_index=start + i, finish_reason=f, reward=float(i), response="r" * (i + 1))
+                       for i, f in enumerate(reasons)])
+
+
+def test_truncated_is_finish_reason_length_through_concat_select_and_rewards():
+    a, b = by_finish(FINISH), by_finish(["length", "stop"], start=10)
+    assert a.truncated.dtype == np.bool_ and a.truncated.tolist() == [False, True, True, False, True]
+    whole = RolloutBatch.concat([a, b])
+    assert whole.truncated.tolist() == [False, True, True, False, True, True, False]
+    # rows 5, 0, 2, 2 of the concatenation: length, stop, length, length
+    assert whole.select([5, 0, 2, 2]).truncated.tolist() == [True, False, True, True]
+    assert whole.select([]).truncated.shape == (0,)
+    scored = whole.with_rewards(np.zeros(7), {"f": np.ones(7)})
+    assert scored.truncated.tolist() == whole.truncated.tolist()
+
+
+def test_truncated_survives_the_parquet_rollout_log(tmp_path):
+    from ray_rlhf.metrics import RolloutLogger, read_rollouts
+    from ray_rlhf.records import rollout_batch_from_arrow
+
+    b = by_finish(FINISH)
+    with RolloutLogger(tmp_path) as log:
+        log.write(3, b)
+    table = read_rollouts(tmp_path)
+    assert table.schema.field("finish_reason").type == pa.string()
+    assert table.column("finish_reason").to_pylist() == FINISH
+    assert rollout_batch_from_arrow(table).truncated.tolist() == [False, True, True, False, True]
+
+
+def test_from_sequences_refuses_an_unknown_finish_reason():
+    with pytest.raises(ValueError, match=r"finish_reason must be one of \('stop', 'length'\), got \['abort'\]"):
+        by_finish(["stop", "abort"])
+
+
+def test_collate_carries_truncated_through_select_to_and_trimmed():
+    t = collate(by_finish(FINISH), pad_id=0)
+    assert t.truncated.dtype == torch.bool and t.truncated.tolist() == [False, True, True, False, True]
+    assert t.select(torch.tensor([4, 0, 1])).truncated.tolist() == [True, False, True]
+    assert t.to("cpu").truncated.tolist() == t.truncated.tolist()
+    # rows 0 and 3 (stop) only: responses of 1 and 4 tokens -> trimmed to 4 columns, flags kept
+    sub = t.select(torch.tensor([0, 3])).trimmed()
+    assert sub.response_ids.shape[1] == 4 and sub.truncated.tolist() == [False, False]
+
+
+class ScriptedLM:
+    """Stands in for a transformers causal LM: ``generate`` returns fixed new tokens (with HF's
+    padding after EOS) and uniform scores, so the sampler's bookkeeping can be checked by hand."""
+
+    def __init__(self, new_tokens: list[list[int]], vocab: int = 8):
+        self.new, self.vocab, self.training = torch.tensor(new_tokens), vocab, False
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def generate(self, input_ids, max_new_tokens, **kw):
+        assert self.new.shape == (len(input_ids), max_new_tokens)
+        scores = tuple(torch.zeros(len(input_ids), self.vocab) for _ in range(max_new_tokens))
+        return SimpleNamespace(sequences=torch.cat([input_ids, self.new], 1), scores=scores)
+
+
+def test_hf_sampler_marks_samples_without_eos_as_truncated():
+    from ray_rlhf.bench.hf_sampler import hf_generate
+
+    eos, pad = 2, 0
+    tok = SimpleNamespace(eos_token_id=eos, pad_token_id=pad, decode=lambda ids, **kw: " ".join(map(str, ids)))
+    # max_new_tokens 3: EOS 2nd (then HF's padding) -> stop, 2 tokens; no EOS -> length, 3 tokens;
+    # EOS as the 3rd and last allowed token -> stop, 3 tokens; EOS first -> stop, 1 token
+    lm = ScriptedLM([[5, eos, pad], [5, 6, 7], [5, 6, eos], [eos, pad, pad]])
+    prompts = [PromptItem(0, "a", (1, 4)), PromptItem(1, "b", (1,))]
+    b = hf_generate(lm, tok, prompts, SamplingSpec(n=2, max_new_tokens=3))
+    assert b.finish_reason.tolist() == ["stop", "length", "stop", "stop"]
+    assert b.truncated.tolist() == [False, True, False, False]
+    assert b.response_lengths.tolist() == [2, 3, 3, 1]
+    assert rows_of(b.response_ids, b.response_offsets) == [[5, eos], [5, 6, 7], [5, 6, eos], [eos]]
