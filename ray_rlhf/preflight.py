@@ -1,21 +1,19 @@
 """Checks of the user's input that run before anything expensive (Ray, vLLM, model loading).
 
-Each failure is a one-line :class:`~ray_rlhf.errors.UserError` naming the thing and the fix.
+Each failure is a one-line :class:`~ray_rlhf.errors.UserError` naming the thing and the fix. The
+checks take the config, or what :mod:`ray_rlhf.run.inputs` loaded (the prompts); that module loads
+a run's inputs and calls them in order (this module sits below ``run/`` and loads nothing itself).
 """
 
 from __future__ import annotations
 
 import json
-import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ray_rlhf.config.schema import RunConfig
 from ray_rlhf.errors import UserError
 from ray_rlhf.records import PromptItem
-
-log = logging.getLogger(__name__)
+from ray_rlhf.rewards.sources import reward_sources
 
 
 def causal_lm_classes() -> frozenset[str]:
@@ -61,55 +59,12 @@ def check_causal_lm_dir(path: str | Path, key: str) -> Path:
     return p
 
 
-def resolve_policy_path(cfg: RunConfig) -> Path:
-    """The policy directory: ``model.policy_path``, or the offline preset built once into the cache."""
-    if cfg.model.policy_path:
-        return check_causal_lm_dir(cfg.model.policy_path, "model.policy_path")
-    from ray_rlhf.models.factory import ensure_model
-
-    return Path(ensure_model("policy", cfg.model.preset, cfg.model.cache_dir, seed=cfg.model.init_seed))
-
-
-def prompts_path(cfg: RunConfig) -> Path:
-    """``data.prompts_path``, with ``bundled:<name>`` (and empty) resolved to a bundled file."""
-    from ray_rlhf.data.prompts import bundled_path
-
-    spec = cfg.data.prompts_path or "bundled:prompts"
-    return bundled_path(spec.removeprefix("bundled:")) if spec.startswith("bundled:") else Path(spec)
-
-
-def load_and_check_prompts(cfg: RunConfig, tokenizer) -> list[PromptItem]:
-    """Load the prompt file (text or chat messages, plus its other columns), render and tokenize
-    every prompt once and check its length (see :func:`~ray_rlhf.data.prompts.tokenize_prompts`)."""
-    from ray_rlhf.data.prompts import load_prompt_table, tokenize_prompts
-
-    d = cfg.data
-    path = prompts_path(cfg)
-    table = load_prompt_table(path, column=d.prompt_column)
-    items = tokenize_prompts(table.prompts, tokenizer, d.max_prompt_tokens, source=str(path), columns=table.columns,
-                             chat_template=d.chat_template, system_prompt=d.system_prompt)
-    if cfg.rollout.prompts_per_step > len(items):
+def check_prompt_count(cfg: RunConfig, prompts: list[PromptItem], source: str | Path) -> None:
+    """A step draws ``rollout.prompts_per_step`` distinct prompts: the file ``source`` must hold as many."""
+    if cfg.rollout.prompts_per_step > len(prompts):
         raise UserError(
-            f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} exceeds the {len(items)} prompts in {path}"
+            f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} exceeds the {len(prompts)} prompts in {source}"
         )
-    return items
-
-
-def load_tokenizer(policy_path: Path):
-    """The policy's tokenizer (cheap; used to check prompt lengths)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(policy_path))
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a tokenizer from {policy_path} ({e}); the model directory needs its tokenizer files") from None
-
-
-def reward_sources(cfg: RunConfig) -> dict:
-    """The reward actor's constructor arguments (what :func:`check_reward` checks)."""
-    rc = cfg.reward
-    return dict(functions=[(f.name, f.weight, f.kind) for f in rc.functions], model_path=rc.model_path,
-                model_weight=rc.model_weight, batch_size=rc.batch_size, remote=[r.model_dump() for r in rc.remote])
 
 
 def check_reward(cfg: RunConfig, prompts: list[PromptItem] | None = None) -> None:
@@ -173,27 +128,6 @@ def check_local_capacity(cfg: RunConfig) -> None:
                             "settings or join a GPU cluster (ray.address / RAY_ADDRESS)")
 
 
-def checkpoint_location(cfg: RunConfig) -> str:
-    """``checkpoint.location``, or ``output_dir``: checkpoints go under ``<location>/checkpoints``."""
-    import os
-
-    return cfg.checkpoint.location or os.path.abspath(cfg.output_dir)
-
-
-@dataclass
-class RunInputs:
-    """Everything a run needs that was checked before Ray starts."""
-
-    policy_path: Path
-    prompts: list[PromptItem]
-    store_uri: str
-    """Where checkpoints are (``checkpoint.location`` or ``output_dir``)."""
-    resume: Any
-    """The :class:`~ray_rlhf.storage.Checkpoint` to resume from, or None for a fresh run."""
-    resume_state: dict | None
-    """That checkpoint's driver state."""
-
-
 def check_compiler(cfg: RunConfig) -> None:
     """``learner.compile`` on CPU: torch's inductor builds C++ kernels, so a local run needs a C++
     compiler here (on a cluster the learner's node decides; inductor's own error names it)."""
@@ -217,27 +151,3 @@ def check_preload(cfg: RunConfig) -> None:
         if not Path(lib).is_file():
             raise UserError(f"generators.preload: {lib} does not exist; give the full path of the shared library "
                             "(e.g. /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4) or leave generators.preload empty")
-
-
-def check_run(cfg: RunConfig) -> RunInputs:
-    """Every cheap check of a run's input, in the order a user fixes them; no Ray, no vLLM."""
-    from ray_rlhf import checkpoint
-    from ray_rlhf.storage import open_store
-
-    check_local_capacity(cfg)
-    check_compiler(cfg)
-    check_preload(cfg)
-    policy_path = resolve_policy_path(cfg)
-    prompts = load_and_check_prompts(cfg, load_tokenizer(policy_path))
-    check_reward(cfg, prompts)
-    checkpoint.check_writable(cfg.output_dir)  # metrics, rollouts and the config are written there
-    store = open_store(checkpoint_location(cfg))
-    store.check_writable()
-    resume = checkpoint.find_resume(store, cfg.checkpoint.resume)
-    state = checkpoint.read_state(store, resume, policy_path) if resume else None
-    if resume:
-        changed = checkpoint.config_changes(state.get("config"), cfg.model_dump(mode="json"))
-        if changed:
-            log.warning("resuming %s with a changed config (%s): the run will differ from the one it continues",
-                        resume.path, ", ".join(changed))
-    return RunInputs(policy_path, prompts, store.uri, resume, state)

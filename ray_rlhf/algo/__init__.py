@@ -1,5 +1,6 @@
-"""Pure RL math: masked reductions, KL estimators and controllers, advantages, losses, and the
-off-policy / rollout-correction weights and reward shaping that feed them.
+"""Pure RL math: masked reductions, KL estimators and controllers, advantages, losses, the
+off-policy / rollout-correction weights and reward shaping that feed them, and the registry of
+estimators and policy losses with what each needs (:mod:`ray_rlhf.algo.registry`).
 
 Imports torch and the standard library only (no Ray, vLLM, transformers or config), so every
 function here is a function of tensors that a unit test can check by hand.
@@ -9,15 +10,10 @@ from ray_rlhf.algo.advantages import (
     check_right_padded,
     discounted_returns,
     dr_grpo_advantages,
-    dr_grpo_advantages_reference,
     gae,
-    gae_reference,
     grpo_advantages,
-    grpo_advantages_reference,
     reinforce_pp_advantages,
-    reinforce_pp_advantages_reference,
     rloo_advantages,
-    rloo_advantages_reference,
 )
 from ray_rlhf.algo.groups import group_index, group_moments, zero_std_groups
 from ray_rlhf.algo.kl import (
@@ -39,10 +35,8 @@ from ray_rlhf.algo.losses import (
     ValueLossStats,
     aggregate,
     dr_grpo_num_tokens,
-    entropy_from_logits,
     explained_variance,
     kl_loss,
-    logprobs_from_logits,
     loss_denominators,
     policy_loss,
     value_loss,
@@ -58,9 +52,31 @@ from ray_rlhf.algo.masked import (
 )
 from ray_rlhf.algo.off_policy import IS_MODES, ImportanceWeightStats, importance_weights
 from ray_rlhf.algo.overlong import overlong_penalty
+from ray_rlhf.algo.registry import (
+    ESTIMATORS,
+    POLICY_LOSSES,
+    AdvantageInputs,
+    Advantages,
+    Estimator,
+    PolicyLoss,
+    get_estimator,
+    get_policy_loss,
+    register_estimator,
+    register_policy_loss,
+)
 from ray_rlhf.algo.rollout_correction import ROLLOUT_CORRECTIONS, RolloutCorrectionStats, rollout_correction_weights
 
 __all__ = [
+    "ESTIMATORS",
+    "POLICY_LOSSES",
+    "AdvantageInputs",
+    "Advantages",
+    "Estimator",
+    "PolicyLoss",
+    "get_estimator",
+    "get_policy_loss",
+    "register_estimator",
+    "register_policy_loss",
     "IS_MODES",
     "KL_LOSS_CLAMP",
     "LOG_RATIO_BOUND",
@@ -78,23 +94,18 @@ __all__ = [
     "check_right_padded",
     "discounted_returns",
     "dr_grpo_advantages",
-    "dr_grpo_advantages_reference",
     "dr_grpo_num_tokens",
-    "entropy_from_logits",
     "explained_variance",
     "gae",
-    "gae_reference",
     "group_index",
     "group_moments",
     "grpo_advantages",
-    "grpo_advantages_reference",
     "importance_weights",
     "kl_estimate",
     "kl_k1",
     "kl_k2",
     "kl_k3",
     "kl_loss",
-    "logprobs_from_logits",
     "loss_denominators",
     "masked_count",
     "masked_mean",
@@ -107,9 +118,7 @@ __all__ = [
     "per_token_rewards",
     "policy_loss",
     "reinforce_pp_advantages",
-    "reinforce_pp_advantages_reference",
     "rloo_advantages",
-    "rloo_advantages_reference",
     "rollout_correction_weights",
     "value_loss",
     "zero_std_groups",

@@ -13,14 +13,12 @@ targets used by PPO.
 Critic-free estimators (no value model): GRPO, Dr. GRPO and RLOO use the other responses to the
 same prompt as the baseline of a sequence-level score and broadcast the result to every valid
 token; REINFORCE++ uses token-level returns normalised over the whole batch. Groups are given by
-``group_ids`` (see :mod:`ray_rlhf.algo.groups`). Every estimator has a slow ``*_reference``
-twin (plain Python loops) for the tests. All outputs are training targets: 0 at padding, and
-computed without gradient.
+``group_ids`` (see :mod:`ray_rlhf.algo.groups`). Every estimator has a slow twin (plain Python
+loops) in ``tests/reference_math.py`` that the tests hold it to. All outputs are training targets:
+0 at padding, and computed without gradient.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -29,17 +27,12 @@ from ray_rlhf.algo.masked import masked_moment_sums, moments_from_sums
 
 __all__ = [
     "gae",
-    "gae_reference",
     "check_right_padded",
     "grpo_advantages",
-    "grpo_advantages_reference",
     "dr_grpo_advantages",
-    "dr_grpo_advantages_reference",
     "rloo_advantages",
-    "rloo_advantages_reference",
     "discounted_returns",
     "reinforce_pp_advantages",
-    "reinforce_pp_advantages_reference",
 ]
 
 
@@ -102,35 +95,6 @@ def gae(
         advantages[:, t] = carry
     returns = torch.where(keep, advantages + v, zero)
     return advantages, returns
-
-
-def gae_reference(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The slow, obvious GAE: a pure-Python double loop, one row at a time. For tests.
-
-    For each row with ``n`` valid tokens: ``A_t = sum_{l=0}^{n-1-t} (gamma lam)^l delta_{t+l}``
-    with ``delta_t = r_t + gamma V_{t+1} - V_t`` and ``V_n = 0`` (Schulman et al. 2016, eq. 16).
-
-    Shape:
-        rewards, values, mask: (B, T); returns (advantages (B, T), returns (B, T))
-    """
-    _check_shapes(rewards, values, mask)
-    B, T = rewards.shape
-    adv = [[0.0] * T for _ in range(B)]
-    ret = [[0.0] * T for _ in range(B)]
-    for b in range(B):
-        n = int(mask[b].bool().sum())
-        r = [float(x) for x in rewards[b, :n]]
-        v = [float(x) for x in values[b, :n]] + [0.0]
-        delta = [r[t] + gamma * v[t + 1] - v[t] for t in range(n)]
-        for t in range(n):
-            adv[b][t] = sum((gamma * lam) ** l * delta[t + l] for l in range(n - t))
-            ret[b][t] = adv[b][t] + v[t]
-    return (
-        torch.tensor(adv, dtype=values.dtype, device=values.device),
-        torch.tensor(ret, dtype=values.dtype, device=values.device),
-    )
 
 
 # ---- critic-free: group baselines ---------------------------------------------------------------
@@ -231,53 +195,6 @@ def rloo_advantages(scores: torch.Tensor, group_ids: torch.Tensor, mask: torch.T
     return _broadcast(adv, scores, mask)
 
 
-def _groups_of(scores: torch.Tensor, group_ids: torch.Tensor) -> list[list[float]]:
-    """For the references: the list of scores of each sample's group (including itself)."""
-    ids = group_ids.tolist()
-    s = [float(x) for x in scores]
-    return [[s[j] for j in range(len(s)) if ids[j] == ids[i]] for i in range(len(s))]
-
-
-def _broadcast_reference(seq_adv: list[float], scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    B, T = mask.shape
-    out = [[seq_adv[b] if bool(mask[b, t]) else 0.0 for t in range(T)] for b in range(B)]
-    dtype = scores.dtype if scores.dtype.is_floating_point else torch.get_default_dtype()
-    return torch.tensor(out, dtype=dtype, device=mask.device).reshape(B, T)
-
-
-def grpo_advantages_reference(
-    scores: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6
-) -> torch.Tensor:
-    """The slow, obvious :func:`grpo_advantages`: for each sequence, loop over its group. For tests."""
-    adv = []
-    for r_i, group in zip((float(x) for x in scores), _groups_of(scores, group_ids)):
-        n = len(group)
-        mean = sum(group) / n
-        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (n - 1))
-        adv.append(0.0 if max(group) == min(group) else (r_i - mean) / (std + eps))
-    return _broadcast_reference(adv, scores, mask)
-
-
-def dr_grpo_advantages_reference(scores: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The slow, obvious :func:`dr_grpo_advantages`. For tests."""
-    adv = []
-    for r_i, group in zip((float(x) for x in scores), _groups_of(scores, group_ids)):
-        adv.append(0.0 if max(group) == min(group) else r_i - sum(group) / len(group))
-    return _broadcast_reference(adv, scores, mask)
-
-
-def rloo_advantages_reference(scores: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The slow, obvious :func:`rloo_advantages`: the baseline summed over the others. For tests."""
-    ids = group_ids.tolist()
-    s = [float(x) for x in scores]
-    adv = []
-    for i in range(len(s)):
-        others = [s[j] for j in range(len(s)) if ids[j] == ids[i] and j != i]
-        equal = all(o == s[i] for o in others)
-        adv.append(0.0 if equal else s[i] - sum(others) / len(others))
-    return _broadcast_reference(adv, scores, mask)
-
-
 # ---- critic-free: REINFORCE++ -------------------------------------------------------------------
 
 
@@ -340,21 +257,3 @@ def reinforce_pp_advantages(
     std = torch.as_tensor(std, dtype=torch.float64, device=returns.device)
     adv = ((returns.to(torch.float64) - mean) / (std + eps)).to(returns.dtype)
     return torch.where(mask.bool(), adv, torch.zeros((), dtype=adv.dtype, device=adv.device))
-
-
-def reinforce_pp_advantages_reference(
-    rewards_per_token: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, eps: float = 1e-8
-) -> torch.Tensor:
-    """The slow, obvious :func:`reinforce_pp_advantages` (whole batch): Python loops. For tests."""
-    B, T = rewards_per_token.shape
-    ret = [[0.0] * T for _ in range(B)]
-    for b in range(B):
-        n = int(mask[b].bool().sum())
-        r = [float(x) for x in rewards_per_token[b, :n]]
-        for t in range(n):
-            ret[b][t] = sum(gamma ** (k - t) * r[k] for k in range(t, n))
-    valid = [ret[b][t] for b in range(B) for t in range(T) if bool(mask[b, t])]
-    mean = sum(valid) / len(valid)
-    std = math.sqrt(sum((g - mean) ** 2 for g in valid) / max(len(valid) - 1, 1))
-    adv = [[(ret[b][t] - mean) / (std + eps) if bool(mask[b, t]) else 0.0 for t in range(T)] for b in range(B)]
-    return torch.tensor(adv, dtype=rewards_per_token.dtype, device=rewards_per_token.device)

@@ -1,4 +1,4 @@
-"""PPO losses (to minimise), their token aggregation, and the per-token log-prob / entropy.
+"""PPO losses (to minimise), their token aggregation, and the value function's explained variance.
 
 All per-token quantities are (B, T) over response tokens; ``mask`` is (B, T), float or bool,
 1 = valid response token, right-padded. Every loss is reduced by :func:`aggregate`: the sum over
@@ -41,8 +41,6 @@ __all__ = [
     "loss_denominators",
     "policy_loss",
     "value_loss",
-    "entropy_from_logits",
-    "logprobs_from_logits",
     "explained_variance",
 ]
 
@@ -448,37 +446,6 @@ def value_loss(
     with torch.no_grad():
         s = _token_stats(mask, clipfrac=clipped, value_mean=values.detach(), return_mean=returns)
     return loss, ValueLossStats(**s)
-
-
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each chosen token: ``log softmax(logits)[tokens]``.
-
-    The plain autograd form, kept as the reference the tests hold the learner's fused, chunked
-    :func:`~ray_rlhf.algo.token_logprobs.token_logprobs_and_entropy` to.
-
-    Shape:
-        logits: (B, T, V)
-        tokens: (B, T) integer token ids
-        returns: (B, T)
-    """
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1).long()).squeeze(-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution at each position: ``H = -sum_v p_v log p_v``.
-
-    The reference form (see :func:`logprobs_from_logits`).
-
-    Computed from ``log_softmax`` (a logsumexp), so large logits do not overflow; ``-inf``
-    logits (banned tokens) contribute 0 and give no NaN gradient.
-
-    Shape:
-        logits: (B, T, V)
-        returns: (B, T)
-    """
-    logp = torch.log_softmax(logits, dim=-1)
-    p = logp.exp()
-    return -(p * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:

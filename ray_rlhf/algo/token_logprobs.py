@@ -19,8 +19,8 @@ go over row chunks of at most :data:`CHUNK_ELEMENTS` logits (the softmax is reco
 backward from ``z`` and ``lse``), so what lives between forward and backward is ``z`` itself plus
 two (B, T) vectors. Banned tokens (``-inf`` logits) have ``p = 0`` and contribute 0 to ``H`` and
 its gradient, without NaN. Reference implementations (autograd, full tensors):
-:func:`ray_rlhf.algo.losses.logprobs_from_logits`, :func:`ray_rlhf.algo.losses.entropy_from_logits`;
-the tests check values and gradients against them and against ``gradcheck`` in float64.
+``logprobs_from_logits`` and ``entropy_from_logits`` in ``tests/reference_math.py``; the tests
+check values and gradients against them and against ``gradcheck`` in float64.
 """
 
 from __future__ import annotations

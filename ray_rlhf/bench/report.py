@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ray_rlhf.algo.registry import get_estimator  # noqa: E402
+
 MiB = 2**20
 PHASE_ORDER = ("generate", "reward", "prepare", "update", "sync", "orchestration")
 
@@ -86,7 +88,7 @@ def _learner_targets(res: dict) -> list[dict]:
                 f"{at_peak:.2f} s: sync {e2e['sync']:.2f}, reward {e2e['reward']:.2f}, orchestration "
                 f"{e2e['orchestration']:.2f}, learner below peak {e2e['prepare'] + e2e['update'] - at_peak:.2f}"),
     ]
-    if cfg.get("old_logprobs_from_sampler") and cfg.get("estimator", "gae") != "gae":
+    if cfg.get("old_logprobs_from_sampler") and not get_estimator(cfg.get("estimator", "gae")).uses_critic:
         one_ref = ph["prepare"]["flops_per_step"] / peak / max(ph["update"]["mfu"], 1e-9)
         rows.append(_target("prepare / one reference pass (sampler log-probs)", ph["prepare"]["seconds_per_step"]
                             / one_ref, 1.0, False, "prepare runs more than the reference forward"))

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import ray
 
-from ray_rlhf import preflight
 from ray_rlhf.bench import bound as bound_mod
 from ray_rlhf.bench import flops as flops_mod
 from ray_rlhf.bench import generation, report, weightsync
@@ -38,6 +37,7 @@ from ray_rlhf.bench.overlap import run_overlap
 from ray_rlhf.config import load_config
 from ray_rlhf.models.factory import parameter_count
 from ray_rlhf.run.cluster import init_ray
+from ray_rlhf.run.inputs import load_prompt_items, load_tokenizer, resolve_policy_path
 
 log = logging.getLogger("ray_rlhf.bench")
 
@@ -136,8 +136,8 @@ def measure(cfg, m: dict, mode: str) -> dict:
 
     e2e = run_endtoend(cfg)  # section 1 + memory (section 5)
 
-    policy_path = preflight.resolve_policy_path(cfg)
-    prompts = preflight.load_and_check_prompts(cfg, preflight.load_tokenizer(policy_path))
+    policy_path = resolve_policy_path(cfg)
+    prompts = load_prompt_items(cfg, load_tokenizer(policy_path))
     batches = step_batches(cfg, prompts, cfg.steps)
     from transformers import AutoConfig
 

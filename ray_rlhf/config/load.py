@@ -6,6 +6,8 @@ Every mistake is a :class:`~ray_rlhf.errors.UserError` with one line naming the 
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,47 @@ from ray_rlhf.config.schema import RunConfig
 from ray_rlhf.errors import UserError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+
+log = logging.getLogger(__name__)
+
+
+def _one_event(value: Any) -> Any:
+    """A deprecated ``faults.*_at_step: N`` as the list of events its new key takes."""
+    return value if value is None or isinstance(value, list) else [{"step": value}]
+
+
+DEPRECATED: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "ppo.gamma": ("algo.gamma", lambda v: v),
+    "ppo.lam": ("algo.lam", lambda v: v),
+    "ppo.whiten_advantages": ("algo.whiten_advantages", lambda v: v),
+    "algo.is_cap": ("ppo.is_cap", lambda v: v),
+    "algo.is_mode": ("ppo.is_mode", lambda v: v),
+    "kl.estimator": ("kl.approx", lambda v: v),
+    "faults.kill_learner_at_step": ("faults.kill_learner", _one_event),
+    "faults.kill_reward_at_step": ("faults.kill_reward", _one_event),
+    "faults.stop_after_step": ("faults.stop", _one_event),
+}
+"""Keys renamed in 0.3, still accepted in this version with a one-line notice: old key -> (new key,
+how the old value becomes the new one). The estimator's knobs moved to ``algo``, the loss's to
+``ppo``; ``kl.estimator`` became ``kl.approx`` (one key named ``estimator``, ``algo.estimator``);
+every ``faults`` key is a list of events (``[{step: N}]``)."""
+
+
+def _apply_deprecated(tree: dict[str, Any]) -> None:
+    """Move every deprecated key of ``tree`` to its new name, with a notice naming both."""
+    for old, (new, convert) in DEPRECATED.items():
+        section, key = old.split(".")
+        node = tree.get(section)
+        if not isinstance(node, dict) or key not in node:
+            continue
+        new_section, new_key = new.split(".")
+        target = tree.setdefault(new_section, {})
+        if not isinstance(target, dict):
+            continue  # a malformed section: validation names it
+        if new_key in target:
+            raise UserError(f"config keys {old!r} (deprecated) and {new!r} are both set; keep only {new!r}")
+        target[new_key] = convert(node.pop(key))
+        log.warning("config key %r is deprecated and will be removed in the next version; use %r", old, new)
 
 
 def preset_names() -> list[str]:
@@ -114,6 +157,7 @@ def load_config(config: str = "tiny", overrides: list[str] | tuple[str, ...] = (
     tree = _base_dict(config)
     for override in overrides:
         apply_override(tree, override)
+    _apply_deprecated(tree)
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:

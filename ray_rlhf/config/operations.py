@@ -65,26 +65,32 @@ class LoggingConfig(_Section):
     """Also log to Weights & Biases (``pip install 'ray-rlhf[wandb]'``). Empty: off."""
 
 
-class KillGenerator(_Section):
+class FaultAt(_Section):
     step: int = Field(ge=1)
-    """Step during whose rollout the generator is killed."""
+    """The step at which the fault happens."""
+
+
+class KillGenerator(FaultAt):
     index: int = Field(0, ge=0)
     """Which generator (position in the pool)."""
 
 
 class FaultsConfig(_Section):
+    """Fault injection, for testing a deployment's recovery. Every key is a list of events, each
+    naming its ``step`` (``faults.kill_learner=[{step: 3}]``)."""
+
     kill_generator: list[KillGenerator] = Field(default_factory=list)
-    """Fault injection: kill generator ``index`` during the rollout of ``step``."""
+    """Kill generator ``index`` during the rollout of ``step``."""
     hang_generator: list[KillGenerator] = Field(default_factory=list)
-    """Fault injection: generator ``index`` stops answering (alive, but stuck) just before the
-    rollout of ``step``; its shard runs past the deadline and is re-queued."""
-    kill_learner_at_step: int | None = Field(None, ge=1)
-    """Fault injection: kill learner rank 0 during the update of this step; the run restores the
-    newest checkpoint into a new learner group and goes on."""
-    stop_after_step: int | None = Field(None, ge=1)
-    """Fault injection: exit (as if preempted) right after this step's checkpoint."""
-    kill_reward_at_step: int | None = Field(None, ge=1)
-    """Fault injection: ``ray.kill`` the reward actor (Ray restarts it) just before this step's scoring."""
+    """Generator ``index`` stops answering (alive, but stuck) just before the rollout of ``step``;
+    its shard runs past the deadline and is re-queued."""
+    kill_learner: list[FaultAt] = Field(default_factory=list)
+    """Kill learner rank 0 during the update of ``step`` (the first event only); the run restores
+    the newest checkpoint into a new learner group and goes on."""
+    kill_reward: list[FaultAt] = Field(default_factory=list)
+    """``ray.kill`` the reward actor (Ray restarts it) just before the scoring of ``step``."""
+    stop: list[FaultAt] = Field(default_factory=list)
+    """Exit (as if preempted) right after the checkpoint of ``step`` (the earliest event)."""
 
 
 class RayConfig(_Section):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
+from ray_rlhf.algo.registry import critic_estimators, get_estimator, group_estimators, resolve_kl_in_loss
 from ray_rlhf.config.base import _Section
 from ray_rlhf.config.inputs import (
     DataConfig,
@@ -22,9 +23,6 @@ from ray_rlhf.config.inputs import (
 )
 from ray_rlhf.config.operations import CheckpointConfig, FaultsConfig, KillGenerator, LoggingConfig, RayConfig, SyncConfig
 from ray_rlhf.config.training import AlgoConfig, KLConfig, LearnerConfig, PPOConfig
-
-GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
-"""Estimators that normalise each prompt's samples against each other."""
 
 __all__ = [
     "RunConfig",
@@ -74,7 +72,8 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "RunConfig":
-        """Impossible combinations of otherwise valid values, each naming its keys."""
+        """Impossible combinations of otherwise valid values, each naming its keys: sizes here, the
+        algorithm's in :meth:`_check_algorithm`."""
         r, p, g = self.rollout, self.ppo, self.generators
         if p.minibatch_size > r.batch_size:
             raise ValueError(
@@ -111,23 +110,27 @@ class RunConfig(_Section):
                 f"data.max_prompt_tokens + rollout.max_new_tokens = {need} exceeds "
                 f"generators.max_model_len={g.max_model_len}; raise it or shorten prompts/responses"
             )
-        if self.faults.kill_reward_at_step and self.faults.kill_reward_at_step > self.steps:
-            raise ValueError(f"faults.kill_reward_at_step={self.faults.kill_reward_at_step} is after the last step ({self.steps})")
-        for key in ("kill_generator", "hang_generator"):
-            for kill in getattr(self.faults, key):
-                if kill.step > self.steps:
-                    raise ValueError(f"faults.{key} step {kill.step} is after the last step ({self.steps})")
-        if self.faults.kill_learner_at_step and self.faults.kill_learner_at_step > self.steps:
-            raise ValueError(f"faults.kill_learner_at_step={self.faults.kill_learner_at_step} is after the last step "
-                             f"({self.steps})")
-        if self.algo.estimator in GROUP_ESTIMATORS and r.samples_per_prompt < 2:
+        for key, events in self.faults:
+            for event in events:
+                if event.step > self.steps:
+                    raise ValueError(f"faults.{key} step {event.step} is after the last step ({self.steps})")
+        if self.checkpoint.resume not in ("auto", "never") and not self.checkpoint.resume.strip():
+            raise ValueError("checkpoint.resume must be 'auto', 'never' or a checkpoint directory")
+        self._check_algorithm()
+        return self
+
+    def _check_algorithm(self) -> None:
+        """Impossible combinations of the estimator, the loss and the rollout's options."""
+        r, p = self.rollout, self.ppo
+        estimator = get_estimator(self.algo.estimator)
+        if estimator.needs_groups and r.samples_per_prompt < 2:
             raise ValueError(
                 f"algo.estimator={self.algo.estimator} compares the samples of each prompt: it needs "
                 f"rollout.samples_per_prompt >= 2 (got {r.samples_per_prompt})"
             )
-        if self.algo.estimator != "gae" and self.model.critic_path:
+        if not estimator.uses_critic and self.model.critic_path:
             raise ValueError(f"model.critic_path is set but algo.estimator={self.algo.estimator} uses no critic; "
-                             "unset model.critic_path or use algo.estimator=gae")
+                             f"unset model.critic_path or use algo.estimator={' or '.join(critic_estimators())}")
         if r.max_staleness and self.sync.backend != "object_store":
             raise ValueError("rollout.max_staleness >= 1 loads new weights into each generator between its rollout "
                              "steps, through the object store; set sync.backend=object_store")
@@ -146,33 +149,28 @@ class RunConfig(_Section):
                              "with the sampler's; ppo.old_logprobs=sampler leaves none to compare: set "
                              "ppo.old_logprobs=auto (or recompute)")
         if self.kl_in_loss and self.kl.loss_estimator == "k1":
-            raise ValueError("kl.estimator=k1 as a loss term (kl.placement=loss, or auto with a group estimator) has a "
-                             "gradient that is zero in expectation; set kl.estimator=k3 (or k2, or auto)")
+            raise ValueError("kl.approx=k1 as a loss term (kl.placement=loss, or auto with a group estimator) has a "
+                             "gradient that is zero in expectation; set kl.approx=k3 (or k2, or auto)")
         if r.overlong == "penalty" and not 0 < r.overlong_buffer < r.max_new_tokens:
             raise ValueError(f"rollout.overlong=penalty needs 0 < rollout.overlong_buffer < rollout.max_new_tokens "
                              f"({r.max_new_tokens}); got rollout.overlong_buffer={r.overlong_buffer}")
         if r.overlong_buffer >= r.max_new_tokens:
             raise ValueError(f"rollout.overlong_buffer={r.overlong_buffer} must be smaller than "
                              f"rollout.max_new_tokens={r.max_new_tokens}")
-        if r.dynamic_sampling and self.algo.estimator not in GROUP_ESTIMATORS:
+        if r.dynamic_sampling and not estimator.needs_groups:
             raise ValueError(f"rollout.dynamic_sampling keeps prompts whose samples' rewards differ, which only a group "
                              f"estimator uses; algo.estimator={self.algo.estimator} has no groups: use one of "
-                             f"{', '.join(GROUP_ESTIMATORS)} or set rollout.dynamic_sampling=false")
-        if self.checkpoint.resume not in ("auto", "never") and not self.checkpoint.resume.strip():
-            raise ValueError("checkpoint.resume must be 'auto', 'never' or a checkpoint directory")
-        return self
+                             f"{', '.join(group_estimators())} or set rollout.dynamic_sampling=false")
 
     @property
     def uses_critic(self) -> bool:
-        """Whether a value function is built, trained and saved (only ``algo.estimator=gae``)."""
-        return self.algo.estimator == "gae"
+        """Whether a value function is built, trained and saved (an estimator with a critic: ``gae``)."""
+        return get_estimator(self.algo.estimator).uses_critic
 
     @property
     def kl_in_loss(self) -> bool:
         """``kl.placement`` resolved: True for a k3 loss term, False for a per-token reward penalty."""
-        if self.kl.placement == "auto":
-            return self.algo.estimator in GROUP_ESTIMATORS
-        return self.kl.placement == "loss"
+        return resolve_kl_in_loss(self.kl.placement, self.algo.estimator)
 
     @property
     def old_logprobs_from_sampler(self) -> bool:

@@ -6,7 +6,11 @@ from typing import Literal
 
 from pydantic import Field
 
+from ray_rlhf.algo.registry import estimator_names, resolve_loss_agg
 from ray_rlhf.config.base import _Section
+
+EstimatorName = Literal[estimator_names()]  # type: ignore[valid-type]
+"""``algo.estimator``'s choices: the estimators of :mod:`ray_rlhf.algo.registry`, in registration order."""
 
 
 class PPOConfig(_Section):
@@ -45,20 +49,19 @@ class PPOConfig(_Section):
     in long critic-free runs."""
     dual_clip: float | None = Field(None, gt=1)
     """Dual-clip constant c > 1 for negative advantages (empty: off)."""
+    is_cap: float = Field(2.0, ge=1)
+    """Asynchronous runs (``rollout.max_staleness >= 1``): cap of the importance weight
+    pi_old / pi_sampler that corrects for the sampler's stale weights (decoupled PPO)."""
+    is_mode: Literal["truncate", "mask"] = "truncate"
+    """``truncate``: weight min(w, is_cap); ``mask``: tokens with w > is_cap get weight 0."""
     value_clip: float | None = Field(0.2, gt=0)
     """Clip of the value prediction around the old values (empty: off)."""
     vf_coef: float = Field(0.1, ge=0)
     """c1: weight of the value loss."""
     ent_coef: float = Field(0.0, ge=0)
     """c2: weight of the entropy bonus."""
-    gamma: float = Field(1.0, gt=0, le=1)
-    """GAE discount."""
-    lam: float = Field(0.95, ge=0, le=1)
-    """GAE lambda."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient-norm clip."""
-    whiten_advantages: bool = True
-    """Normalize advantages to mean 0 / std 1 over the valid tokens of the batch."""
 
     @property
     def clip_lo(self) -> float:
@@ -72,21 +75,23 @@ class PPOConfig(_Section):
 
 
 class AlgoConfig(_Section):
-    estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "gae"
-    """Advantage estimator. ``gae``: PPO with a value head and GAE (InstructGPT). Critic-free, over
-    the samples of each prompt (no value head is built, run or saved): ``grpo`` (group-normalised
-    reward, DeepSeekMath), ``dr_grpo`` (no std division, length-unbiased loss; Liu et al. 2025),
-    ``rloo`` (leave-one-out baseline; Ahmadian et al. 2024). ``reinforce_pp``: REINFORCE++ (Hu
-    2025), batch-normalised returns with the KL in the reward, no critic either. The group ones
-    need ``rollout.samples_per_prompt >= 2``."""
+    estimator: EstimatorName = "gae"
+    """Advantage estimator (:mod:`ray_rlhf.algo.registry` lists each with what it needs). ``gae``:
+    PPO with a value head and GAE (InstructGPT). Critic-free, over the samples of each prompt (no
+    value head is built, run or saved): ``grpo`` (group-normalised reward, DeepSeekMath),
+    ``dr_grpo`` (no std division, length-unbiased loss; Liu et al. 2025), ``rloo`` (leave-one-out
+    baseline; Ahmadian et al. 2024). ``reinforce_pp``: REINFORCE++ (Hu 2025), batch-normalised
+    returns with the KL in the reward, no critic either. The group ones need
+    ``rollout.samples_per_prompt >= 2``."""
+    gamma: float = Field(1.0, gt=0, le=1)
+    """Discount of the per-token rewards (GAE, REINFORCE++ returns)."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """``gae``: normalize advantages to mean 0 / std 1 over the valid tokens of the batch."""
     drop_zero_std_groups: bool = False
     """Group estimators: leave out of the update the prompts whose samples all scored the same
     (their advantages are 0; they would only dilute the loss). Counted in ``adv/zero_std_groups``."""
-    is_cap: float = Field(2.0, ge=1)
-    """Asynchronous runs (``rollout.max_staleness >= 1``): cap of the importance weight
-    pi_old / pi_sampler that corrects for the sampler's stale weights (decoupled PPO)."""
-    is_mode: Literal["truncate", "mask"] = "truncate"
-    """``truncate``: weight min(w, is_cap); ``mask``: tokens with w > is_cap get weight 0."""
     rollout_correction: Literal["none", "tis", "mis"] = "none"
     """Correct for the sampler's log-probs differing from the learner's for the same weights
     (another engine, other kernels, another precision -- vLLM's bf16 kernels vs FSDP is the known
@@ -110,13 +115,11 @@ class AlgoConfig(_Section):
     @property
     def agg(self) -> str:
         """``loss_agg`` resolved (``auto``: the estimator's own aggregation)."""
-        if self.loss_agg != "auto":
-            return self.loss_agg
-        return "seq_mean_token_sum_norm" if self.estimator == "dr_grpo" else "token_mean"
+        return resolve_loss_agg(self.loss_agg, self.estimator)
 
 
 class KLConfig(_Section):
-    estimator: Literal["auto", "k1", "k2", "k3"] = "auto"
+    approx: Literal["auto", "k1", "k2", "k3"] = "auto"
     """Per-token KL estimator (Schulman's k1 = log(pi/ref), k2 = (log(pi/ref))^2 / 2, k3 =
     ref/pi - 1 - log(ref/pi)), used where the KL acts (``placement``) and in ``kl_ref``.
     ``auto``: ``k1`` in the reward penalty (unbiased), ``k3`` as a loss term (GRPO). ``k1`` as
@@ -131,19 +134,19 @@ class KLConfig(_Section):
     """Adaptive controller: horizon in samples."""
     placement: Literal["auto", "reward", "loss"] = "auto"
     """Where the KL to the reference acts. ``reward``: -beta * KL per token in the reward
-    (InstructGPT, REINFORCE++); ``loss``: beta * KL (``estimator``, k3 by default, clamped to
+    (InstructGPT, REINFORCE++); ``loss``: beta * KL (``approx``, k3 by default, clamped to
     [-10, 10] per token) as a loss term (GRPO); ``auto``: ``reward`` for ``gae`` and
     ``reinforce_pp``, ``loss`` for the group estimators."""
 
     @property
     def reward_estimator(self) -> str:
-        """``estimator`` resolved for the per-token reward penalty and ``kl_ref`` (``auto``: k1)."""
-        return "k1" if self.estimator == "auto" else self.estimator
+        """``approx`` resolved for the per-token reward penalty and ``kl_ref`` (``auto``: k1)."""
+        return "k1" if self.approx == "auto" else self.approx
 
     @property
     def loss_estimator(self) -> str:
-        """``estimator`` resolved for the KL loss term (``auto``: k3)."""
-        return "k3" if self.estimator == "auto" else self.estimator
+        """``approx`` resolved for the KL loss term (``auto``: k3)."""
+        return "k3" if self.approx == "auto" else self.approx
 
 
 class LearnerConfig(_Section):

@@ -1,1 +1,2 @@
-"""Rollout generation: the vLLM Generator (an actor) and the elastic GeneratorPool (driver side)."""
+"""Rollout generation: the vLLM Generator (an actor), its engine's weight load and read-back
+(``vllm_engine``), and the elastic GeneratorPool (driver side)."""

@@ -42,11 +42,11 @@ from pathlib import Path
 import numpy as np
 
 from ray_rlhf.errors import UserError
+from ray_rlhf.generation.vllm_engine import VllmEngine
 from ray_rlhf.records import FINISH_REASONS, PromptShard, RolloutBatch, SamplingSpec
 from ray_rlhf.sync.receiver import WeightReceiver
-from ray_rlhf.sync.types import EngineChecksum, GroupInfo, LoadReport, SinkInfo
 
-__all__ = ["Generator", "ShardReport", "VllmEngine", "core_list_for", "request_seed"]
+__all__ = ["Generator", "ShardReport", "core_list_for", "request_seed"]
 
 log = logging.getLogger(__name__)
 
@@ -81,28 +81,6 @@ class ShardReport:
     """Wall time inside the engine."""
     version: int
     """Weight version the shard was sampled with."""
-
-
-class VllmEngine:
-    """The :class:`~ray_rlhf.sync.receiver.Engine` of one in-process ``vllm.LLM``: load and read back."""
-
-    def __init__(self, llm):
-        self.llm = llm
-
-    def reload(self, weights) -> None:
-        """One ``reload_weights`` call in the worker (never a second ``model.load_weights`` on CPU:
-        the repacked layers reject it), made safe for tied LM heads and followed by a refresh of
-        the packed head (:func:`~ray_rlhf.sync.vllm_readback.reload_hf_weights`); prefix-cache
-        entries computed with the old weights are dropped."""
-        from ray_rlhf.sync.vllm_readback import reload_hf_weights
-
-        self.llm.collective_rpc(reload_hf_weights, kwargs={"weights": weights})
-        self.llm.reset_prefix_cache()
-
-    def read_back(self, part: int = 0, parts: int = 1):
-        from ray_rlhf.sync.vllm_readback import engine_hf_state_dict
-
-        return self.llm.collective_rpc(engine_hf_state_dict, kwargs={"part": part, "parts": parts})[0]
 
 
 def core_list_for(index: int, cores_per_engine: int = 1) -> str:
@@ -168,10 +146,12 @@ class Generator:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         t0 = time.perf_counter()
         self._llm = vllm.LLM(**kwargs)
-        engine = VllmEngine(self._llm)
+        engine = VllmEngine(self._llm, self.tensor_parallel_size)
         names = set(engine.read_back()) if self.tensor_parallel_size == 1 else None
         self.weights = WeightReceiver(engine, generator_id, names)
-        """The weight-sink side of the broadcast (every ``*weight*`` method below delegates to it)."""
+        """The weight-sink side of the broadcast: loads, group membership, read-back checksums.
+        The broadcaster runs its methods in this actor (:func:`ray_rlhf.sync.remote.call`); in a
+        test, call them directly (``generator.weights.load(version, state)``)."""
         self._warm_up()
         self.startup_seconds = time.perf_counter() - t0
 
@@ -263,33 +243,6 @@ class Generator:
                              self.version)
         return report, batch
 
-    # ------------------------------------------------------------------ weights (WeightSink)
-
-    def load_weights(self, version: int, weights, record_checksum: bool = True) -> LoadReport:
-        """Load a full HF-named state dict as ``version`` (see :meth:`WeightReceiver.load`)."""
-        return self.weights.load(version, weights, record_checksum)
-
-    def join_weight_group(self, info: GroupInfo, rank: int) -> None:
-        self.weights.join_group(info, rank)
-
-    def receive_weights(self, version: int, record_checksum: bool = True) -> LoadReport:
-        return self.weights.receive(version, record_checksum)
-
-    def leave_weight_group(self) -> None:
-        self.weights.leave_group()
-
-    def weights_checksum(self, part: int = 0, parts: int = 1) -> EngineChecksum:
-        """Checksum of the weights the ENGINE computes with (read back, see
-        :mod:`ray_rlhf.sync.vllm_readback`): all of them, or the cheap ones plus rotating ``part``
-        of ``parts`` of the probed ones. Not available with tensor_parallel_size > 1 (the config
-        refuses ``sync.verify`` there)."""
-        if self.tensor_parallel_size != 1:
-            raise RuntimeError("weights_checksum: no engine read-back across tensor-parallel ranks")
-        return self.weights.engine_checksum(part, parts)
-
-    def weights_status(self) -> SinkInfo:
-        return self.weights.status()
-
     # ------------------------------------------------------------------ housekeeping
 
     def ping(self) -> str:
@@ -319,7 +272,7 @@ class Generator:
         llm = getattr(self, "_llm", None)
         if llm is None:
             return
-        self.leave_weight_group()
+        self.weights.leave_group()
         self._llm = None
         try:
             llm.llm_engine.engine_core.shutdown()

@@ -217,8 +217,9 @@ class GeneratorPool:
         return self._start(want, timeout_s=timeout_s) if want > 0 else []
 
     def kill(self, index: int) -> str:
-        """Fault injection: ``ray.kill`` the member at position ``index`` (kept in the pool, so the
-        pool finds out the way it would in production: a failed call)."""
+        """Fault injection (``faults.kill_generator``, or a test's hook between steps): ``ray.kill``
+        the member at position ``index`` (kept in the pool, so the pool finds out the way it would
+        in production: a failed call)."""
         gid = list(self.members)[index % len(self.members)]
         ray.kill(self.members[gid].handle, no_restart=True)
         return gid
@@ -230,10 +231,7 @@ class GeneratorPool:
         return self.replace(len(lost)) if lost else []
 
     # ---- work ----------------------------------------------------------------------------------
-    def generate(
-        self, shards: list[PromptShard], sampling: SamplingSpec, kill_after_dispatch: list[int] = (),
-        hang_before_dispatch: list[int] = (),
-    ) -> tuple[list[Any], PoolEvents]:
+    def generate(self, shards: list[PromptShard], sampling: SamplingSpec) -> tuple[list[Any], PoolEvents]:
         """Run every shard on some live member; exactly one result per (prompt, sample).
 
         Returns one ObjectRef of a :class:`~ray_rlhf.records.RolloutBatch` per shard, in shard
@@ -248,9 +246,6 @@ class GeneratorPool:
         idle: deque[str] = deque(self.members)
         inflight: dict[Any, tuple[str, PromptShard, Any, float]] = {}
         done: dict[int, Any] = {}
-        for_kill = list(kill_after_dispatch)
-        for index in hang_before_dispatch:
-            log.warning("fault injection: generator %s stops answering", self.hang(index))
         while queue or inflight:
             while queue and idle:
                 gid = idle.popleft()
@@ -259,9 +254,6 @@ class GeneratorPool:
                     report, batch = self.members[gid].handle.generate.options(num_returns=2).remote(shard, sampling)
                     deadline = time.monotonic() + self.shard_deadline_s(shard, sampling)
                     inflight[report] = (gid, shard, batch, deadline)
-            for index in for_kill:
-                log.warning("fault injection: killing generator %s", self.kill(index))
-            for_kill = []
             if not inflight:  # work left and nobody to do it
                 self.replace(0)  # raises PoolError below min_size
                 raise PoolError(f"no live generator for {len(queue)} shards")
@@ -311,20 +303,9 @@ class GeneratorPool:
             return self.shard_timeout_floor_s
         return max(self.shard_timeout_floor_s, 4 * self.seconds_per_token * budget)
 
-    def hang(self, index: int) -> str:
-        """Fault injection: the member at ``index`` stops answering but stays alive (its next call
-        waits behind a long sleep), as a wedged engine would."""
-        gid = list(self.members)[index % len(self.members)]
-        self.members[gid].handle.__ray_call__.remote(_sleep_forever)
-        return gid
-
     def shutdown(self) -> None:
         for gid in list(self.members):
             self._drop(gid)
-
-
-def _sleep_forever(_generator) -> None:
-    time.sleep(24 * 3600)
 
 
 def request_capacity(bundle: dict[str, float], max_size: int) -> bool:

@@ -52,6 +52,10 @@ class TensorBatch:
     def to(self, device: str | torch.device) -> TensorBatch:
         return TensorBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
 
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The model's inputs: ``(prompt_ids, prompt_mask, response_ids, response_mask)``."""
+        return self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask
+
     @property
     def lengths(self) -> torch.Tensor:
         """Real (prompt + response) tokens of each sequence. Shape: (B,)."""
@@ -167,3 +171,12 @@ class PreparedBatch:
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         return PreparedBatch(self.batch.select(rows), pick(self.old_logprobs), pick(self.old_values),
                              pick(self.ref_logprobs), pick(self.advantages), pick(self.returns), pick(self.weights))
+
+    def trimmed(self) -> PreparedBatch:
+        """The same rows with the batch's padding columns cut (:meth:`TensorBatch.trimmed`) and
+        every (B, T) tensor cut to the same response width."""
+        batch = self.batch.trimmed()
+        width = batch.response_ids.shape[1]
+        cut = lambda t: None if t is None else t[:, :width]  # noqa: E731
+        return PreparedBatch(batch, cut(self.old_logprobs), cut(self.old_values), cut(self.ref_logprobs),
+                             cut(self.advantages), cut(self.returns), cut(self.weights))

@@ -6,7 +6,9 @@ vLLM), ``value_head.safetensors`` (+ ``critic/``; neither without a critic), ``o
 (the minibatch-shuffling and torch RNG states) and ``learner.json`` (version, KL controller, the
 group's size and strategy). Nothing is pickled. Weights are full (unsharded) tensors, so a
 checkpoint resumes at any number of ranks; the optimizer state is too, except that FSDP keys it
-by parameter name and DDP / one rank by position: a switch between the two is refused.
+by parameter name and DDP / one rank by position: a switch between the two is refused. The names
+are :mod:`ray_rlhf.checkpoint.layout`'s; where and how atomically the part is stored is
+:mod:`ray_rlhf.checkpoint`'s.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ray_rlhf.checkpoint.layout import CRITIC, LEARNER_STATE, OPTIMIZER, POLICY, RNG, VALUE_HEAD
 from ray_rlhf.errors import UserError
 from ray_rlhf.learning import parallel
 from ray_rlhf.models.output_head import load_hf_state, read_hf_state, tied_parameter_groups
@@ -37,19 +40,19 @@ def save(learner, d: Path) -> None:
     part = (lambda prefix: {k.removeprefix(prefix): v for k, v in full.items() if k.startswith(prefix)}) if full \
         else None
     lm_state = part("lm.") if full else None
-    learner.model.lm.save_pretrained(d / "policy", safe_serialization=True, **({"state_dict": lm_state} if full else {}))
-    learner.tokenizer.save_pretrained(d / "policy")
+    learner.model.lm.save_pretrained(d / POLICY, safe_serialization=True, **({"state_dict": lm_state} if full else {}))
+    learner.tokenizer.save_pretrained(d / POLICY)
     if learner.model.critic is not None:
         kw = {"state_dict": part("critic.")} if full else {}
-        learner.model.critic.save_pretrained(d / "critic", safe_serialization=True, **kw)
+        learner.model.critic.save_pretrained(d / CRITIC, safe_serialization=True, **kw)
     if learner.model.value_head is not None:
         head = part("value_head.") if full else learner.model.value_head.state_dict()
-        save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, str(d / "value_head.safetensors"))
-    torch.save(optim, d / "optimizer.pt")
-    save_file({"learner": learner.rng.get_state(), "torch": torch.get_rng_state()}, str(d / "rng.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, str(d / VALUE_HEAD))
+    torch.save(optim, d / OPTIMIZER)
+    save_file({"learner": learner.rng.get_state(), "torch": torch.get_rng_state()}, str(d / RNG))
     meta = {"version": learner.version, "kl_ctl": learner.kl_ctl.state_dict(), "world_size": opt.world_size,
             "strategy": opt.strategy, "optimizer_format": _optimizer_format(learner), "critic": learner.uses_critic}
-    (d / "learner.json").write_text(json.dumps(meta))
+    (d / LEARNER_STATE).write_text(json.dumps(meta))
 
 
 def load(learner, d: Path) -> None:
@@ -57,7 +60,7 @@ def load(learner, d: Path) -> None:
     from safetensors.torch import load_file
 
     opt = learner.options
-    meta = json.loads((d / "learner.json").read_text())
+    meta = json.loads((d / LEARNER_STATE).read_text())
     saved = (meta.get("optimizer_format", "by_position"), meta.get("world_size", 1), meta.get("strategy", "ddp"))
     if saved[0] != _optimizer_format(learner):
         raise UserError(
@@ -70,21 +73,21 @@ def load(learner, d: Path) -> None:
                         f"algo.estimator={opt.algo.estimator} {'needs' if learner.uses_critic else 'has'} none; resume "
                         "with the estimator it was made with")
     if learner.sharded:
-        state = {f"lm.{k}": v for k, v in _with_ties(learner.model.lm, read_hf_state(d / "policy")).items()}
+        state = {f"lm.{k}": v for k, v in _with_ties(learner.model.lm, read_hf_state(d / POLICY)).items()}
         if learner.model.critic is not None:
-            state.update({f"critic.{k}": v for k, v in _with_ties(learner.model.critic, read_hf_state(d / "critic")).items()})
+            state.update({f"critic.{k}": v for k, v in _with_ties(learner.model.critic, read_hf_state(d / CRITIC)).items()})
         if learner.model.value_head is not None:
-            state.update({f"value_head.{k}": v for k, v in load_file(str(d / "value_head.safetensors")).items()})
+            state.update({f"value_head.{k}": v for k, v in load_file(str(d / VALUE_HEAD)).items()})
         parallel.load_full_state_dict(learner.model, state, opt.world_size, opt.strategy)
     else:
-        load_hf_state(learner.model.lm, d / "policy")  # strict, and tied weights stay tied
+        load_hf_state(learner.model.lm, d / POLICY)  # strict, and tied weights stay tied
         if learner.model.critic is not None:
-            load_hf_state(learner.model.critic, d / "critic")
+            load_hf_state(learner.model.critic, d / CRITIC)
         if learner.model.value_head is not None:
-            learner.model.value_head.load_state_dict(load_file(str(d / "value_head.safetensors")))
-    optim = torch.load(d / "optimizer.pt", weights_only=True, map_location=learner.device)
+            learner.model.value_head.load_state_dict(load_file(str(d / VALUE_HEAD)))
+    optim = torch.load(d / OPTIMIZER, weights_only=True, map_location=learner.device)
     parallel.load_optimizer_state(learner.train_model, learner.optimizer, optim, opt.world_size, opt.strategy)
-    rng = load_file(str(d / "rng.safetensors"))
+    rng = load_file(str(d / RNG))
     learner.rng.set_state(rng["learner"])
     torch.set_rng_state(rng["torch"])
     learner.version = int(meta["version"])

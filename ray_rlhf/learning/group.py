@@ -64,7 +64,6 @@ class LearnerGroup:
     def __init__(self, cfg: RunConfig, policy_path: str | Path):
         lc = cfg.learner
         bundle = {"CPU": lc.num_cpus, **({"GPU": lc.num_gpus} if lc.num_gpus else {})}
-        self._kill_next: int | None = None
         actor = ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, max_restarts=0)(Learner)
         self.pg = None
         if lc.num == 1:  # one rank: an ordinary actor, placed like the others
@@ -93,15 +92,7 @@ class LearnerGroup:
     def step(self, batch: Any) -> LearnerStats:
         """One update on a scored :class:`~ray_rlhf.records.RolloutBatch` (or its ObjectRef);
         every rank returns the same whole-batch statistics."""
-        refs = [r.step.remote(batch) for r in self.ranks]
-        if self._kill_next is not None:  # fault injection: a rank dies in the middle of the update
-            ray.kill(self.ranks[self._kill_next], no_restart=True)
-            self._kill_next = None
-        return self._all(refs)[0]
-
-    def kill_rank_during_next_step(self, rank: int) -> None:
-        """Fault injection (``faults.kill_learner_at_step``)."""
-        self._kill_next = rank
+        return self._all([r.step.remote(batch) for r in self.ranks])[0]
 
     def save(self, directory: str | Path) -> None:
         """Every rank's part of a checkpoint into a local ``directory`` (rank 0 writes)."""
@@ -112,7 +103,7 @@ class LearnerGroup:
 
     def save_part(self, uri: str, staging: Any) -> dict[str, int]:
         """The learner's part of a checkpoint, written by rank 0 into the store at ``uri`` from
-        its own node (:class:`~ray_rlhf.storage.Staging`); returns the files and their sizes."""
+        its own node (:class:`~ray_rlhf.checkpoint.Staging`); returns the files and their sizes."""
         return self._all([r.save_part.remote(uri, staging) for r in self.ranks])[0]
 
     def load_part(self, uri: str, ckpt: Any) -> None:

@@ -4,7 +4,8 @@ weight broadcaster that connects them.
 The classes run as actors are plain classes (:class:`~ray_rlhf.learning.learner.Learner`,
 :class:`~ray_rlhf.rewards.scorer.RewardScorer`, :class:`~ray_rlhf.generation.generator.Generator`);
 ``ray.remote`` is applied here, with the resources from the config. The benchmarks build their
-actors with the same functions.
+actors with the same functions. With fault injection configured (``faults.*``), the pool and the
+learner group are built with their faults (:mod:`ray_rlhf.run.faults`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from ray_rlhf.config.schema import RunConfig
 from ray_rlhf.generation.generator import Generator
 from ray_rlhf.generation.pool import GeneratorPool, request_capacity
 from ray_rlhf.learning.group import LearnerGroup
-from ray_rlhf.preflight import reward_sources
 from ray_rlhf.rewards.scorer import RewardScorer
+from ray_rlhf.rewards.sources import reward_sources
+from ray_rlhf.run.faults import FaultPlan, FaultyLearners, FaultyPool
 from ray_rlhf.sync.broadcaster import WeightBroadcaster
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,14 @@ def start_reward(cfg: RunConfig, columns: list[str]) -> Any:
     return actor.remote(**reward_sources(cfg), columns=columns)
 
 
+def learner_group(cfg: RunConfig, policy_path: str | Path, faults: FaultPlan | None = None) -> LearnerGroup:
+    """The learner group of a run; with ``faults`` (learner or rollout faults configured), one that
+    breaks at the configured step (:class:`~ray_rlhf.run.faults.FaultyLearners`)."""
+    if faults is not None:
+        return FaultyLearners(cfg, policy_path, plan=faults)
+    return LearnerGroup(cfg, policy_path)
+
+
 @dataclass
 class RunActors:
     """The live actors of one run."""
@@ -72,11 +82,18 @@ class RunActors:
     pool: GeneratorPool
     capacity_requested: bool
     """Whether the autoscaler was asked for room for ``generators.max`` generators."""
+    faults: FaultPlan | None = None
+    """The faults the pool and the learner group inject (``faults.*``); None: none."""
 
     @classmethod
-    def start(cls, cfg: RunConfig, policy_path: str | Path, columns: list[str]) -> RunActors:
-        """``columns``: the dataset's extra columns (the reward functions' keyword arguments)."""
-        learners = LearnerGroup(cfg, policy_path)
+    def start(cls, cfg: RunConfig, policy_path: str | Path, columns: list[str],
+              faults: FaultPlan | None = None) -> RunActors:
+        """``columns``: the dataset's extra columns (the reward functions' keyword arguments).
+        ``faults``: with a fault that breaks an actor, the pool is a
+        :class:`~ray_rlhf.run.faults.FaultyPool` and the learner group a
+        :class:`~ray_rlhf.run.faults.FaultyLearners`; otherwise the plain ones."""
+        faults = faults if faults is not None and faults.breaks_actors else None
+        learners = learner_group(cfg, policy_path, faults)
         reward = start_reward(cfg, columns)
         learners.ready()
         ray.get(reward.ping.remote())  # surface construction errors before the generators start
@@ -86,11 +103,13 @@ class RunActors:
         g = cfg.generators
         bundle = {"CPU": g.num_cpus, **({"GPU": g.num_gpus} if g.num_gpus else {})}
         capacity = request_capacity(bundle, cfg.pool_max)
-        pool = GeneratorPool(generator_actor(cfg), lambda gid: generator_kwargs(cfg, policy_path, gid), bundle,
-                             size=g.num, min_size=cfg.pool_min, max_size=cfg.pool_max, on_join=broadcaster.join,
-                             max_restarts=g.max_restarts, shard_timeout_s=g.shard_timeout_s,
-                             shard_timeout_floor_s=g.shard_timeout_floor_s)
-        return cls(learners, reward, broadcaster, pool, capacity)
+        args = (generator_actor(cfg), lambda gid: generator_kwargs(cfg, policy_path, gid), bundle)
+        kwargs = dict(size=g.num, min_size=cfg.pool_min, max_size=cfg.pool_max, on_join=broadcaster.join,
+                      max_restarts=g.max_restarts, shard_timeout_s=g.shard_timeout_s,
+                      shard_timeout_floor_s=g.shard_timeout_floor_s)
+        pool = (GeneratorPool(*args, **kwargs) if faults is None
+                else FaultyPool(*args, plan=faults, reward=reward, **kwargs))
+        return cls(learners, reward, broadcaster, pool, capacity, faults)
 
     def publish(self, version: int):
         """Weights ``version`` to every generator; the ones lost on the way are replaced (and join
@@ -104,7 +123,7 @@ class RunActors:
         """A new learner group in place of one whose rank died (its weights: the initial model
         until a checkpoint is loaded); the broadcaster sends from its rank 0 from now on."""
         self.learners.shutdown()
-        self.learners = LearnerGroup(cfg, policy_path)
+        self.learners = learner_group(cfg, policy_path, self.faults)
         self.learners.ready()
         self.broadcaster.set_source(self.learners.source, self.pool.handles)
 

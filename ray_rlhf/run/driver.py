@@ -21,7 +21,6 @@ from pathlib import Path
 
 import ray
 
-from ray_rlhf import preflight
 from ray_rlhf.config import RunConfig, to_yaml
 from ray_rlhf.console import setup_driver_logging
 from ray_rlhf.data.prompts import PromptStream
@@ -32,6 +31,7 @@ from ray_rlhf.run import state
 from ray_rlhf.run.actors import RunActors
 from ray_rlhf.run.cluster import init_ray
 from ray_rlhf.run.faults import FaultPlan
+from ray_rlhf.run.inputs import load_inputs
 from ray_rlhf.run.observe import PhaseTimer, live_step, open_metrics, queue_gauge, step_metrics
 from ray_rlhf.run.preemption import Preempted, StopSignals
 from ray_rlhf.run.recovery import recover_learners
@@ -53,16 +53,17 @@ def run(cfg: RunConfig, on_finish: Callable[[RunActors], None] | None = None,
     """
     setup_driver_logging()
     out = Path(cfg.output_dir)
-    inputs = preflight.check_run(cfg)  # cheap checks of everything the user gave, before Ray
+    inputs = load_inputs(cfg)  # load and check everything the user gave, before Ray
     log.info("resolved config:\n%s", to_yaml(cfg))
     (out / "config.yaml").write_text(to_yaml(cfg))
 
     init_ray(cfg)
-    actors = RunActors.start(cfg, inputs.policy_path, columns=list(inputs.prompts[0].columns))
-    stream, faults = PromptStream(inputs.prompts, seed=cfg.seed), FaultPlan(cfg.faults)
+    faults = FaultPlan(cfg)  # the pool and the learner group inject theirs; stop is the loop's
+    actors = RunActors.start(cfg, inputs.policy_path, columns=list(inputs.prompts[0].columns), faults=faults)
+    stream = PromptStream(inputs.prompts, seed=cfg.seed)
     start, ready = (state.restore(actors, stream, inputs.store_uri, inputs.resume, inputs.resume_state)
                     if inputs.resume else (0, []))
-    loop = Loop(cfg, actors, stream, faults, start, ready, resumed=start if inputs.resume else None)
+    loop = Loop(cfg, actors, stream, start, ready, resumed=start if inputs.resume else None)
     restarts, step = 0, start + 1
     with StopSignals() as signals:  # also over the shutdown: a second signal exits at once
         try:
@@ -72,7 +73,6 @@ def run(cfg: RunConfig, on_finish: Callable[[RunActors], None] | None = None,
                     batch = loop.rollouts.next(step)  # generate + score (async: made while the learner trained)
                 try:
                     with timer("learn"):
-                        faults.before_update(step, actors.learners)
                         stats = actors.learners.step(batch.scored)
                 except LearnerError as e:  # restart the learners from the newest checkpoint, replay from there
                     restarts += 1
@@ -112,16 +112,16 @@ class Loop:
     """What the step loop writes to and reads from: the rollout source and the loggers, reopened
     at the restored step after a learner recovery."""
 
-    def __init__(self, cfg: RunConfig, actors: RunActors, stream: PromptStream, faults: FaultPlan, start: int,
-                 ready: list, resumed: int | None):
-        self.cfg, self.actors, self.stream, self.faults = cfg, actors, stream, faults
+    def __init__(self, cfg: RunConfig, actors: RunActors, stream: PromptStream, start: int, ready: list,
+                 resumed: int | None):
+        self.cfg, self.actors, self.stream = cfg, actors, stream
         self.rollouts = self.metrics = self.samples = None
         self._open(start, ready, resumed)
 
     def _open(self, start: int, ready: list, resumed: int | None) -> None:
         cfg = self.cfg
-        self.rollouts = (AsyncRollouts(cfg, self.actors, self.stream, self.faults, start, ready)
-                         if cfg.rollout.max_staleness else SyncRollouts(cfg, self.actors, self.stream, self.faults))
+        self.rollouts = (AsyncRollouts(cfg, self.actors, self.stream, start, ready)
+                         if cfg.rollout.max_staleness else SyncRollouts(cfg, self.actors, self.stream))
         self.metrics = open_metrics(cfg, start, resumed)
         self.actors.pool.on_queue = queue_gauge(self.metrics)
         self.samples = RolloutLogger(cfg.output_dir, resume_from_step=start) if cfg.logging.rollouts else None

@@ -71,15 +71,6 @@ class PhaseTimer:
             self.seconds[phase] = time.perf_counter() - t0
 
 
-STATS_KEYS = {"zero_std_groups": "adv/zero_std_groups", "dropped_sequences": "adv/dropped_sequences",
-              "staleness_mean": "rollout/staleness_mean", "staleness_max": "rollout/staleness_max",
-              "padded_tokens": "perf/padded_tokens", "real_tokens": "perf/real_tokens",
-              "mismatch_kl": "rollout/mismatch_kl", "correction_truncated_frac": "rollout/correction_truncated_frac",
-              "correction_masked_frac": "rollout/correction_masked_frac", "overlong_masked": "rollout/overlong_masked",
-              "overlong_penalty_mean": "rollout/overlong_penalty_mean"}
-"""Learner statistics logged outside ``ppo/*`` (every other field of LearnerStats is ``ppo/<field>``)."""
-
-
 def step_metrics(batch: StepRollouts, stats: LearnerStats, synced: SyncResult, timer: PhaseTimer,
                  pool_size: int) -> dict[str, float]:
     """One flat row of the metrics JSONL (every key is documented in docs/metrics.md)."""
@@ -88,7 +79,7 @@ def step_metrics(batch: StepRollouts, stats: LearnerStats, synced: SyncResult, t
     load = batch.synced or synced  # async: the load of the weights this step was sampled with
     row = {"policy_version": stats.version}
     row.update(rollout_stats(summary, learner_version=stats.version - 1))
-    row.update({STATS_KEYS.get(k, f"ppo/{k}"): v for k, v in stats.to_dict().items()})
+    row.update(stats.metrics())  # each field of the learner's record names its key
     row["perf/padded_token_ratio"] = stats.padded_tokens / max(stats.real_tokens, 1)
     row.update({f"time/{k}": v for k, v in batch.seconds.items()})
     row.update({f"time/{k}": v for k, v in timer.seconds.items() if k != "rollout"})

@@ -16,11 +16,9 @@ from pathlib import Path
 from ray_rlhf import checkpoint
 from ray_rlhf.config.schema import RunConfig
 from ray_rlhf.data.prompts import PromptStream
-from ray_rlhf.preflight import checkpoint_location
 from ray_rlhf.run import state
 from ray_rlhf.run.actors import RunActors
 from ray_rlhf.run.rollouts import StepRollouts
-from ray_rlhf.storage import open_store
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +28,7 @@ def recover_learners(cfg: RunConfig, actors: RunActors, stream: PromptStream, po
     """A new learner group at the newest checkpoint; returns its step and the stored batches."""
     log.warning("%s: restarting the learner group from the newest checkpoint", error)
     actors.replace_learners(cfg, policy_path)
-    store = open_store(checkpoint_location(cfg))
+    store = checkpoint.open_store(checkpoint.location(cfg))
     found = store.latest()
     if found is None:  # nothing saved yet: from the initial model and the first prompts
         stream.load_state_dict({"epoch": 0, "position": 0})

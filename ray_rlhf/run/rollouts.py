@@ -34,7 +34,6 @@ from ray_rlhf.data.prompts import PromptStream
 from ray_rlhf.generation.pool import PoolEvents, make_shards
 from ray_rlhf.records import RolloutSummary, SamplingSpec
 from ray_rlhf.run.actors import RunActors
-from ray_rlhf.run.faults import FaultPlan
 from ray_rlhf.run.sampling import keep_informative, round_sampling
 from ray_rlhf.sync.types import SyncResult
 
@@ -65,11 +64,11 @@ class StepRollouts:
 class SyncRollouts:
     """``rollout.max_staleness = 0``: generate, then score, when asked."""
 
-    def __init__(self, cfg: RunConfig, actors: RunActors, stream: PromptStream, faults: FaultPlan):
-        self.cfg, self.actors, self.stream, self.faults = cfg, actors, stream, faults
+    def __init__(self, cfg: RunConfig, actors: RunActors, stream: PromptStream):
+        self.cfg, self.actors, self.stream = cfg, actors, stream
 
     def next(self, step: int) -> StepRollouts:
-        return produce(self.cfg, self.actors, self.stream, self.faults, step)
+        return produce(self.cfg, self.actors, self.stream, step)
 
     def after_update(self, version: int) -> SyncResult:
         """Broadcast the new weights to every generator now (the next step samples with them)."""
@@ -86,32 +85,27 @@ class SyncRollouts:
         pass
 
 
-def produce(cfg: RunConfig, actors: RunActors, stream: PromptStream, faults: FaultPlan, step: int) -> StepRollouts:
+def produce(cfg: RunConfig, actors: RunActors, stream: PromptStream, step: int) -> StepRollouts:
     """Generate and score step ``step``: its prompts, sharded over the pool; the scores. With
     ``rollout.dynamic_sampling``, more rounds until enough groups are informative (:mod:`.sampling`)."""
     if cfg.rollout.dynamic_sampling:
-        return produce_informative(cfg, actors, stream, faults, step)
+        return produce_informative(cfg, actors, stream, step)
     t0 = time.perf_counter()
-    scored, summary, events = _generate_and_score(cfg, actors, stream, faults, step, 0)
+    scored, summary, events = _generate_and_score(cfg, actors, stream, step, 0)
     t1 = time.perf_counter()
     summary = ray.get(summary)
     return StepRollouts(step, scored, summary, events, stream.state_dict(),
                         seconds={"generate": t1 - t0, "reward": time.perf_counter() - t1})
 
 
-def _generate_and_score(cfg: RunConfig, actors: RunActors, stream: PromptStream, faults: FaultPlan, step: int,
+def _generate_and_score(cfg: RunConfig, actors: RunActors, stream: PromptStream, step: int,
                         rnd: int) -> tuple[Any, Any, PoolEvents]:
     """Round ``rnd`` of step ``step``: the stream's next ``prompts_per_step`` prompts generated
     (returns when the pool is done) and handed to the reward actor (refs of the scored batch and
-    its summary). The step's faults are injected in its first round only."""
+    its summary)."""
     shards = make_shards(stream.next_batch(cfg.rollout.prompts_per_step), cfg.generators.shard_prompts)
-    first = rnd == 0
     sampling = round_sampling(SamplingSpec.for_step(cfg.rollout, cfg.seed, step), rnd)
-    batches, events = actors.pool.generate(shards, sampling,
-                                           kill_after_dispatch=faults.generators_to_kill(step) if first else [],
-                                           hang_before_dispatch=faults.generators_to_hang(step) if first else [])
-    if first:
-        faults.before_reward(step, actors.reward)
+    batches, events = actors.pool.generate(shards, sampling)
     scored, summary = actors.reward.score.options(num_returns=2).remote(*batches)
     return scored, summary, events
 
@@ -119,8 +113,7 @@ def _generate_and_score(cfg: RunConfig, actors: RunActors, stream: PromptStream,
 _keep_informative = ray.remote(num_cpus=0)(keep_informative)
 
 
-def produce_informative(cfg: RunConfig, actors: RunActors, stream: PromptStream, faults: FaultPlan,
-                        step: int) -> StepRollouts:
+def produce_informative(cfg: RunConfig, actors: RunActors, stream: PromptStream, step: int) -> StepRollouts:
     """Dynamic sampling: rounds of generate + score until ``prompts_per_step`` groups have
     differing rewards, at most ``max_sampling_rounds``; the step keeps the first ones
     (:func:`~ray_rlhf.run.sampling.keep_informative`, a Ray task on the scored refs)."""
@@ -128,7 +121,7 @@ def produce_informative(cfg: RunConfig, actors: RunActors, stream: PromptStream,
     seconds, events, scored = {"generate": 0.0, "reward": 0.0}, PoolEvents(), []
     for rnd in range(r.max_sampling_rounds):
         t0 = time.perf_counter()
-        ref, _, round_events = _generate_and_score(cfg, actors, stream, faults, step, rnd)
+        ref, _, round_events = _generate_and_score(cfg, actors, stream, step, rnd)
         t1 = time.perf_counter()
         scored.append(ref)
         kept, result = _keep_informative.options(num_returns=2).remote(want, *scored)
@@ -162,9 +155,9 @@ def _merged(a: PoolEvents, b: PoolEvents) -> PoolEvents:
 class AsyncRollouts:
     """``rollout.max_staleness = k >= 1``: a producer thread keeps up to ``k`` steps ready."""
 
-    def __init__(self, cfg: RunConfig, actors: RunActors, stream: PromptStream, faults: FaultPlan, start_step: int,
+    def __init__(self, cfg: RunConfig, actors: RunActors, stream: PromptStream, start_step: int,
                  ready: list[StepRollouts] = ()):
-        self.cfg, self.actors, self.stream, self.faults = cfg, actors, stream, faults
+        self.cfg, self.actors, self.stream = cfg, actors, stream
         self.k = cfg.rollout.max_staleness
         self.learner_version = start_step
         self._staged = threading.Condition()
@@ -201,7 +194,7 @@ class AsyncRollouts:
                     load_s = time.perf_counter() - t0
                 else:  # the generators already hold it (verified when they loaded it)
                     synced, load_s = self.actors.broadcaster.last, 0.0
-                item = produce(self.cfg, self.actors, self.stream, self.faults, step)
+                item = produce(self.cfg, self.actors, self.stream, step)
                 item.synced, item.seconds["weights_load"] = synced, load_s
                 item.seconds["generator_wait"] = waited
                 self._out.put(item)

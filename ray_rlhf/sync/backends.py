@@ -1,7 +1,7 @@
 """How the weights travel, driver side: one call per sync from every generator's point of view.
 
 - :class:`ObjectStoreBackend`: the learner's export is ONE object in Ray's object store; every
-  generator's ``load_weights`` receives that ObjectRef, Ray resolves it in the generator (shared
+  generator's ``WeightReceiver.load`` receives that ObjectRef, Ray resolves it in the generator (shared
   memory on the same node, one pull over the network otherwise) and the engine loads it with one
   ``reload_weights``. The driver never materialises the weights.
 - :class:`CollectiveBackend`: a torch.distributed broadcast (gloo on CPU, NCCL on GPU) from the
@@ -9,8 +9,11 @@
   one flat buffer per dtype (:mod:`ray_rlhf.sync.collective`). A membership change closes the
   group and opens a new one.
 
-Both are used only by :class:`~ray_rlhf.sync.broadcaster.WeightBroadcaster`; ``members`` maps
-generator ids to Ray actor handles of :class:`~ray_rlhf.sync.types.WeightSink` s.
+Both are used only by :class:`~ray_rlhf.sync.broadcaster.WeightBroadcaster`; ``source`` is the
+Ray actor handle of the learner (a :class:`~ray_rlhf.sync.remote.WeightSource`), ``members`` maps
+generator ids to Ray actor handles of :class:`~ray_rlhf.sync.remote.WeightSink` s. Every call into
+them runs a method of their :class:`~ray_rlhf.sync.sender.WeightSender` or
+:class:`~ray_rlhf.sync.receiver.WeightReceiver` there (:func:`ray_rlhf.sync.remote.call`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from typing import Any
 
 import ray
 
+from ray_rlhf.sync.receiver import WeightReceiver
+from ray_rlhf.sync.remote import call
+from ray_rlhf.sync.sender import WeightSender
 from ray_rlhf.sync.types import SyncResult
 
 
@@ -33,8 +39,8 @@ class ObjectStoreBackend:
     def send(self, version: int, members: Mapping[str, Any], record_checksum: bool, ref: Any = None) -> SyncResult:
         """``ref``: weights already exported (a staged version); else the learner exports now."""
         t0 = time.perf_counter()
-        ref = ref if ref is not None else self.source.hf_state_dict.remote()
-        reports = ray.get([g.load_weights.remote(version, ref, record_checksum) for g in members.values()])
+        ref = ref if ref is not None else call(self.source, WeightSender.export)
+        reports = ray.get([call(g, WeightReceiver.load, version, ref, record_checksum) for g in members.values()])
         nbytes = reports[0].bytes if reports else 0
         return SyncResult(version, self.name, nbytes, time.perf_counter() - t0, len(members))
 
@@ -54,17 +60,17 @@ class CollectiveBackend:
         if self._group != tuple(members):
             self._open(members)
         t0 = time.perf_counter()
-        refs = [self.source.weight_group_send.remote(version)]
-        refs += [g.receive_weights.remote(version, record_checksum) for g in members.values()]
+        refs = [call(self.source, WeightSender.group_send, version)]
+        refs += [call(g, WeightReceiver.receive, version, record_checksum) for g in members.values()]
         sent = ray.get(refs)[0]
         return SyncResult(version, self.name, sent.bytes, time.perf_counter() - t0, len(members))
 
     def _open(self, members: Mapping[str, Any]) -> None:
         """A group for exactly ``members``: learner rank 0, ``members`` in order as ranks 1..N."""
         self.close(members)
-        info = ray.get(self.source.weight_group_open.remote(len(members) + 1, self.group_backend, self.timeout_s))
-        joins = [g.join_weight_group.remote(info, i + 1) for i, g in enumerate(members.values())]
-        ray.get([self.source.weight_group_connect.remote()] + joins)
+        info = ray.get(call(self.source, WeightSender.group_open, len(members) + 1, self.group_backend, self.timeout_s))
+        joins = [call(g, WeightReceiver.join_group, info, i + 1) for i, g in enumerate(members.values())]
+        ray.get([call(self.source, WeightSender.group_connect)] + joins)
         self._group = tuple(members)
 
     def close(self, members: Mapping[str, Any]) -> None:
@@ -73,8 +79,8 @@ class CollectiveBackend:
             return
         for g in members.values():
             try:
-                ray.get(g.leave_weight_group.remote())
+                ray.get(call(g, WeightReceiver.leave_group))
             except Exception:  # noqa: BLE001 - a dead actor has nothing to leave
                 pass
-        ray.get(self.source.weight_group_close.remote())
+        ray.get(call(self.source, WeightSender.group_close))
         self._group = None

@@ -18,9 +18,10 @@ at least once every N syncs, and a wrong received tensor is still caught at once
 
 Members that do not answer (dead before the sync, or lost during it) are left out, the others
 are synced, and the lost ids are reported in :attr:`SyncResult.lost` for the pool to replace.
-Call path of one tensor: :meth:`publish` -> ``ObjectStoreBackend.send`` ->
-``Learner.hf_state_dict`` (-> ``WeightSender.export``) -> object store -> ``Generator.load_weights``
--> ``WeightReceiver.load`` -> ``VllmEngine.reload`` -> vLLM ``reload_weights``.
+Call path of one tensor: :meth:`publish` -> ``ObjectStoreBackend.send`` -> ``WeightSender.export``
+in the learner -> object store -> ``WeightReceiver.load`` in each generator -> its engine's
+``reload`` (vLLM ``reload_weights``). The learner and the generators are reached through
+:func:`ray_rlhf.sync.remote.call`, never through methods of their own.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from ray_rlhf.sync.backends import CollectiveBackend, ObjectStoreBackend
+from ray_rlhf.sync.receiver import WeightReceiver
+from ray_rlhf.sync.remote import call
+from ray_rlhf.sync.sender import WeightSender
 from ray_rlhf.sync.types import EngineChecksum, SinkInfo, SyncResult, WeightSyncError
 
 log = logging.getLogger(__name__)
@@ -80,7 +84,8 @@ class WeightBroadcaster:
     """Versioned weight broadcast from one learner (``source``) to a pool of generators.
 
     Args:
-        source: Ray actor handle of the learner rank that exports weights (a ``WeightSource``).
+        source: Ray actor handle of the learner rank that exports weights (a
+            :class:`~ray_rlhf.sync.remote.WeightSource`).
         backend: ``"object_store"`` or ``"collective"`` (config ``sync.backend``).
         verify: read every engine's weights back and compare checksums after each sync.
         group_backend: ``"gloo"`` (CPU) or ``"nccl"`` (GPU) for the collective backend.
@@ -143,8 +148,8 @@ class WeightBroadcaster:
         learner right after its update, before its next one) without loading them anywhere; the
         ``keep`` newest staged versions are kept. Returns the seconds spent submitting."""
         t0 = time.perf_counter()
-        checksum = self.source.weights_checksum.remote() if self.verify_weights else None
-        self._staged[version] = (self.source.hf_state_dict.remote(), checksum)
+        checksum = call(self.source, WeightSender.checksum) if self.verify_weights else None
+        self._staged[version] = (call(self.source, WeightSender.export), checksum)
         for old in [v for v in self._staged if v <= version - keep and v != self.version]:
             del self._staged[old]
         return time.perf_counter() - t0
@@ -178,7 +183,7 @@ class WeightBroadcaster:
         except Exception:  # noqa: BLE001 - the old rank 0 is dead: only the generators' side matters
             for g in members.values():
                 try:
-                    ray.get(g.leave_weight_group.remote())
+                    ray.get(call(g, WeightReceiver.leave_group))
                 except Exception:  # noqa: BLE001 - a dead generator has nothing to leave
                     pass
         self.source = self.backend.source = self._initial.source = source
@@ -199,9 +204,9 @@ class WeightBroadcaster:
         handles = list(members.values())
         parts = self.verify_parts if result.version else 1  # version 0: one full read-back
         part = result.version % parts
-        got = ray.get([g.weights_checksum.remote(part, parts) for g in handles]
-                      + [g.weights_status.remote() for g in handles])
-        full = ray.get(learner_checksum if learner_checksum is not None else self.source.weights_checksum.remote())
+        got = ray.get([call(g, WeightReceiver.engine_checksum, part, parts) for g in handles]
+                      + [call(g, WeightReceiver.status) for g in handles])
+        full = ray.get(learner_checksum if learner_checksum is not None else call(self.source, WeightSender.checksum))
         compare_checksums(result.version, full, got[len(handles):], got[: len(handles)])
         self.last = dataclasses.replace(result, checksum=full, verify_seconds=time.perf_counter() - t0)
         return self.last
@@ -209,7 +214,7 @@ class WeightBroadcaster:
     @staticmethod
     def _answering(members: Mapping[str, Any], timeout_s: float) -> tuple[dict[str, Any], list[str]]:
         """(members that answer a ping within ``timeout_s``, ids of those that do not)."""
-        refs = {gid: h.weights_status.remote() for gid, h in members.items()}
+        refs = {gid: call(h, WeightReceiver.status) for gid, h in members.items()}
         live, lost = {}, []
         for gid, ref in refs.items():
             try:

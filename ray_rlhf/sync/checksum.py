@@ -1,8 +1,8 @@
 """Checksums of Hugging Face-named state dicts, shared by the learner and the generators.
 
 The learner calls :func:`state_dict_checksum` on the state dict it sends; a generator calls the
-same function on the weights it reads back from its vLLM engine (see
-:mod:`ray_rlhf.sync.vllm_readback`) and on the tensors it received. Equal strings mean equal
+same function on the weights it reads back from its engine
+(:meth:`~ray_rlhf.sync.receiver.Engine.read_back`) and on the tensors it received. Equal strings mean equal
 names, dtypes, shapes and element values.
 
 Pure torch + NumPy + xxhash: no Ray, no vLLM. The hash is XXH3-128 (~15 GB/s here, against

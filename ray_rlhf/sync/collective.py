@@ -14,7 +14,7 @@ Per group, the sender publishes the :class:`~ray_rlhf.sync.flat.FlatLayout` (nam
 offset of every tensor) once in the store; receivers allocate their buffers from it. Per sync,
 the sender broadcasts a 2-element header (version, layout fingerprint) and then ONE flat buffer
 per dtype (a single call for a single-dtype model); receivers unflatten into views and load them
-through ``Generator.load_weights`` -- the same path as the object-store backend.
+through ``WeightReceiver.load`` -- the same path as the object-store backend.
 
 This module is the transport only. The learner owns a :class:`CollectiveSender` (through
 :class:`~ray_rlhf.sync.sender.WeightSender`), each generator a :class:`CollectiveReceiver`
@@ -130,7 +130,7 @@ class CollectiveSender:
 
 
 class CollectiveReceiver:
-    """Rank >= 1 of a weight group; owned by a generator (``Generator.join_weight_group``)."""
+    """Rank >= 1 of a weight group; owned by a generator's receiver (``WeightReceiver.join_group``)."""
 
     def __init__(self, info: GroupInfo, rank: int):
         timeout = datetime.timedelta(seconds=info.timeout_s)

@@ -1,11 +1,11 @@
 """A generator's side of a weight broadcast: check, load into the engine, read back.
 
-:class:`WeightReceiver` is owned by the generator; the generator's public methods
-``load_weights``, ``join_weight_group``, ``receive_weights``, ``leave_weight_group``,
-``weights_checksum`` and ``weights_status`` (the :class:`~ray_rlhf.sync.types.WeightSink`
-surface) delegate here. The engine itself is reached through :class:`Engine`: one call that
-loads a full state dict (vLLM's ``reload_weights``) and one that reads the weights the engine
-computes with back in Hugging Face naming (:mod:`ray_rlhf.sync.vllm_readback`).
+:class:`WeightReceiver` is held by each generator as its attribute ``weights``; the broadcaster
+runs its methods inside the generator actor with :func:`ray_rlhf.sync.remote.call` (e.g.
+``call(generator, WeightReceiver.load, version, ref, True)``). The engine itself is reached
+through :class:`Engine`, which the generator hands in: one call that loads a full state dict
+(vLLM's ``reload_weights``) and one that reads the weights the engine computes with back in
+Hugging Face naming (the generator's :class:`~ray_rlhf.generation.vllm_engine.VllmEngine`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The learner's side of a weight broadcast: export, checksum, and the collective group's rank 0.
 
-:class:`WeightSender` is owned by the learner (rank 0 of the learner group); the learner's public
-methods ``hf_state_dict``, ``weights_checksum`` and ``weight_group_*`` (the
-:class:`~ray_rlhf.sync.types.WeightSource` surface) delegate here.
+:class:`WeightSender` is held by the learner (rank 0 of the learner group) as its attribute
+``weights``, built with a callable that returns the policy's current state dict; the broadcaster
+runs its methods inside the learner actor with :func:`ray_rlhf.sync.remote.call`
+(e.g. ``call(learner, WeightSender.export)``).
 """
 
 from __future__ import annotations

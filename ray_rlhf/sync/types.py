@@ -1,20 +1,15 @@
-"""The records and the two typed surfaces of a weight broadcast.
+"""The records of a weight broadcast: what a sync cost and proved, what a load reports, how to
+reach a collective group, what an engine reads back.
 
-:class:`WeightSource` is what the learner (rank 0 of the learner group) offers the broadcaster;
-:class:`WeightSink` is what every generator offers. Both are implemented by plain classes that
-run as Ray actors (:class:`~ray_rlhf.learning.learner.Learner`,
-:class:`~ray_rlhf.generation.generator.Generator`), each delegating to the one object in this
-package that does the work (:class:`~ray_rlhf.sync.sender.WeightSender`,
-:class:`~ray_rlhf.sync.receiver.WeightReceiver`). The driver side is
-:class:`~ray_rlhf.sync.broadcaster.WeightBroadcaster`.
+Shared by the driver side (:class:`~ray_rlhf.sync.broadcaster.WeightBroadcaster`), the learner's
+:class:`~ray_rlhf.sync.sender.WeightSender` and every generator's
+:class:`~ray_rlhf.sync.receiver.WeightReceiver`; how the driver reaches those two inside their
+actors is :mod:`ray_rlhf.sync.remote`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
-
-import torch
 
 
 class WeightSyncError(RuntimeError):
@@ -85,53 +80,8 @@ class EngineChecksum:
 
 @dataclass(frozen=True)
 class SinkInfo:
-    """A generator's answer to :meth:`WeightSink.weights_status`."""
+    """A generator's answer to :meth:`~ray_rlhf.sync.receiver.WeightReceiver.status`."""
 
     generator_id: str
     version: int
     received_checksum: str
-
-
-class WeightSource(Protocol):
-    """The learner's side of a sync (implemented by ``Learner``, delegating to ``WeightSender``)."""
-
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """The policy's weights under Hugging Face names, CPU tensors, value head excluded."""
-
-    def weights_checksum(self, names: tuple[str, ...] | None = None) -> str:
-        """Checksum of :meth:`hf_state_dict` (restricted to ``names`` if given)."""
-
-    def weight_group_open(self, world_size: int, backend: str, timeout_s: float) -> GroupInfo:
-        """Serve a new collective group of ``world_size`` (this process is rank 0)."""
-
-    def weight_group_connect(self) -> None:
-        """Publish the tensor layout and wait for every receiver to join."""
-
-    def weight_group_send(self, version: int) -> SyncResult:
-        """Broadcast the current weights as ``version`` over the open group."""
-
-    def weight_group_close(self) -> None:
-        """Tear the group down."""
-
-
-class WeightSink(Protocol):
-    """A generator's side of a sync (implemented by ``Generator``, delegating to ``WeightReceiver``)."""
-
-    def load_weights(self, version: int, weights: dict[str, torch.Tensor], record_checksum: bool) -> LoadReport:
-        """Load a full HF-named state dict into the engine as ``version`` (object-store backend)."""
-
-    def join_weight_group(self, info: GroupInfo, rank: int) -> None:
-        """Join the learner's collective group as ``rank`` >= 1."""
-
-    def receive_weights(self, version: int, record_checksum: bool) -> LoadReport:
-        """Take part in one collective broadcast and load what arrived as ``version``."""
-
-    def leave_weight_group(self) -> None:
-        """Leave the collective group, if in one."""
-
-    def weights_checksum(self, part: int = 0, parts: int = 1) -> EngineChecksum:
-        """Checksum of the weights the engine computes with, read back from the engine (all of
-        them, or the cheap ones plus rotating ``part`` of ``parts`` of the probed ones)."""
-
-    def weights_status(self) -> SinkInfo:
-        """Id, version and received-tensor checksum."""

@@ -116,7 +116,7 @@ def _model_without_chat_template(scene: Scene) -> None:
 
 def _gpt2_policy(scene: Scene) -> None:
     """A tiny GPT-2 (``GPT2LMHeadModel``: a causal LM not named ``*ForCausalLM``)."""
-    from ray_rlhf.models.architectures import build_arch
+    from tests.architectures import build_arch
 
     build_arch("gpt2", scene.tmp / "gpt2")
 
@@ -244,7 +244,7 @@ def model_cache(tiny_policy_path, tiny_reward_path) -> Path:
 @pytest.fixture(scope="session")
 def good_run(tmp_path_factory, tiny_policy_path) -> Path:
     """A run directory holding one complete checkpoint at step 1, written by the real Learner
-    through :func:`ray_rlhf.checkpoint.save` (in-process, no Ray)."""
+    into :func:`ray_rlhf.checkpoint.open_store`'s store (in-process, no Ray)."""
     from ray_rlhf import checkpoint
     from ray_rlhf.config import load_config
     from ray_rlhf.data.prompts import PromptStream, bundled_prompts_path, load_prompts
@@ -256,7 +256,9 @@ def good_run(tmp_path_factory, tiny_policy_path) -> Path:
     stream.next_batch(cfg.rollout.prompts_per_step)
     run = tmp_path_factory.mktemp("good_run")
     state = {"step": 1, "version": learner.version, "data": stream.state_dict(), "pool_restarts": 0}
-    checkpoint.save(run, 1, learner.save_state, state, keep=2)
+    store = checkpoint.open_store(run)
+    store.save(1, lambda staging: store.write_part(staging, learner.save_state),
+               {"driver.json": json.dumps(state, indent=1, sort_keys=True).encode()}, keep=2)
     return run
 
 

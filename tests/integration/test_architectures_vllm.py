@@ -1,11 +1,11 @@
 """The architecture matrix in a real in-process vLLM (CPU) engine, one engine at a time.
 
-For every architecture of :mod:`ray_rlhf.models.architectures`, before any update:
+For every architecture of :mod:`tests.architectures`, before any update:
 (a) greedy and seeded generation, chat template included; (b) the sampler's processed log-probs
 of the sampled tokens equal the learner's (``output_logits`` on the HF model) at T = 1.0 and 0.7;
 (c) the engine read-back equals the HF state dict tensor by tensor (checksum included); then
 (d) weight updates with ``reload_weights``: what the plain call gets wrong for tied heads, and that
-:func:`~ray_rlhf.sync.vllm_readback.reload_hf_weights` lands the exact perturbed weights and the
+:func:`~ray_rlhf.generation.vllm_engine.reload_hf_weights` lands the exact perturbed weights and the
 sampler follows them.
 
 Measured log-prob differences are printed at the end of the module (``pytest -s``) and recorded
@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from ray_rlhf.models.architectures import ARCHITECTURES, build_arch, get_spec
 from ray_rlhf.models.output_head import attention_implementation, output_logits, trunk_hidden
 from ray_rlhf.models.output_head import tied_parameter_groups as _tied_groups
 from ray_rlhf.models.policy import sequence_inputs
 from ray_rlhf.sync.checksum import state_dict_checksum
+from tests.architectures import ARCHITECTURES, build_arch, get_spec
 
 pytestmark = pytest.mark.integration
 
@@ -152,7 +152,7 @@ def _perturbed_state(lm, seed, scale=0.02) -> dict[str, torch.Tensor]:
 
 
 def _readback(llm):
-    from ray_rlhf.sync.vllm_readback import engine_hf_state_dict
+    from ray_rlhf.generation.vllm_engine import engine_hf_state_dict
 
     return llm.collective_rpc(engine_hf_state_dict)[0]
 
@@ -254,7 +254,7 @@ def test_plain_reload_of_the_full_hf_state_dict(arch, llm):
     included). Works, except where vLLM has no ``lm_head`` module at all (Gemma 2): there it
     raises AND leaves the layers on the meta device -- the next generate would kill the engine --
     so the test restores the engine with :func:`reload_hf_weights` right away."""
-    from ray_rlhf.sync.vllm_readback import reload_hf_weights
+    from ray_rlhf.generation.vllm_engine import reload_hf_weights
 
     lm = _load_hf(arch.path)
     sent = _perturbed_state(lm, seed=2)
@@ -271,7 +271,7 @@ def test_plain_reload_of_the_full_hf_state_dict(arch, llm):
 def test_reload_hf_weights_lands_the_update_and_the_sampler_follows(arch, llm, form, record_property):
     """:func:`reload_hf_weights` with either payload form: exact read-back checksum, and the
     sampler's log-probs are the UPDATED HF model's (stale logits would show here)."""
-    from ray_rlhf.sync.vllm_readback import reload_hf_weights
+    from ray_rlhf.generation.vllm_engine import reload_hf_weights
 
     lm = _load_hf(arch.path)
     sent = _perturbed_state(lm, seed=3 if form == "full" else 4, scale=0.05)
@@ -306,8 +306,8 @@ def test_the_loop_on_this_architecture(arch, llm, tmp_path):
     learner = Learner(str(arch.path), ppo, KLConfig(), seed=0)
 
     def sync(version: int) -> None:  # what the object-store broadcast does, in process
-        gen.load_weights(version, learner.hf_state_dict())
-        compare_checksums(version, learner.weights_checksum(), [gen.weights_status()], [gen.weights_checksum()])
+        gen.weights.load(version, learner.hf_state_dict())
+        compare_checksums(version, learner.weights_checksum(), [gen.weights.status()], [gen.weights.engine_checksum()])
 
     sync(100)  # earlier tests of this module moved the engine's weights: back to the checkpoint's
     items = tokenize_prompts([*TEXTS, *MESSAGES], arch.tok, max_prompt_tokens=64)

@@ -105,7 +105,7 @@ def test_async_stop_and_resume_equals_the_uninterrupted_run(tmp_path, tiny_polic
     whole = run(load_config("tiny", overrides(tmp_path / "whole", cache, k, steps)))
     ray.shutdown()
     part = tmp_path / "part"
-    run(load_config("tiny", overrides(part, cache, k, steps, "faults.stop_after_step=2")))
+    run(load_config("tiny", overrides(part, cache, k, steps, "faults.stop=[{step: 2}]")))
     ray.shutdown()
     assert [r["step"] for r in metrics(part)] == [1, 2]
     assert (part / "checkpoints" / "step_000002" / "pending" / "step_000003.parquet").is_file()

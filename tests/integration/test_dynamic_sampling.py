@@ -77,7 +77,7 @@ def test_trains_only_on_groups_with_reward_variance(dynamic_run):
 def test_stop_and_resume_matches_uninterrupted(tmp_path, models_dir, dynamic_run):
     a_dir, a_rows = dynamic_run
     b_dir = tmp_path / "stopped"
-    assert [r["step"] for r in run_tiny(b_dir, models_dir, *DYNAMIC, "faults.stop_after_step=2")] == [1, 2]
+    assert [r["step"] for r in run_tiny(b_dir, models_dir, *DYNAMIC, "faults.stop=[{step: 2}]")] == [1, 2]
     b_rows = run_tiny(b_dir, models_dir, *DYNAMIC)  # resumes from step_000002
     assert [r["step"] for r in b_rows] == [1, 2, 3, 4]
     mismatches = [f"step {a['step']} {key}: uninterrupted {a[key]!r} vs resumed {b.get(key)!r}"

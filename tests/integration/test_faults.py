@@ -4,7 +4,7 @@ Two in-process runs of :func:`ray_rlhf.run.driver.run`, 2 generators pulling sha
 
 * object-store sync, 4 steps: generator 0 is killed right after step 2's shards are dispatched
   (``faults.kill_generator``), the reward actor is killed before step 3's scoring
-  (``faults.kill_reward_at_step``; Ray restarts it and retries the call), and a generator is killed
+  (``faults.kill_reward``; Ray restarts it and retries the call), and a generator is killed
   during step 3's weight sync (a test-only wrapper around ``ObjectStoreBackend.send``).
 * collective (gloo) sync, 3 steps: a generator killed mid-rollout at step 2 and another killed
   while idle after step 2 (found dead at step 3's dispatch): the broadcast group is rebuilt for
@@ -109,7 +109,7 @@ def test_generator_and_reward_deaths_lose_and_duplicate_nothing(tmp_path, cache,
         reward_pids[step] = ray.get(system.reward.__ray_call__.remote(lambda scorer: __import__("os").getpid()))
 
     cfg = load_config("tiny", [*OVERRIDES, f"steps={steps}", f"output_dir={tmp_path}", f"model.cache_dir={cache}",
-                               "faults.kill_generator=[{step: 2, index: 0}]", "faults.kill_reward_at_step=3"])
+                               "faults.kill_generator=[{step: 2, index: 0}]", "faults.kill_reward=[{step: 3}]"])
     out = run(cfg, on_step_end=reward_pid)
 
     metrics = read_metrics(out)

@@ -68,7 +68,7 @@ def generate(gen, shard, spec):
 
 
 def verify(checksum, gen, version):
-    compare_checksums(version, checksum, [gen.weights_status()], [gen.weights_checksum()])
+    compare_checksums(version, checksum, [gen.weights.status()], [gen.weights.engine_checksum()])
 
 
 def eos_friendly(state: dict[str, torch.Tensor], eos_id: int) -> dict[str, torch.Tensor]:
@@ -133,7 +133,7 @@ def test_new_weights_change_outputs_vary_lengths_and_bump_version(gen, hf):
     spec = SamplingSpec(n=4, max_new_tokens=16, seed=21)
     before = generate(gen, shard(tok, *PROMPTS), spec)
     state = eos_friendly(model.state_dict(), tok.eos_token_id)
-    report = gen.load_weights(1, state)
+    report = gen.weights.load(1, state)
     assert report.version == 1 and gen.version == 1
     assert report.bytes == sum(t.numel() * 4 for t in state.values())
     assert report.received_checksum == state_dict_checksum(state)
@@ -167,7 +167,7 @@ def test_checksum_verify_fails_after_a_corrupted_or_partial_load(gen, hf):
     # 1. One element corrupted on the way: the engine loads it, verify catches it.
     sent = {k: v.clone() for k, v in learner.items()}
     sent["model.layers.1.self_attn.k_proj.weight"][3, 7] += 1e-3
-    report = gen.load_weights(2, sent)
+    report = gen.weights.load(2, sent)
     assert report.received_checksum != want  # the generator can tell it was the transport
     with pytest.raises(WeightSyncError, match=f"generator gen-test received weights with checksum .* != learner checksum {want}"):
         verify(want, gen, 2)
@@ -175,27 +175,27 @@ def test_checksum_verify_fails_after_a_corrupted_or_partial_load(gen, hf):
     # 2. A tensor missing from the payload: refused before the engine is touched.
     partial = {k: v for k, v in learner.items() if k != "model.layers.0.mlp.down_proj.weight"}
     with pytest.raises(WeightSyncError, match="missing .*model.layers.0.mlp.down_proj.weight"):
-        gen.load_weights(3, partial)
+        gen.weights.load(3, partial)
     assert gen.version == 2
 
     # 3. The engine itself loading only part of a fused layer (v_proj missing from qkv_proj):
     #    vLLM leaves uninitialised rows there without an error; the engine read-back sees it.
-    gen.load_weights(2, learner)
+    gen.weights.load(2, learner)
     verify(want, gen, 2)
     no_v = [(k, v) for k, v in learner.items() if k != "model.layers.1.self_attn.v_proj.weight"]
     gen.weights.engine.reload(no_v)  # straight into the engine, past the receiver's check
-    assert gen.weights_checksum().checksum != want
+    assert gen.weights.engine_checksum().checksum != want
 
     # A good load repairs it.
-    gen.load_weights(2, learner)
-    assert gen.weights_checksum().checksum == want
+    gen.weights.load(2, learner)
+    assert gen.weights.engine_checksum().checksum == want
 
 
 def test_info_and_ping(gen):
     info = gen.info()
     assert info["generator_id"] == "gen-test" == gen.ping()
     assert info["peak_rss_bytes"] >= info["rss_bytes"] > 0 and info["pid"] > 0
-    assert info["version"] == gen.version == gen.weights_status().version
+    assert info["version"] == gen.version == gen.weights.status().version
 
 
 def test_rotating_read_back_covers_every_tensor_and_still_catches_corruption(gen, hf):
@@ -204,26 +204,26 @@ def test_rotating_read_back_covers_every_tensor_and_still_catches_corruption(gen
     tensor corrupted on the way is caught at once by the received-tensor checksum."""
     model, _ = hf
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    gen.load_weights(7, state)
-    full = gen.weights_checksum()
-    parts = [gen.weights_checksum(p, 4) for p in range(4)]
+    gen.weights.load(7, state)
+    full = gen.weights.engine_checksum()
+    parts = [gen.weights.engine_checksum(p, 4) for p in range(4)]
     assert set().union(*(p.names for p in parts)) == set(full.names)
     assert all(len(p.names) < len(full.names) and not p.mismatched for p in parts)
     for p in parts:
         assert p.checksum == state_dict_checksum(state, p.names)
-        compare_checksums(7, state_dict_checksum(state), [gen.weights_status()], [p])
+        compare_checksums(7, state_dict_checksum(state), [gen.weights.status()], [p])
     bad = {k: v.clone() for k, v in state.items()}
     bad["model.layers.1.mlp.down_proj.weight"][0, 0] += 0.5
     gen.weights.engine.reload(list(bad.items()))  # the engine computes with a wrong layer
-    checks = [gen.weights_checksum(p, 4) for p in range(4)]
+    checks = [gen.weights.engine_checksum(p, 4) for p in range(4)]
     assert [c.mismatched for c in checks if c.mismatched] == [("model.layers.1.mlp.down_proj.weight",)]
     with pytest.raises(WeightSyncError, match="engine computes with 1 tensor.*down_proj.*the engine load failed"):
         for c in checks:
-            compare_checksums(7, state_dict_checksum(state), [gen.weights_status()], [c])
-    gen.load_weights(8, bad)  # a tensor changed on the way: the received checksum tells at once
+            compare_checksums(7, state_dict_checksum(state), [gen.weights.status()], [c])
+    gen.weights.load(8, bad)  # a tensor changed on the way: the received checksum tells at once
     with pytest.raises(WeightSyncError, match="received weights with checksum .* the transport corrupted"):
-        compare_checksums(8, state_dict_checksum(state), [gen.weights_status()], [gen.weights_checksum(0, 4)])
-    gen.load_weights(8, state)
+        compare_checksums(8, state_dict_checksum(state), [gen.weights.status()], [gen.weights.engine_checksum(0, 4)])
+    gen.weights.load(8, state)
     verify(state_dict_checksum(state), gen, 8)
 
 
@@ -236,14 +236,14 @@ def test_truncated_marks_samples_cut_off_at_max_new_tokens(gen, hf):
     eos = tok.eos_token_id
     # 1. The random model rarely samples EOS (~1/vocab per token): with 2 new tokens nearly every
     #    sample is cut off.
-    gen.load_weights(9, {k: v.clone() for k, v in model.state_dict().items()})
+    gen.weights.load(9, {k: v.clone() for k, v in model.state_dict().items()})
     _, short = gen.generate(shard(tok, *PROMPTS), SamplingSpec(n=4, max_new_tokens=2, seed=31))
     assert len(short) == 16 and short.truncated.mean() >= 0.9, short.finish_reason
     for r in sequences(short):
         assert r.truncated == (r.finish_reason == "length") == (eos not in r.response_ids)
         assert (len(r.response_ids) == 2) if r.truncated else (r.response_ids[-1] == eos)
     # 2. EOS likely at every step (~9%): 16-token responses end both ways.
-    gen.load_weights(10, eos_friendly(model.state_dict(), eos))
+    gen.weights.load(10, eos_friendly(model.state_dict(), eos))
     _, mixed = gen.generate(shard(tok, *PROMPTS), SamplingSpec(n=4, max_new_tokens=16, seed=21))
     assert 0 < mixed.truncated.sum() < len(mixed), mixed.finish_reason
     for r in sequences(mixed):

@@ -39,6 +39,8 @@ def test_training_on_gpu_with_nccl_broadcast(tmp_path, tiny_policy_path):
     from safetensors.torch import load_file
 
     from ray_rlhf.sync.checksum import state_dict_checksum
+    from ray_rlhf.sync.receiver import WeightReceiver
+    from ray_rlhf.sync.remote import call
 
     cfg = load_config("tiny", [
         f"output_dir={tmp_path}", f"model.cache_dir={tiny_policy_path.parent}", "logging.progress_bar=false",
@@ -52,7 +54,7 @@ def test_training_on_gpu_with_nccl_broadcast(tmp_path, tiny_policy_path):
         source = actors.learners.source
         final["device"] = ray.get(source.__ray_call__.remote(lambda learner: next(learner.model.parameters()).device.type))
         final["names"] = sorted(ray.get(source.hf_state_dict.remote()))
-        final["engines"] = ray.get([g.weights_checksum.remote() for g in actors.pool.handles.values()])
+        final["engines"] = ray.get([call(g, WeightReceiver.engine_checksum) for g in actors.pool.handles.values()])
         final["learner"] = [ray.get(source.weights_checksum.remote(tuple(e.names))) for e in final["engines"]]
 
     try:

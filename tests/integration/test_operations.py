@@ -90,7 +90,7 @@ def reference(tmp_path_factory, tiny_policy_path):
 
 def test_chaos_run_finishes_and_equals_the_undisturbed_run(reference, tmp_path, tiny_policy_path):
     faults = ["faults.kill_generator=[{step: 3, index: 0}]", "faults.hang_generator=[{step: 6, index: 1}]",
-              "faults.kill_reward_at_step=9", "faults.kill_learner_at_step=11"]
+              "faults.kill_reward=[{step: 9}]", "faults.kill_learner=[{step: 11}]"]
     try:
         out = run(cfg(tmp_path, tiny_policy_path.parent, *faults))
     finally:
@@ -127,8 +127,9 @@ def test_sigterm_during_a_checkpoint_save_then_resume_equals_the_undisturbed_run
     finally:
         ray.shutdown()
     assert stopped.value.step == 4 and stopped.value.signame == "SIGTERM"
-    assert checkpoint.resolve_resume(tmp_path, "auto").name == "step_000004"
-    checkpoint.validate(checkpoint.resolve_resume(tmp_path, "auto"))
+    latest = checkpoint.open_store(tmp_path).latest()
+    assert latest.step == 4
+    checkpoint.validate(Path(latest.path))
     monkeypatch.setattr(state, "save", save)
     try:
         run(cfg(tmp_path, tiny_policy_path.parent))  # the same command again: resumes at step 4
@@ -163,8 +164,8 @@ def test_sigterm_to_the_command_checkpoints_and_exits_75_and_a_second_one_exits_
     assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
     assert lines[-1].startswith("ray-rlhf: preempted by SIGTERM after step ") and "Run the same command" in lines[-1]
     assert "Traceback" not in err
-    found = checkpoint.resolve_resume(out, "auto")
-    assert found is not None and int(checkpoint.validate(found)["step"]) == len(metrics(out))
+    found = checkpoint.open_store(out).latest()
+    assert found is not None and int(checkpoint.validate(Path(found.path))["step"]) == len(metrics(out))
 
     second = tmp_path / "second"
     proc = _train(second, tiny_policy_path.parent, "checkpoint.every=1")
@@ -175,6 +176,6 @@ def test_sigterm_to_the_command_checkpoints_and_exits_75_and_a_second_one_exits_
     t0 = time.monotonic()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED and time.monotonic() - t0 < 60, err[-3000:]
-    found = checkpoint.resolve_resume(second, "auto")  # never a torn one: complete, or the one before
+    found = checkpoint.open_store(second).latest()  # never a torn one: complete, or the one before
     assert found is not None
-    checkpoint.validate(found)
+    checkpoint.validate(Path(found.path))

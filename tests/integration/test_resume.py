@@ -4,7 +4,7 @@ Three in-process runs of :func:`ray_rlhf.run.driver.run` on the tiny preset (Ray
 each in a fresh Ray (``ray.shutdown()`` between runs, as a new driver process would have):
 
 * A: 4 steps uninterrupted, ``checkpoint.every=2``;
-* B: the same command with ``faults.stop_after_step=2`` (exits after step 2's checkpoint, as if
+* B: the same command with ``faults.stop=[{step: 2}]`` (exits after step 2's checkpoint, as if
   preempted); then, after adding the debris a driver killed mid-step could leave (metrics rows past
   the checkpoint, one torn; a half-written ``.tmp-*`` checkpoint; a ``step_*`` dir without its
   ``COMPLETE`` marker), B again without the fault, which resumes from ``step_000002``
@@ -61,20 +61,20 @@ def _leave_crash_debris(run_dir: Path) -> None:
 
 
 def test_stop_and_resume_matches_uninterrupted(tmp_path, models_dir, uninterrupted):
-    from ray_rlhf import checkpoint
+    from ray_rlhf.checkpoint import open_store
 
     a_dir, a_rows = uninterrupted
     assert [r["step"] for r in a_rows] == [1, 2, 3, 4]
 
     b_dir = tmp_path / "stopped"
-    stopped = _run(b_dir, models_dir, "faults.stop_after_step=2")
+    stopped = _run(b_dir, models_dir, "faults.stop=[{step: 2}]")
     assert [r["step"] for r in stopped] == [1, 2]
-    assert [p.name for p in checkpoint.complete_checkpoints(b_dir)] == ["step_000002"]
+    assert [c.step for c in open_store(b_dir).list_complete()] == [2]
 
     _leave_crash_debris(b_dir)
     b_rows = _run(b_dir, models_dir)  # the same command again: resume=auto picks step_000002
     assert [r["step"] for r in b_rows] == [1, 2, 3, 4], "metrics.jsonl must hold each step once"
-    assert [p.name for p in checkpoint.complete_checkpoints(b_dir)] == ["step_000002", "step_000004"]
+    assert [c.step for c in open_store(b_dir).list_complete()] == [2, 4]
     assert sorted(p.name for p in (b_dir / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
 
     mismatches = []
@@ -101,7 +101,7 @@ def test_two_learner_ranks_give_the_one_rank_run_and_resume_at_world_size_two(tm
     _, a_rows = uninterrupted
     d = tmp_path / "two-ranks"
     two = ("learner.num=2", "learner.num_cpus=0.25")  # Ray's CPU share only: each rank still gets 1 thread
-    assert [r["step"] for r in _run(d, models_dir, *two, "faults.stop_after_step=2")] == [1, 2]
+    assert [r["step"] for r in _run(d, models_dir, *two, "faults.stop=[{step: 2}]")] == [1, 2]
     rows = _run(d, models_dir, *two)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     def close(key, x, y):

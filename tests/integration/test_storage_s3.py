@@ -1,4 +1,4 @@
-"""Checkpoints in S3 (ray_rlhf/storage/) against a real S3 wire protocol: moto's server mode.
+"""Checkpoints in S3 (ray_rlhf/checkpoint/) against a real S3 wire protocol: moto's server mode.
 
 The fixture starts ``python -m moto.server`` on 127.0.0.1 (a free port, chosen by the server) and
 stops it afterwards; nothing needs to be running beforehand. Needs ``moto[server]`` (dev extra).
@@ -26,7 +26,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from ray_rlhf import storage
+from ray_rlhf import checkpoint
 from ray_rlhf.errors import UserError
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -93,7 +93,7 @@ def make_part(d: Path, tag: bytes = b"") -> dict[str, bytes]:
     return part
 
 
-def save(store, step: int, keep: int = 3, tag: bytes = b"") -> tuple[storage.Checkpoint, dict[str, bytes]]:
+def save(store, step: int, keep: int = 3, tag: bytes = b"") -> tuple[checkpoint.Checkpoint, dict[str, bytes]]:
     written: dict[str, bytes] = {}
     ckpt = store.save(step, lambda st: store.write_part(st, lambda d: written.update(make_part(d, tag))),
                       {"driver.json": b'{"step": %d}' % step}, keep=keep)
@@ -106,13 +106,13 @@ def objects(store) -> list[str]:
 
 
 def test_commit_list_and_download_from_another_node(uri, tmp_path):
-    store = storage.open_store(uri)
+    store = checkpoint.open_store(uri)
     store.check_writable()
     ckpt, written = save(store, 10)
     assert [c.step for c in store.list_complete()] == [10]
-    assert objects(store) == sorted(f"step_000010/{ckpt.save_id}/{rel}" for rel in [*written, storage.MARKER])
+    assert objects(store) == sorted(f"step_000010/{ckpt.save_id}/{rel}" for rel in [*written, checkpoint.MARKER])
 
-    other = storage.open_store(uri)  # a driver on another node: nothing shared but the URI
+    other = checkpoint.open_store(uri)  # a driver on another node: nothing shared but the URI
     (found,) = other.list_complete()
     assert found == ckpt and found.files == {rel: len(b) for rel, b in written.items()}
     local = other.fetch(found, tmp_path / "resume")
@@ -123,14 +123,14 @@ def test_commit_list_and_download_from_another_node(uri, tmp_path):
 
 UPLOADER = textwrap.dedent("""
     import sys, time
-    from ray_rlhf import storage
-    real = storage.base._copy_file
+    from ray_rlhf import checkpoint
+    real = checkpoint.store._copy_file
     def slow(*args):  # a slow link: the test kills the process between two files
         real(*args)
         print("copied", args[3], flush=True)
         time.sleep(0.5)
-    storage.base._copy_file = slow
-    store = storage.open_store(sys.argv[1])
+    checkpoint.store._copy_file = slow
+    store = checkpoint.open_store(sys.argv[1])
     files = {"policy/model.safetensors": b"N" * (3 << 20), "optimizer.pt": b"N" * 1000, "learner.json": b"{}",
              "policy/config.json": b"{}", "value_head.safetensors": b"N" * 40}
     def write(d):
@@ -143,7 +143,7 @@ UPLOADER = textwrap.dedent("""
 
 
 def test_resave_killed_mid_upload_leaves_the_old_copy_listed_and_is_pruned_later(uri, tmp_path):
-    store = storage.open_store(uri)
+    store = checkpoint.open_store(uri)
     old, written = save(store, 10)
     proc = subprocess.Popen([sys.executable, "-c", UPLOADER, uri, "10"], stdout=subprocess.PIPE, text=True)
     try:
@@ -167,7 +167,7 @@ def test_resave_killed_mid_upload_leaves_the_old_copy_listed_and_is_pruned_later
 
 
 def test_prune_keeps_the_newest_m(uri):
-    store = storage.open_store(uri)
+    store = checkpoint.open_store(uri)
     for step in (2, 4, 6, 8):
         save(store, step, keep=2)
     assert [c.step for c in store.list_complete()] == [6, 8]
@@ -176,7 +176,7 @@ def test_prune_keeps_the_newest_m(uri):
 
 def test_endpoint_from_aws_endpoint_url(endpoint, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{endpoint}")
-    store = storage.open_store(f"s3://{BUCKET}/env-{uuid.uuid4().hex[:8]}")
+    store = checkpoint.open_store(f"s3://{BUCKET}/env-{uuid.uuid4().hex[:8]}")
     store.check_writable()
     store.save(1, lambda st: {}, {"driver.json": b"{}"}, keep=1)
     assert [c.step for c in store.list_complete()] == [1]
@@ -186,7 +186,7 @@ def test_wrong_endpoint_is_a_quick_one_line_error():
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    store = storage.open_store(f"s3://{BUCKET}/run?endpoint_override=127.0.0.1:{port}&scheme=http")
+    store = checkpoint.open_store(f"s3://{BUCKET}/run?endpoint_override=127.0.0.1:{port}&scheme=http")
     t0 = time.monotonic()
     with pytest.raises(UserError, match=f"cannot store checkpoints at s3://{BUCKET}/run.*endpoint is unreachable") as e:
         store.check_writable()
@@ -195,7 +195,7 @@ def test_wrong_endpoint_is_a_quick_one_line_error():
 
 
 def test_missing_bucket_is_a_one_line_error(endpoint):
-    store = storage.open_store(f"s3://no-such-bucket/run?endpoint_override={endpoint}&scheme=http")
+    store = checkpoint.open_store(f"s3://no-such-bucket/run?endpoint_override={endpoint}&scheme=http")
     with pytest.raises(UserError, match="no-such-bucket.*the bucket does not exist; create it") as e:
         store.check_writable()
     assert "\n" not in str(e.value)
@@ -204,7 +204,7 @@ def test_missing_bucket_is_a_one_line_error(endpoint):
 def test_refused_credentials_are_a_one_line_error(tmp_path):
     # INITIAL_NO_AUTH_ACTION_COUNT=0: this moto checks every request's credentials (ours are unknown).
     with moto_server(tmp_path / "moto-auth.log", INITIAL_NO_AUTH_ACTION_COUNT="0") as ep:
-        store = storage.open_store(f"s3://{BUCKET}/run?endpoint_override={ep}&scheme=http")
+        store = checkpoint.open_store(f"s3://{BUCKET}/run?endpoint_override={ep}&scheme=http")
         with pytest.raises(UserError, match="access was refused; give the run credentials") as e:
             store.check_writable()
     assert "\n" not in str(e.value)
@@ -222,8 +222,8 @@ def test_a_run_checkpoints_to_s3_and_resumes_from_it_on_another_driver(uri, tmp_
 
     whole_dir, whole_rows = uninterrupted
     s3 = (f"checkpoint.location={uri}", "logging.ray_metrics=false")
-    run_tiny(tmp_path / "first", models_dir, *s3, "faults.stop_after_step=2")
-    store = storage.open_store(uri)
+    run_tiny(tmp_path / "first", models_dir, *s3, "faults.stop=[{step: 2}]")
+    store = checkpoint.open_store(uri)
     assert [c.step for c in store.list_complete()] == [2]
     rows = run_tiny(tmp_path / "elsewhere", models_dir, *s3)  # resumes from the bucket at step 2
     whole, elsewhere = {r["step"]: r for r in whole_rows}, {r["step"]: r for r in rows}

@@ -15,6 +15,8 @@ from ray_rlhf.generation.generator import Generator, core_list_for
 from ray_rlhf.learning.learner import Learner
 from ray_rlhf.records import PromptItem, PromptShard, SamplingSpec
 from ray_rlhf.sync.broadcaster import WeightBroadcaster
+from ray_rlhf.sync.receiver import WeightReceiver
+from ray_rlhf.sync.remote import call
 from tests.batches import sequences
 
 pytestmark = pytest.mark.integration
@@ -101,5 +103,5 @@ def test_collective_publish_and_rebuild_after_a_generator_dies(cluster):
     res = broadcaster.publish(4, gens)
     print(f"\ncollective after a death: {res}")
     assert res.lost == ("g1",) and res.num_generators == 1 and broadcaster.backend._group == ("g0",)
-    assert ray.get(gens["g0"].weights_status.remote()).version == 4
+    assert ray.get(call(gens["g0"], WeightReceiver.status)).version == 4
     broadcaster.close({"g0": gens["g0"]})

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from ray_rlhf.algo.advantages import gae, gae_reference
+from ray_rlhf.algo.advantages import gae
+from tests.reference_math import gae_reference
 
 
 def test_gae_tiny_by_hand():

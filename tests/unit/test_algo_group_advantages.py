@@ -5,15 +5,9 @@ import math
 import pytest
 import torch
 
-from ray_rlhf.algo.advantages import (
-    dr_grpo_advantages,
-    dr_grpo_advantages_reference,
-    grpo_advantages,
-    grpo_advantages_reference,
-    rloo_advantages,
-    rloo_advantages_reference,
-)
+from ray_rlhf.algo.advantages import dr_grpo_advantages, grpo_advantages, rloo_advantages
 from ray_rlhf.algo.groups import group_index, group_moments, zero_std_groups
+from tests.reference_math import dr_grpo_advantages_reference, grpo_advantages_reference, rloo_advantages_reference
 
 # Four prompts, interleaved (groups are not contiguous) and of sizes 3, 2, 4, 2:
 #   id 7: scores 2, 4, 6          id 3: scores 1, 0 (a group of 2)

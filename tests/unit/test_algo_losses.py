@@ -12,10 +12,8 @@ from ray_rlhf.algo.losses import (
     LOSS_AGGS,
     aggregate,
     dr_grpo_num_tokens,
-    entropy_from_logits,
     explained_variance,
     kl_loss,
-    logprobs_from_logits,
     loss_denominators,
     policy_loss,
     value_loss,
@@ -191,24 +189,6 @@ def test_bad_clip_arguments():
         policy_loss(z, z, z, z + 1, clip_eps=EPS, dual_clip=1.0)
     with pytest.raises(ValueError, match="clip_eps"):
         policy_loss(z, z, z, z + 1, clip_eps=0.0)
-
-
-def test_logprobs_and_entropy_by_hand():
-    # logits [0, ln 3] -> probs [1/4, 3/4]
-    logits = torch.tensor([[[0.0, math.log(3.0)], [5.0, 5.0]]])
-    tokens = torch.tensor([[1, 0]])
-    torch.testing.assert_close(logprobs_from_logits(logits, tokens), torch.tensor([[math.log(0.75), math.log(0.5)]]))
-    # H = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.562335; uniform over 2 -> ln 2
-    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
-    torch.testing.assert_close(entropy_from_logits(logits), torch.tensor([[h, math.log(2.0)]]))
-
-
-def test_entropy_is_stable_for_huge_and_banned_logits():
-    logits = torch.tensor([[[1e4, 1e4, -math.inf, -math.inf], [0.0, 0.0, 0.0, 0.0]]], requires_grad=True)
-    h = entropy_from_logits(logits)
-    torch.testing.assert_close(h.detach(), torch.tensor([[math.log(2.0), math.log(4.0)]]))
-    h.sum().backward()
-    assert torch.isfinite(logits.grad).all()
 
 
 def test_explained_variance_by_hand():

@@ -6,13 +6,10 @@ import math
 import pytest
 import torch
 
-from ray_rlhf.algo.advantages import (
-    discounted_returns,
-    reinforce_pp_advantages,
-    reinforce_pp_advantages_reference,
-)
+from ray_rlhf.algo.advantages import discounted_returns, reinforce_pp_advantages
 from ray_rlhf.algo.kl import per_token_rewards
 from ray_rlhf.algo.masked import masked_whiten
+from tests.reference_math import reinforce_pp_advantages_reference
 
 
 def test_reinforce_pp_by_hand():

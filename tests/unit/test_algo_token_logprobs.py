@@ -1,5 +1,6 @@
 """The fused log-prob/entropy (ray_rlhf.algo.token_logprobs) against hand-computed numbers, the
-autograd references in ray_rlhf.algo.losses, and gradcheck in float64."""
+autograd references (tests/reference_math.py, themselves checked by hand here), and gradcheck in
+float64."""
 
 from __future__ import annotations
 
@@ -9,8 +10,26 @@ import pytest
 import torch
 
 from ray_rlhf.algo import token_logprobs
-from ray_rlhf.algo.losses import entropy_from_logits, logprobs_from_logits
 from ray_rlhf.algo.token_logprobs import token_logprobs_and_entropy
+from tests.reference_math import entropy_from_logits, logprobs_from_logits
+
+
+def test_the_references_by_hand():
+    # logits [0, ln 3] -> probs [1/4, 3/4]
+    logits = torch.tensor([[[0.0, math.log(3.0)], [5.0, 5.0]]])
+    tokens = torch.tensor([[1, 0]])
+    torch.testing.assert_close(logprobs_from_logits(logits, tokens), torch.tensor([[math.log(0.75), math.log(0.5)]]))
+    # H = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.562335; uniform over 2 -> ln 2
+    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    torch.testing.assert_close(entropy_from_logits(logits), torch.tensor([[h, math.log(2.0)]]))
+
+
+def test_the_reference_entropy_is_stable_for_huge_and_banned_logits():
+    logits = torch.tensor([[[1e4, 1e4, -math.inf, -math.inf], [0.0, 0.0, 0.0, 0.0]]], requires_grad=True)
+    h = entropy_from_logits(logits)
+    torch.testing.assert_close(h.detach(), torch.tensor([[math.log(2.0), math.log(4.0)]]))
+    h.sum().backward()
+    assert torch.isfinite(logits.grad).all()
 
 
 def test_hand_computed_two_tokens():

@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ray_rlhf.models.architectures import ARCHITECTURES, VOCAB_SIZE, build_arch, build_model, chat_format, get_spec
 from ray_rlhf.models.output_head import (
     OutputHeadMismatch,
     attention_implementation,
@@ -20,6 +19,7 @@ from ray_rlhf.models.output_head import (
     trunk_hidden,
 )
 from ray_rlhf.models.policy import sequence_inputs
+from tests.architectures import ARCHITECTURES, VOCAB_SIZE, build_arch, build_model, chat_format, get_spec
 
 TIED = {n for n in ARCHITECTURES if get_spec(n).config.get("tie_word_embeddings")}
 

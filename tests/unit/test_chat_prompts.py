@@ -10,8 +10,8 @@ import pytest
 
 from ray_rlhf.data.prompts import bundled_letters_path, load_prompt_table, tokenize_prompts
 from ray_rlhf.errors import UserError
-from ray_rlhf.models.architectures import build_tokenizer
 from ray_rlhf.models.factory import train_tokenizer
+from tests.architectures import build_tokenizer
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 

@@ -1,5 +1,6 @@
-"""Checkpoints (ray_rlhf/checkpoint.py): atomic or absent, newest M kept, resume resolution,
-validation of whole vs incomplete/corrupt directories, and loading that never unpickles.
+"""Checkpoints (ray_rlhf/checkpoint/) in a local directory, through the API a run uses: atomic or
+absent, newest M kept, resume resolution, validation of whole vs incomplete/corrupt directories,
+and loading that never unpickles. (The stores themselves, local and object: tests/unit/test_storage.py.)
 
 No Ray. The fake learner writes small but well-formed files (real safetensors, a real torch zip);
 the last tests use the real :class:`~ray_rlhf.learning.learner.Learner` on the tiny model.
@@ -42,7 +43,16 @@ def state(step: int) -> dict:
 
 
 def save(out: Path, step: int, keep: int = 5, write=fake_learner) -> Path:
-    return checkpoint.save(out, step, write, state(step), keep=keep)
+    """A checkpoint as :func:`ray_rlhf.run.state.save` writes one: the learner's part plus driver.json."""
+    store = checkpoint.open_store(out)
+    files = {"driver.json": json.dumps(state(step), indent=1, sort_keys=True).encode()}
+    return Path(store.save(step, lambda staging: store.write_part(staging, write), files, keep=keep).path)
+
+
+def resume(out: Path, how: str = "auto") -> Path | None:
+    """The directory :func:`checkpoint.find_resume` picks in ``out`` (``checkpoint.resume=how``)."""
+    found = checkpoint.find_resume(checkpoint.open_store(out), how)
+    return None if found is None else Path(found.path)
 
 
 def names(root: Path) -> list[str]:
@@ -70,7 +80,7 @@ def test_failing_learner_write_leaves_no_step_dir_and_no_tmp_dir(tmp_path):
     with pytest.raises(OSError, match="No space left"):
         save(tmp_path, 3, write=half_then_fail)
     assert names(tmp_path / "checkpoints") == []
-    assert checkpoint.resolve_resume(tmp_path, "auto") is None
+    assert resume(tmp_path) is None
 
 
 def test_failing_resave_of_a_step_keeps_the_old_copy(tmp_path):
@@ -109,35 +119,55 @@ def test_keep_last_m_and_stale_tmp_dirs_removed(tmp_path):
     for step in range(1, 6):
         save(tmp_path, step, keep=2)
     assert names(root) == ["step_000004", "step_000005"]
-    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_000004", "step_000005"]
+    assert [Path(c.path).name for c in checkpoint.open_store(tmp_path).list_complete()] == ["step_000004", "step_000005"]
 
 
 # ---- resume resolution ---------------------------------------------------------------------------------
 
 
-def test_resolve_resume_auto_takes_newest_complete(tmp_path):
-    assert checkpoint.resolve_resume(tmp_path, "auto") is None  # no checkpoints dir at all
+def test_resume_auto_takes_newest_complete(tmp_path):
+    assert resume(tmp_path) is None  # no checkpoints dir at all
     save(tmp_path, 2)
     save(tmp_path, 4)
     root = tmp_path / "checkpoints"
     (root / "step_000006").mkdir()  # no COMPLETE marker: never used
     (root / ".tmp-step_000008-0123abcd").mkdir()
-    assert checkpoint.resolve_resume(tmp_path, "auto") == root / "step_000004"
+    assert resume(tmp_path) == root / "step_000004"
 
 
-def test_resolve_resume_never(tmp_path):
-    assert checkpoint.resolve_resume(tmp_path, "never") is None
+def test_resume_auto_takes_the_newest_marked_one_so_that_its_damage_is_reported(tmp_path):
+    save(tmp_path, 2)
+    newest = save(tmp_path, 4)
+    _break("truncated_optimizer", newest)  # marked, but its files no longer match the marker
+    store = checkpoint.open_store(tmp_path)
+    assert [c.step for c in store.list_complete()] == [2]
+    found = checkpoint.find_resume(store, "auto")
+    assert Path(found.path) == newest  # not silently the one before: read_state names the damage
+    with pytest.raises(UserError, match="step_000004 is incomplete or corrupt.*optimizer.pt"):
+        checkpoint.read_state(store, found, tmp_path / "no_model")
+
+
+def test_resume_never(tmp_path):
+    assert resume(tmp_path, "never") is None
     save(tmp_path, 2)
     with pytest.raises(UserError, match="checkpoint.resume=never"):
-        checkpoint.resolve_resume(tmp_path, "never")
+        resume(tmp_path, "never")
 
 
-def test_resolve_resume_explicit_path(tmp_path):
+def test_resume_explicit_path(tmp_path):
     elsewhere = save(tmp_path / "other_run", 3)
-    assert checkpoint.resolve_resume(tmp_path, str(elsewhere)) == elsewhere
-    missing = checkpoint.resolve_resume(tmp_path, str(tmp_path / "nope"))
+    assert resume(tmp_path, str(elsewhere)) == elsewhere
     with pytest.raises(UserError, match="does not exist"):
-        checkpoint.validate(missing)
+        resume(tmp_path, str(tmp_path / "nope"))
+
+
+def test_location_is_checkpoint_location_or_the_absolute_output_dir(tmp_path, monkeypatch):
+    from ray_rlhf.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    assert checkpoint.location(load_config("tiny", ["output_dir=runs/a"])) == str(tmp_path / "runs" / "a")
+    cfg = load_config("tiny", ["output_dir=runs/a", "checkpoint.location=s3://bkt/a"])
+    assert checkpoint.location(cfg) == "s3://bkt/a"
 
 
 # ---- validation -------------------------------------------------------------------------------------------
@@ -221,7 +251,9 @@ class _Evil:
 
 
 def test_every_torch_load_in_the_package_is_weights_only():
-    root = Path(checkpoint.__file__).parent
+    import ray_rlhf
+
+    root = Path(ray_rlhf.__file__).parent
     calls = []
     for f in root.rglob("*.py"):
         src = f.read_text()

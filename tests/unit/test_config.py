@@ -32,7 +32,7 @@ def test_overrides_parse_yaml_values():
         ("bogus=1", "unknown config key 'bogus'"),
         ("ppo.lr=abc", "config key 'ppo.lr'"),
         ("ppo.epochs=1.5", "config key 'ppo.epochs'"),
-        ("kl.estimator=k9", "config key 'kl.estimator'"),
+        ("kl.approx=k9", "config key 'kl.approx'"),
         ("ppo.clip=-1", "config key 'ppo.clip'"),
         ("ppo.minibatch_size=128", "ppo.minibatch_size=128 is larger than the batch"),
         ("ppo.minibatch_size=24", "must divide the batch"),
@@ -65,8 +65,8 @@ def test_bad_overrides_are_one_line_errors(override, needle):
         (["rollout.dynamic_sampling=true", "algo.estimator=reinforce_pp"], "algo.estimator=reinforce_pp has no groups"),
         (["ppo.old_logprobs=sampler", "rollout.max_staleness=1"], "ppo.old_logprobs=sampler with rollout.max_staleness=1"),
         (["ppo.old_logprobs=sampler", "algo.rollout_correction=mis"], "leaves none to compare"),
-        (["algo.estimator=grpo", "kl.estimator=k1"], "kl.estimator=k1 as a loss term"),
-        (["kl.placement=loss", "kl.estimator=k1"], "kl.estimator=k1 as a loss term"),
+        (["algo.estimator=grpo", "kl.approx=k1"], "kl.approx=k1 as a loss term"),
+        (["kl.placement=loss", "kl.approx=k1"], "kl.approx=k1 as a loss term"),
     ],
 )
 def test_refused_combinations_are_one_line_errors(overrides, needle):
@@ -82,7 +82,7 @@ def test_new_options_resolve():
     assert (cfg.kl.reward_estimator, cfg.kl.loss_estimator) == ("k1", "k3") and cfg.kl_in_loss
     assert not cfg.old_logprobs_from_sampler  # a rollout correction needs the learner's own pi_old
     assert load_config("tiny", ["algo.estimator=grpo"]).old_logprobs_from_sampler
-    assert load_config("tiny", ["kl.estimator=k2", "kl.placement=loss"]).kl.loss_estimator == "k2"
+    assert load_config("tiny", ["kl.approx=k2", "kl.placement=loss"]).kl.loss_estimator == "k2"
 
 
 def test_unknown_preset_names_the_choices():
@@ -146,3 +146,45 @@ def test_preload_of_a_missing_library_is_one_line(monkeypatch, tmp_path):
     preflight.check_preload(load_config("tiny", [f"generators.preload=[{lib}]"]))
     with pytest.raises(UserError, match=r"generators.preload: .*nope.so does not exist; give the full path"):
         preflight.check_preload(load_config("tiny", [f"generators.preload=[{lib},{tmp_path}/nope.so]"]))
+
+
+@pytest.mark.parametrize("old, new, value, expected", [
+    ("ppo.gamma", "algo.gamma", "0.9", 0.9),
+    ("ppo.lam", "algo.lam", "0.8", 0.8),
+    ("ppo.whiten_advantages", "algo.whiten_advantages", "false", False),
+    ("algo.is_cap", "ppo.is_cap", "3.0", 3.0),
+    ("algo.is_mode", "ppo.is_mode", "mask", "mask"),
+    ("kl.estimator", "kl.approx", "k2", "k2"),
+    ("faults.kill_learner_at_step", "faults.kill_learner", "3", [{"step": 3}]),
+    ("faults.kill_reward_at_step", "faults.kill_reward", "2", [{"step": 2}]),
+    ("faults.stop_after_step", "faults.stop", "2", [{"step": 2}]),
+])
+def test_renamed_keys_are_still_accepted_with_a_notice(old, new, value, expected, caplog):
+    """0.3 regrouped the config (the estimator's knobs under ``algo``, the loss's under ``ppo``,
+    ``kl.approx``, every ``faults`` key a list of events): users' scripts with the old names keep
+    working for this version, and each old name gets one line naming the new key."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="ray_rlhf.config"):
+        old_cfg = load_config("tiny", [f"{old}={value}"])
+    new_cfg = load_config("tiny", [f"{new}={value}" if not isinstance(expected, list) else f"{new}={expected}"])
+    section, key = new.split(".")
+    got = getattr(getattr(old_cfg, section), key)
+    got = [e.model_dump() for e in got] if isinstance(got, list) else got
+    assert got == expected and old_cfg == new_cfg
+    notices = [r.getMessage() for r in caplog.records]
+    assert notices == [f"config key {old!r} is deprecated and will be removed in the next version; use {new!r}"]
+
+
+def test_an_old_and_a_new_name_together_are_one_line_error():
+    with pytest.raises(UserError, match="'ppo.gamma' \\(deprecated\\) and 'algo.gamma' are both set; keep only 'algo.gamma'"):
+        load_config("tiny", ["ppo.gamma=0.9", "algo.gamma=0.8"])
+
+
+def test_the_old_names_are_no_fields_any_more():
+    from ray_rlhf.config.load import DEPRECATED
+    from ray_rlhf.config.schema import RunConfig
+
+    for old in DEPRECATED:
+        section, key = old.split(".")
+        assert key not in RunConfig.model_fields[section].annotation.model_fields, old

@@ -39,7 +39,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "ray_rlhf"
 CONFIG_DIR = PACKAGE / "config"
 
 READ_BY_NAME: dict[str, str] = {
-    # reward.remote: preflight.reward_sources hands the reward actor each spec as a dict
+    # reward.remote: rewards/sources.py:reward_sources hands the reward actor each spec as a dict
     # (RemoteRewardSpec.model_dump(): the actor's arguments stay plain data), and
     # rewards/scorer.py:check_sources reads its keys: r["url"], r.get("weight"), r.get("timeout_s"),
     # r.get("retries").

@@ -128,8 +128,8 @@ class FakePool:
     def __init__(self, n: int):
         self.n, self.calls = n, []
 
-    def generate(self, shards, sampling, kill_after_dispatch=(), hang_before_dispatch=()):
-        self.calls.append((sampling.seed, [p.index for s in shards for p in s.prompts], list(kill_after_dispatch)))
+    def generate(self, shards, sampling):
+        self.calls.append((sampling.seed, [p.index for s in shards for p in s.prompts]))
         batches = [make_batch([{"prompt_index": p.index, "sample_index": j, "response": f"{p.index}.{j}.{sampling.seed}"}
                                for p in s.prompts for j in range(self.n)]) for s in shards]
         return batches, PoolEvents(requeued_shards=1)
@@ -144,21 +144,6 @@ class FakeReward:
         b = RolloutBatch.concat(batches)
         scored = b.with_rewards(np.array([self.rewards[p][j] for p, j in b.keys()]), {})
         return scored, None
-
-
-class FakeFaults:
-    def __init__(self):
-        self.asked = []
-
-    def generators_to_kill(self, step):
-        self.asked.append(("kill", step))
-        return [0]
-
-    def generators_to_hang(self, step):
-        return []
-
-    def before_reward(self, step, reward):
-        self.asked.append(("reward", step))
 
 
 @pytest.fixture
@@ -185,13 +170,10 @@ def test_rounds_run_until_enough_informative_groups(no_ray):
     # than wanted: the limit of 3 drops it).
     informative = {order[1], order[4], order[6], order[7]}
     cfg, actors, stream = _setup(rounds=3, informative=informative)
-    faults = FakeFaults()
-    out = rollouts.produce(cfg, actors, stream, faults, step=2)
+    out = rollouts.produce(cfg, actors, stream, step=2)
     step_seed = SamplingSpec.for_step(cfg.rollout, cfg.seed, 2).seed
     assert [c[0] for c in actors.pool.calls] == [step_seed, round_seed(step_seed, 1), round_seed(step_seed, 2)]
     assert [c[1] for c in actors.pool.calls] == [order[0:3], order[3:6], order[6:9]]
-    assert [c[2] for c in actors.pool.calls] == [[0], [], []]  # the step's faults: first round only
-    assert faults.asked == [("kill", 2), ("reward", 2)]
     assert out.sampling_rounds == 3 and out.discarded_groups == 5  # 2 + 2 + 1 zero-variance groups
     assert [k[0] for k in out.scored.keys()] == [order[1], order[1], order[4], order[4], order[6], order[6]]
     assert out.summary.count == 6 and out.events.requeued_shards == 3
@@ -202,7 +184,7 @@ def test_rounds_run_until_enough_informative_groups(no_ray):
 def test_rounds_stop_early_and_keep_only_what_is_wanted(no_ray):
     order = PromptStream([PromptItem(index=i, text="") for i in range(12)], seed=3).epoch_order(0)
     cfg, actors, stream = _setup(rounds=3, informative=set(order[:5]))
-    out = rollouts.produce(cfg, actors, stream, FakeFaults(), step=1)
+    out = rollouts.produce(cfg, actors, stream, step=1)
     assert out.sampling_rounds == 1 and out.discarded_groups == 0 and len(actors.pool.calls) == 1
     assert [k[0] for k in out.scored.keys()[::2]] == order[:3]
     assert out.cursor == {"epoch": 0, "position": 3}
@@ -210,7 +192,7 @@ def test_rounds_stop_early_and_keep_only_what_is_wanted(no_ray):
 
 def test_rounds_run_out_with_nothing_informative(no_ray, caplog):
     cfg, actors, stream = _setup(rounds=2, informative=set())
-    out = rollouts.produce(cfg, actors, stream, FakeFaults(), step=1)
+    out = rollouts.produce(cfg, actors, stream, step=1)
     assert out.sampling_rounds == 2 and out.discarded_groups == 6 and out.summary.count == 6
     assert out.scored.keys() == [(p, j) for p in stream.epoch_order(0)[:3] for j in (0, 1)]  # the first round's
     assert "0 of 3 prompt groups with differing rewards after 2 sampling rounds" in caplog.text
@@ -222,7 +204,7 @@ def test_without_dynamic_sampling_one_round_and_no_counts(no_ray):
     cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"dynamic_sampling": False})})
     actors.reward.score = SimpleNamespace(options=lambda num_returns: SimpleNamespace(
         remote=lambda *b: (RolloutBatch.concat(b).with_rewards(np.zeros(6), {}), SimpleNamespace(count=6))))
-    out = rollouts.produce(cfg, actors, stream, FakeFaults(), step=1)
+    out = rollouts.produce(cfg, actors, stream, step=1)
     assert out.sampling_rounds is None and out.discarded_groups == 0 and len(actors.pool.calls) == 1
     assert actors.pool.calls[0][0] == SamplingSpec.for_step(cfg.rollout, cfg.seed, 1).seed
 

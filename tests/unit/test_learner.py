@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ray_rlhf.bench.hf_sampler import hf_generate
-from ray_rlhf.config.schema import KLConfig, PPOConfig
+from ray_rlhf.config.schema import AlgoConfig, KLConfig, PPOConfig
 from ray_rlhf.learning.batch import collate
-from ray_rlhf.learning.learner import Learner
+from ray_rlhf.learning.learner import Learner, LearnerOptions
 from ray_rlhf.records import PromptItem, SamplingSpec
 from ray_rlhf.sync.checksum import state_dict_checksum
 from tests.batches import make_batch
@@ -172,8 +172,9 @@ def test_update_at_pi_old_has_the_ppo_loss_by_hand_and_the_value_head_fits_the_r
     value loss is ``0.5 sum_t m_t (V_old_t - R_t)^2 / N``. On a fixed batch the value loss then
     falls at every pass (without the value clip, which stops each value 0.2 from its old one:
     measured 0.449, 0.291, 0.178 here)."""
-    ppo = PPOConfig(epochs=1, minibatch_size=8, micro_batch_size=4, whiten_advantages=False, value_clip=None)
-    L = Learner(str(tiny_policy_path), ppo, KLConfig(), seed=0)
+    ppo = PPOConfig(epochs=1, minibatch_size=8, micro_batch_size=4, value_clip=None)
+    L = Learner(str(tiny_policy_path), ppo, KLConfig(), seed=0,
+                options=LearnerOptions(algo=AlgoConfig(whiten_advantages=False)))
     prep, _ = L.prepare(collate(rollouts, L.pad_id))
     m = prep.batch.response_mask
     N = m.sum()
@@ -219,7 +220,7 @@ def test_dropout_is_off_in_the_update(tmp_path):
     """GPT-2's config has dropout 0.1; with dropout live the first update would see ratios far
     from 1 on unchanged weights. With lr ~ 0 the policy never moves: every ratio is 1 up to the
     float round-off of differently padded micro-batches (~1e-6)."""
-    from ray_rlhf.models.architectures import build_arch
+    from tests.architectures import build_arch
 
     path = build_arch("gpt2", tmp_path / "gpt2", seed=0)
     learner = Learner(str(path), PPOConfig(epochs=2, minibatch_size=4, micro_batch_size=2, lr=1e-30), KLConfig(),

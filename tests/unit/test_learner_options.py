@@ -206,9 +206,9 @@ def test_overlong_penalty_is_dapos_linear_punishment_on_the_score(tiny_policy_pa
 # ---- KL estimator of the loss term, asymmetric clip --------------------------------------------
 @pytest.mark.parametrize("estimator,hand", [("k2", lambda d: 0.5 * d**2), ("k3", lambda d: torch.exp(-d) - 1 + d)])
 def test_the_kl_loss_term_uses_kl_estimator(tiny_policy_path, batch, estimator, hand):
-    """``kl.estimator`` is honoured where the KL acts as a loss (it used to be k3 whatever it said).
+    """``kl.approx`` is honoured where the KL acts as a loss (it used to be k3 whatever it said).
     At the first minibatch pi = pi_old, so the loss term is the estimator of pi_old vs the reference."""
-    lrn = learner(tiny_policy_path, kl=KLConfig(estimator=estimator, placement="loss"),
+    lrn = learner(tiny_policy_path, kl=KLConfig(approx=estimator, placement="loss"),
                   algo=AlgoConfig(estimator="grpo"), kl_in_loss=True)
     with torch.no_grad():
         g = torch.Generator().manual_seed(1)
@@ -223,16 +223,16 @@ def test_the_kl_loss_term_uses_kl_estimator(tiny_policy_path, batch, estimator, 
 
 
 def test_the_asymmetric_clip_reaches_the_policy_loss(tiny_policy_path, batch, monkeypatch):
-    import ray_rlhf.learning.learner as module
+    from ray_rlhf.algo import registry
 
     seen = []
-    real = module.policy_loss
+    real = registry.get_policy_loss(registry.DEFAULT_POLICY_LOSS)  # what the PPO objective calls
 
     def spy(*args, **kwargs):
         seen.append((kwargs["clip_low"], kwargs["clip_high"]))
-        return real(*args, **kwargs)
+        return real.fn(*args, **kwargs)
 
-    monkeypatch.setattr(module, "policy_loss", spy)
+    monkeypatch.setitem(registry.POLICY_LOSSES, real.name, dataclasses.replace(real, fn=spy))
     learner(tiny_policy_path, PPOConfig(epochs=1, minibatch_size=16, micro_batch_size=16, clip=0.2, clip_high=0.28)
             ).step(batch)
     assert seen and set(seen) == {(0.2, 0.28)}

@@ -7,16 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from ray_rlhf.algo.advantages import (
-    dr_grpo_advantages_reference,
-    grpo_advantages_reference,
-    rloo_advantages_reference,
-)
 from ray_rlhf.bench.hf_sampler import hf_generate
 from ray_rlhf.config.training import AlgoConfig, KLConfig, PPOConfig
 from ray_rlhf.learning.batch import collate
 from ray_rlhf.learning.learner import Learner, LearnerOptions
 from ray_rlhf.records import PromptItem, SamplingSpec
+from tests.reference_math import dr_grpo_advantages_reference, grpo_advantages_reference, rloo_advantages_reference
 
 PROMPTS = ["The cat sat on", "Once upon a time", "Water is", "Tell me a story about a dog"]
 
@@ -148,13 +144,13 @@ def test_the_kl_to_the_reference_acts_where_it_is_placed(tiny_policy_path, batch
         k3_t = e^r - 1 - r               (the loss term's, DeepSeekMath eq. 4)
 
     ``loss``: the advantages are the estimator's on the scores alone (its slow reference form in
-    ``algo/advantages.py``), and ``kl_loss`` is the token mean of k3 (Dr. GRPO: the sum over
+    ``tests/reference_math.py``), and ``kl_loss`` is the token mean of k3 (Dr. GRPO: the sum over
     B * L_max) at the policy the update starts from. ``reward``: GRPO standardises
     ``score - beta sum_t k1_t`` in its group; REINFORCE++ normalises the returns of the per-token
     rewards ``-beta k1_t`` (+ the score at the last token) over the batch; no KL loss term."""
     from transformers import AutoModelForCausalLM
 
-    from ray_rlhf.algo.advantages import reinforce_pp_advantages_reference
+    from tests.reference_math import reinforce_pp_advantages_reference
 
     beta = 0.1
     opts = LearnerOptions(algo=AlgoConfig(estimator=estimator), kl_in_loss=placement == "loss", response_budget=12)
@@ -233,8 +229,9 @@ def test_stale_samples_are_weighted_by_pi_old_over_the_samplers_probability(tiny
     import dataclasses
 
     cap = 2.0
-    opts = LearnerOptions(algo=AlgoConfig(is_cap=cap, is_mode=mode), max_staleness=1)
-    learner = Learner(str(tiny_policy_path), PPOConfig(epochs=1, minibatch_size=16, micro_batch_size=8),
+    opts = LearnerOptions(max_staleness=1)
+    learner = Learner(str(tiny_policy_path), PPOConfig(epochs=1, minibatch_size=16, micro_batch_size=8, is_cap=cap,
+                                                       is_mode=mode),
                       KLConfig(), seed=0, options=opts)
     learner.version = 1  # the batch was sampled by version 0: one step stale
     prep, _ = learner.prepare(collate(batch, learner.pad_id))  # pi_old does not depend on the sampler's log-probs

@@ -1,8 +1,8 @@
 """``preflight.check_causal_lm_dir`` asks transformers whether a checkpoint is a causal LM.
 
-Every family of the offline architecture matrix (:mod:`ray_rlhf.models.architectures`) passes --
+Every family of the offline architecture matrix (:mod:`tests.architectures`) passes --
 GPT-2's class is ``GPT2LMHeadModel``, not ``*ForCausalLM`` -- and so does a run's whole preflight
-(:func:`~ray_rlhf.preflight.check_run`) on the GPT-2 directory; a sequence classifier, a masked LM,
+(:func:`~ray_rlhf.run.inputs.load_inputs`) on the GPT-2 directory; a sequence classifier, a masked LM,
 an architecture transformers does not know, or none at all is refused with one line.
 (The command line itself is covered by the ``gpt2_policy_passes_preflight`` case of
 ``tests/e2e/test_bad_input.py``.)
@@ -15,8 +15,8 @@ import json
 import pytest
 
 from ray_rlhf.errors import UserError
-from ray_rlhf.models.architectures import ARCHITECTURES, build_arch, get_spec
 from ray_rlhf.preflight import check_causal_lm_dir
+from tests.architectures import ARCHITECTURES, build_arch, get_spec
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +40,11 @@ def test_gpt2_is_not_named_for_causal_lm():
 
 def test_whole_preflight_accepts_a_gpt2_policy(arch_dirs, tmp_path):
     from ray_rlhf.config import load_config
-    from ray_rlhf.preflight import check_run
+    from ray_rlhf.run.inputs import load_inputs
 
     d = arch_dirs["gpt2"]
     cfg = load_config("tiny", [f"model.policy_path={d}", f"output_dir={tmp_path / 'run'}"])
-    inputs = check_run(cfg)  # no Ray, no vLLM: policy dir, tokenizer, prompts, rewards, checkpoint dir
+    inputs = load_inputs(cfg)  # no Ray, no vLLM: policy dir, tokenizer, prompts, rewards, checkpoint dir
     assert inputs.policy_path == d
     assert len(inputs.prompts) >= cfg.rollout.prompts_per_step
     assert inputs.resume is None

@@ -1,4 +1,4 @@
-"""Checkpoint stores (ray_rlhf/storage/) on the local disk, in seconds, no network.
+"""Checkpoint stores (ray_rlhf/checkpoint/) on the local disk, in seconds, no network.
 
 Two stores are exercised: :class:`LocalStore` (tmp dir + rename, the default) and
 :class:`ObjectStore` over :class:`pyarrow.fs.LocalFileSystem` -- the object-store protocol (files
@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from ray_rlhf import storage
+from ray_rlhf import checkpoint
 from ray_rlhf.errors import UserError
 
 PART = {"policy/config.json": b'{"vocab_size": 512}', "policy/model.safetensors": b"w" * 3000,
@@ -30,7 +30,7 @@ def write_learner(d: Path, part: dict[str, bytes] = PART) -> None:
         (d / rel).write_bytes(data)
 
 
-def save(store, step: int, keep: int = 5, tag: bytes = b"") -> storage.Checkpoint:
+def save(store, step: int, keep: int = 5, tag: bytes = b"") -> checkpoint.Checkpoint:
     """One checkpoint: the learner's part (``tag`` appended to the policy) plus driver.json."""
     part = {**PART, "policy/model.safetensors": PART["policy/model.safetensors"] + tag}
     driver = json.dumps({"step": step}).encode()
@@ -49,9 +49,9 @@ def tree(root: Path) -> list[str]:
 @pytest.fixture(params=["local", "object"])
 def store(request, tmp_path):
     if request.param == "local":
-        return storage.open_store(tmp_path / "run")
+        return checkpoint.open_store(tmp_path / "run")
     root = str(tmp_path / "run")
-    return storage.ObjectStore(pafs.LocalFileSystem(), root, root)
+    return checkpoint.ObjectStore(pafs.LocalFileSystem(), root, root)
 
 
 # ---- opening ---------------------------------------------------------------------------------------
@@ -59,14 +59,14 @@ def store(request, tmp_path):
 
 def test_open_store_local_paths_and_file_uris(tmp_path):
     for where in (tmp_path, str(tmp_path), f"file://{tmp_path}", "runs/relative"):
-        s = storage.open_store(where)
-        assert isinstance(s, storage.LocalStore)
+        s = checkpoint.open_store(where)
+        assert isinstance(s, checkpoint.LocalStore)
         assert s.root == os.path.abspath(str(where).removeprefix("file://"))
 
 
 def test_open_store_s3_with_endpoint_needs_no_network():
-    s = storage.open_store("s3://bkt/runs/a?endpoint_override=127.0.0.1:9&scheme=http&region=eu-west-1")
-    assert isinstance(s, storage.ObjectStore) and isinstance(s.fs, pafs.S3FileSystem)
+    s = checkpoint.open_store("s3://bkt/runs/a?endpoint_override=127.0.0.1:9&scheme=http&region=eu-west-1")
+    assert isinstance(s, checkpoint.ObjectStore) and isinstance(s.fs, pafs.S3FileSystem)
     assert s.root == "bkt/runs/a" and s.checkpoints == "bkt/runs/a/checkpoints"
     assert s.fs.region == "eu-west-1"
 
@@ -78,16 +78,16 @@ def test_open_store_s3_with_endpoint_needs_no_network():
 ])
 def test_open_store_bad_uri_is_one_line_user_error(uri, message):
     with pytest.raises(UserError, match=message) as e:
-        storage.open_store(uri)
+        checkpoint.open_store(uri)
     assert "\n" not in str(e.value)
 
 
 def test_check_writable_local_fails_early_with_one_line(tmp_path):
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(UserError, match="cannot write checkpoints to .*file/checkpoints: .*set output_dir") as e:
-        storage.open_store(tmp_path / "file").check_writable()
+        checkpoint.open_store(tmp_path / "file").check_writable()
     assert "\n" not in str(e.value)
-    storage.open_store(tmp_path / "ok").check_writable()
+    checkpoint.open_store(tmp_path / "ok").check_writable()
     assert list((tmp_path / "ok" / "checkpoints").iterdir()) == []  # the probe is gone
 
 
@@ -102,7 +102,7 @@ def test_check_writable_local_fails_early_with_one_line(tmp_path):
     ("AWS Error ACCESS_DENIED during PutObject operation: Access Denied", "access was refused"),
 ])
 def test_explain_error_names_the_cause_and_the_fix_in_one_line(error, cause):
-    msg = str(storage.explain_error(OSError(error + "\nsecond line"), "s3://nobkt/run"))
+    msg = str(checkpoint.explain_error(OSError(error + "\nsecond line"), "s3://nobkt/run"))
     assert msg.startswith("cannot store checkpoints at s3://nobkt/run: ") and cause in msg
     assert "\n" not in msg and "second line" not in msg and "Request ID" not in msg
 
@@ -111,7 +111,7 @@ def test_explain_error_unknown_s3_failure_hints_at_missing_credentials(monkeypat
     for var in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    msg = str(storage.explain_error(OSError("AWS Error INTERNAL_FAILURE during PutObject operation: "), "s3://b/r"))
+    msg = str(checkpoint.explain_error(OSError("AWS Error INTERNAL_FAILURE during PutObject operation: "), "s3://b/r"))
     assert "no AWS credentials found" in msg
 
 
@@ -121,16 +121,16 @@ def test_explain_error_unknown_s3_failure_hints_at_missing_credentials(monkeypat
 def test_save_commits_a_checkpoint_whose_marker_lists_every_file_with_its_size(store):
     ckpt = save(store, 10)
     assert steps(store) == [10] and store.list_complete() == [ckpt]
-    marker = json.loads(Path(ckpt.path, storage.MARKER).read_text())
+    marker = json.loads(Path(ckpt.path, checkpoint.MARKER).read_text())
     expected = {rel: len(data) for rel, data in PART.items()} | {"driver.json": len(b'{"step": 10}')}
     assert marker == {"format": 1, "step": 10, "save_id": ckpt.save_id, "files": expected}
     assert ckpt.files == expected
-    assert sorted(tree(Path(ckpt.path))) == sorted([*expected, storage.MARKER])
+    assert sorted(tree(Path(ckpt.path))) == sorted([*expected, checkpoint.MARKER])
     assert store.read_bytes(ckpt, "driver.json") == b'{"step": 10}'
 
 
 def test_local_layout_is_unchanged(tmp_path):
-    store = storage.open_store(tmp_path)
+    store = checkpoint.open_store(tmp_path)
     ckpt = save(store, 7)
     assert ckpt.path == str(tmp_path / "checkpoints" / "step_000007")
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000007"]  # no .tmp left
@@ -138,7 +138,7 @@ def test_local_layout_is_unchanged(tmp_path):
 
 
 def test_object_layout_is_one_sub_prefix_per_save(tmp_path):
-    store = storage.ObjectStore(pafs.LocalFileSystem(), str(tmp_path), str(tmp_path))
+    store = checkpoint.ObjectStore(pafs.LocalFileSystem(), str(tmp_path), str(tmp_path))
     ckpt = save(store, 7)
     assert ckpt.save_id.startswith("0001-")
     assert ckpt.path == f"{tmp_path}/checkpoints/step_000007/{ckpt.save_id}"
@@ -186,8 +186,8 @@ def test_failing_learner_leaves_nothing(store):
 
 
 def test_object_upload_failing_after_k_files_leaves_nothing_complete(tmp_path, monkeypatch):
-    store = storage.ObjectStore(pafs.LocalFileSystem(), str(tmp_path), str(tmp_path))
-    real, copied = storage.base._copy_file, []
+    store = checkpoint.ObjectStore(pafs.LocalFileSystem(), str(tmp_path), str(tmp_path))
+    real, copied = checkpoint.store._copy_file, []
 
     def copy_then_fail(*args):
         if len(copied) == 2:
@@ -195,7 +195,7 @@ def test_object_upload_failing_after_k_files_leaves_nothing_complete(tmp_path, m
         real(*args)
         copied.append(args[3])
 
-    monkeypatch.setattr(storage.base, "_copy_file", copy_then_fail)
+    monkeypatch.setattr(checkpoint.store, "_copy_file", copy_then_fail)
     with pytest.raises(OSError, match="connection reset"):
         store.save(5, lambda st: store.write_part(st, write_learner, workers=1), {"driver.json": b"{}"}, keep=2)
     assert len(copied) == 2 and steps(store) == []
@@ -224,7 +224,7 @@ def test_checkpoint_whose_files_disagree_with_its_marker_is_not_complete(store, 
     elif damage == "truncate":
         target.write_bytes(target.read_bytes()[:-1])
     else:
-        Path(ckpt.path, storage.MARKER).write_text('{"format": 1, "st')  # a torn marker
+        Path(ckpt.path, checkpoint.MARKER).write_text('{"format": 1, "st')  # a torn marker
     assert steps(store) == []
 
 
@@ -232,8 +232,8 @@ def test_local_pre_json_marker_is_still_complete(tmp_path):
     """Checkpoints written before this module carry the step number alone in COMPLETE."""
     d = tmp_path / "checkpoints" / "step_000002"
     write_learner(d)
-    (d / storage.MARKER).write_text("2")
-    (ckpt,) = storage.open_store(tmp_path).list_complete()
+    (d / checkpoint.MARKER).write_text("2")
+    (ckpt,) = checkpoint.open_store(tmp_path).list_complete()
     assert ckpt.step == 2 and ckpt.files == {rel: len(b) for rel, b in PART.items()}
 
 
@@ -273,7 +273,7 @@ def test_failing_resave_keeps_the_old_copy(store):
 def test_object_crash_between_new_marker_and_cleanup_resumes_from_the_new_copy(tmp_path):
     """Two complete saves of one step (the writer died before deleting the older one): readers take
     the later ``save_id``, whatever the clocks, and never a mix; the next prune removes the older."""
-    store = storage.ObjectStore(pafs.LocalFileSystem(), str(tmp_path), str(tmp_path))
+    store = checkpoint.ObjectStore(pafs.LocalFileSystem(), str(tmp_path), str(tmp_path))
     old = save(store, 4, tag=b"old")
     staging = store.begin(4)
     files = store.write_part(staging, lambda d: write_learner(d, {**PART, "policy/model.safetensors": b"n" * 5}))
@@ -290,7 +290,7 @@ def test_object_crash_between_new_marker_and_cleanup_resumes_from_the_new_copy(t
 
 
 def test_object_fetch_downloads_the_listed_files_with_their_bytes(tmp_path):
-    store = storage.ObjectStore(pafs.LocalFileSystem(), str(tmp_path / "remote"), str(tmp_path / "remote"))
+    store = checkpoint.ObjectStore(pafs.LocalFileSystem(), str(tmp_path / "remote"), str(tmp_path / "remote"))
     save(store, 2)
     other_node = pickle.loads(pickle.dumps(store))  # what Ray would ship to another process
     ckpt = other_node.latest()
@@ -301,7 +301,7 @@ def test_object_fetch_downloads_the_listed_files_with_their_bytes(tmp_path):
 
 
 def test_object_fetch_notices_a_file_changed_under_it(tmp_path):
-    store = storage.ObjectStore(pafs.LocalFileSystem(), str(tmp_path / "remote"), str(tmp_path / "remote"))
+    store = checkpoint.ObjectStore(pafs.LocalFileSystem(), str(tmp_path / "remote"), str(tmp_path / "remote"))
     ckpt = save(store, 2)
     Path(ckpt.path, "optimizer.pt").write_bytes(b"short")
     with pytest.raises(OSError, match="optimizer.pt .*wrong size"):
@@ -317,7 +317,7 @@ def test_commit_refuses_files_that_were_not_written_as_reported(store):
 
 
 def test_object_prune_failing_after_the_marker_keeps_the_checkpoint(tmp_path, monkeypatch, caplog):
-    store = storage.ObjectStore(pafs.LocalFileSystem(), str(tmp_path), str(tmp_path))
+    store = checkpoint.ObjectStore(pafs.LocalFileSystem(), str(tmp_path), str(tmp_path))
 
     def broken_prune(keep):
         raise OSError("AWS Error SLOW_DOWN during DeleteObjects operation")

@@ -1,6 +1,9 @@
-"""Weight-sync pieces that need neither Ray nor vLLM: flat buffers, checksums, verify."""
+"""Weight-sync pieces that need neither Ray nor vLLM: flat buffers, checksums, verify, and the
+sender's and receiver's methods reached through ``sync.remote.call`` (a stand-in actor handle)."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,6 +11,9 @@ import torch
 from ray_rlhf.sync.broadcaster import compare_checksums
 from ray_rlhf.sync.checksum import canonical, state_dict_checksum, tensor_bytes
 from ray_rlhf.sync.flat import FlatLayout, flatten, layout_of, unflatten
+from ray_rlhf.sync.receiver import WeightReceiver
+from ray_rlhf.sync.remote import call
+from ray_rlhf.sync.sender import WeightSender
 from ray_rlhf.sync.types import EngineChecksum, SinkInfo, SyncResult, WeightSyncError
 
 
@@ -110,3 +116,43 @@ def test_verify_names_the_generator_and_what_failed():
 def test_sync_result_is_a_plain_record():
     r = SyncResult(version=1, backend="object_store", bytes=10, seconds=0.5, num_generators=2)
     assert r.checksum == "" and r.verify_seconds == 0.0
+
+
+def _actor(component) -> SimpleNamespace:
+    """A stand-in Ray actor handle whose ``__ray_call__.remote(fn, *args)`` runs ``fn(actor, *args)``
+    in-process (Ray runs it in the actor and returns an ObjectRef of the result)."""
+    actor = SimpleNamespace(weights=component)
+    return SimpleNamespace(__ray_call__=SimpleNamespace(remote=lambda fn, *a, **k: fn(actor, *a, **k)))
+
+
+class _DictEngine:
+    """An :class:`~ray_rlhf.sync.receiver.Engine` that holds a state dict."""
+
+    def __init__(self, state):
+        self.state = dict(state)
+
+    def reload(self, weights):
+        self.state.update(dict(weights))
+
+    def read_back(self, part=0, parts=1):
+        return dict(self.state)
+
+
+def test_call_runs_the_components_method_in_the_actor():
+    learner_state = _state(1)
+    source = _actor(WeightSender(lambda: learner_state))
+    exported = call(source, WeightSender.export)
+    assert exported.keys() == learner_state.keys() and all(exported[k] is not learner_state[k] for k in exported)
+    assert call(source, WeightSender.checksum) == state_dict_checksum(learner_state)
+    assert call(source, WeightSender.checksum, ("lm_head.weight",)) == state_dict_checksum(learner_state, ["lm_head.weight"])
+
+    engine = _DictEngine(_state(0))
+    sink = _actor(WeightReceiver(engine, "g0", set(engine.state)))
+    report = call(sink, WeightReceiver.load, 4, exported, True)
+    assert (report.version, report.bytes, report.received_checksum) == (4, tensor_bytes(exported),
+                                                                          state_dict_checksum(learner_state))
+    status = call(sink, WeightReceiver.status)
+    read = call(sink, WeightReceiver.engine_checksum, 0, 1)
+    compare_checksums(4, call(source, WeightSender.checksum), [status], [read])  # verify passes
+    with pytest.raises(WeightSyncError, match="generator g0: version 5 payload is missing"):
+        call(sink, WeightReceiver.load, 5, {k: v for k, v in exported.items() if k != "lm_head.weight"})

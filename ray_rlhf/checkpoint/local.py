@@ -1,4 +1,4 @@
-"""Checkpoints in a local directory (rename-based atomic commit; see :mod:`ray_rlhf.storage`)."""
+"""Checkpoints in a local directory (rename-based atomic commit; see :mod:`ray_rlhf.checkpoint`)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,9 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from ray_rlhf.checkpoint.layout import MARKER, STEP_PREFIX, step_dir_name, step_of
+from ray_rlhf.checkpoint.store import Checkpoint, Staging, _check_keep, _local_sizes, _Store
 from ray_rlhf.errors import UserError
-from ray_rlhf.storage.base import (
-    MARKER,
-    Checkpoint,
-    Staging,
-    _check_keep,
-    _local_sizes,
-    _Store,
-    step_dir_name,
-)
 
 
 class LocalStore(_Store):
@@ -78,7 +71,7 @@ class LocalStore(_Store):
     def list_complete(self) -> list[Checkpoint]:
         """Complete checkpoints, oldest first. A pre-JSON marker is trusted as before (no sizes)."""
         found = []
-        for d in sorted(Path(self.checkpoints).glob("step_*")):
+        for d in sorted(Path(self.checkpoints).glob(f"{STEP_PREFIX}*")):
             marker = self.read_marker(str(d)) if d.is_dir() else None
             if marker is None:
                 continue
@@ -87,7 +80,7 @@ class LocalStore(_Store):
                 continue
             if not marker:
                 files = {k: v for k, v in _local_sizes(str(d)).items() if k != MARKER}
-            found.append(Checkpoint(int(d.name.split("_")[1]), marker.get("save_id", ""), str(d), files))
+            found.append(Checkpoint(step_of(d.name), marker.get("save_id", ""), str(d), files))
         return found
 
     def prune(self, keep: int) -> None:

@@ -1,4 +1,4 @@
-"""Checkpoints in an object store (marker written last; see :mod:`ray_rlhf.storage`)."""
+"""Checkpoints in an object store (marker written last; see :mod:`ray_rlhf.checkpoint`)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from ray_rlhf.storage.base import (
-    MARKER,
+from ray_rlhf.checkpoint.layout import MARKER, STEP_PREFIX, step_dir_name, step_of
+from ray_rlhf.checkpoint.store import (
     Checkpoint,
     Staging,
     _check_keep,
@@ -21,7 +21,6 @@ from ray_rlhf.storage.base import (
     _open_output,
     _Store,
     explain_error,
-    step_dir_name,
 )
 
 log = logging.getLogger(__name__)
@@ -84,12 +83,12 @@ class ObjectStore(_Store):
         seen: set[tuple[str, str]] = set()
         for rel in sizes:
             parts = rel.split("/")
-            if len(parts) >= 3 and re.fullmatch(r"step_\d+", parts[0]):
+            if len(parts) >= 3 and re.fullmatch(rf"{STEP_PREFIX}\d+", parts[0]):
                 seen.add((parts[0], parts[1]))
         for step_name, save_id in sorted(seen):
             has_marker = f"{step_name}/{save_id}/{MARKER}" in sizes
             marker = self.read_marker(f"{self.checkpoints}/{step_name}/{save_id}") if has_marker else None
-            steps.setdefault(int(step_name.split("_")[1]), []).append((save_id, marker))
+            steps.setdefault(step_of(step_name), []).append((save_id, marker))
         return sizes, steps
 
     def _complete(self, sizes: dict[str, int], step: int, save_id: str, marker: dict | None) -> Checkpoint | None:
@@ -122,7 +121,7 @@ class ObjectStore(_Store):
         kept_steps = {step_dir_name(step) for step, _ in kept}
         for info in self.fs.get_file_info(pafs.FileSelector(self.checkpoints, allow_not_found=True)):
             name = os.path.basename(info.path)  # emptied step "directories" (marker objects on S3)
-            if info.type == pafs.FileType.Directory and name.startswith("step_") and name not in kept_steps:
+            if info.type == pafs.FileType.Directory and name.startswith(STEP_PREFIX) and name not in kept_steps:
                 self.fs.delete_dir(info.path)
 
     def fetch(self, ckpt: Checkpoint, local_dir: str | Path, workers: int = 8) -> Path:

@@ -4,16 +4,32 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit
 
 import pyarrow.fs as pafs
 
+from ray_rlhf.checkpoint.local import LocalStore
+from ray_rlhf.checkpoint.objects import ObjectStore
+from ray_rlhf.checkpoint.store import S3_PARAMS, _first_line, explain_error
 from ray_rlhf.errors import UserError
-from ray_rlhf.storage.base import S3_PARAMS, _first_line, explain_error
-from ray_rlhf.storage.local import LocalStore
-from ray_rlhf.storage.objects import ObjectStore
+
+if TYPE_CHECKING:
+    from ray_rlhf.config.schema import RunConfig
 
 CheckpointStore = LocalStore | ObjectStore
+
+
+def location(cfg: RunConfig) -> str:
+    """Where a run's checkpoints are: ``checkpoint.location``, or ``output_dir`` (made absolute);
+    checkpoints go under ``<location>/checkpoints``."""
+    return cfg.checkpoint.location or os.path.abspath(cfg.output_dir)
+
+
+def check_writable(output_dir: str | Path) -> None:
+    """Fail early (before any expensive work) if checkpoints cannot be written under the local
+    directory ``output_dir``."""
+    LocalStore(output_dir).check_writable()
 
 
 def open_store(uri_or_path: str | Path) -> CheckpointStore:

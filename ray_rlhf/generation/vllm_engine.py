@@ -1,6 +1,10 @@
-"""Read the weights a vLLM engine actually computes with, back in Hugging Face naming.
+"""The weight side of one in-process vLLM engine: load a Hugging Face state dict, read it back.
 
-Runs inside the vLLM worker via ``llm.collective_rpc(engine_hf_state_dict)``. Why this is needed:
+:class:`VllmEngine` is the :class:`~ray_rlhf.sync.receiver.Engine` a generator hands its
+:class:`~ray_rlhf.sync.receiver.WeightReceiver`: :meth:`VllmEngine.reload` loads a full state dict
+(:func:`reload_hf_weights`), :meth:`VllmEngine.read_back` reads the weights the engine actually
+computes with back in Hugging Face naming (:func:`engine_hf_state_dict`). Both run inside the vLLM
+worker via ``llm.collective_rpc``. Why the read-back is needed:
 
 - vLLM fuses ``q/k/v_proj`` into ``qkv_proj`` and ``gate/up_proj`` into ``gate_up_proj``;
 - vLLM's CPU backend repacks every linear weight after loading (oneDNN handle or sgl-kernel
@@ -45,6 +49,8 @@ weights are not repacked and are read directly. Probing costs about one forward 
 from __future__ import annotations
 
 import torch
+
+__all__ = ["HEAD_NAME", "VllmEngine", "engine_hf_state_dict", "logits_module", "refresh_logits_head", "reload_hf_weights"]
 
 _PROBE_ROWS = 1024
 """Identity rows per probe call: bounds the probe's input to 1024 x in_features."""
@@ -234,3 +240,30 @@ def reload_hf_weights(worker, weights) -> list[str]:
     worker.reload_weights(weights_iterator=pairs)
     refresh_logits_head(worker)
     return dropped
+
+
+class VllmEngine:
+    """The :class:`~ray_rlhf.sync.receiver.Engine` of one in-process ``vllm.LLM``: load and read back.
+
+    ``tensor_parallel_size > 1``: loads work, read-backs do not (each rank holds only shards; the
+    config refuses ``sync.verify`` there).
+    """
+
+    def __init__(self, llm, tensor_parallel_size: int = 1):
+        self.llm = llm
+        self.tensor_parallel_size = int(tensor_parallel_size)
+
+    def reload(self, weights) -> None:
+        """One ``reload_weights`` call in the worker (never a second ``model.load_weights`` on CPU:
+        the repacked layers reject it), made safe for tied LM heads and followed by a refresh of
+        the packed head (:func:`reload_hf_weights`); prefix-cache entries computed with the old
+        weights are dropped."""
+        self.llm.collective_rpc(reload_hf_weights, kwargs={"weights": weights})
+        self.llm.reset_prefix_cache()
+
+    def read_back(self, part: int = 0, parts: int = 1) -> dict[str, torch.Tensor]:
+        """The weights the engine computes with (:func:`engine_hf_state_dict`): all of them, or the
+        cheap ones plus rotating ``part`` of ``parts`` of the probed ones."""
+        if self.tensor_parallel_size != 1:
+            raise RuntimeError("weights_checksum: no engine read-back across tensor-parallel ranks")
+        return self.llm.collective_rpc(engine_hf_state_dict, kwargs={"part": part, "parts": parts})[0]

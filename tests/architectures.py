@@ -1,4 +1,5 @@
-"""An offline architecture matrix: tiny random-init causal LMs of several Hugging Face families.
+"""An offline architecture matrix for the tests: tiny random-init causal LMs of several Hugging
+Face families.
 
 People bring Hugging Face models of many architectures; no hub is reachable here, so
 :func:`build_arch` writes a tiny random-init model of a named architecture (``config.json``,

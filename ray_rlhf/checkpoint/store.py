@@ -1,5 +1,6 @@
-"""What every checkpoint store shares: the marker, staging, the checkpoint record, the store base
-class, error explanation and the file-copy helpers (see :mod:`ray_rlhf.storage`)."""
+"""What every checkpoint store shares: staging, the checkpoint record, the store base class (the
+atomic save, the marker, byte I/O), error explanation and the file-copy helpers (see
+:mod:`ray_rlhf.checkpoint`)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,11 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from ray_rlhf.checkpoint.layout import CHECKPOINTS, FORMAT, MARKER
 from ray_rlhf.errors import UserError
 
-MARKER = "COMPLETE"
-FORMAT = 1
 S3_PARAMS = ("region", "endpoint_override", "scheme")
 """Query parameters an ``s3://`` URI may carry."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:06d}"
 
 
 @dataclass(frozen=True)
@@ -57,7 +53,7 @@ class _Store:
 
     @property
     def checkpoints(self) -> str:
-        return f"{self.root}/checkpoints"
+        return f"{self.root}/{CHECKPOINTS}"
 
     def save(self, step: int, write_parts: Callable[[Staging], dict[str, int]], files: dict[str, bytes],
              keep: int) -> Checkpoint:

@@ -1,0 +1,221 @@
+"""The registry of advantage estimators and policy losses, each with what it needs.
+
+An estimator is one function of an :class:`AdvantageInputs` record that returns
+:class:`Advantages`, registered with :func:`register_estimator` and its traits:
+
+================  ======================================================  ======  ======  ======  =========================
+name              advantage                                               critic  groups  KL      loss aggregation
+================  ======================================================  ======  ======  ======  =========================
+``gae``           GAE over per-token rewards, whitened                    yes     no      reward  ``token_mean``
+``grpo``          (r - mean_g) / (std_g + eps), per sequence              no      yes     loss    ``token_mean``
+``dr_grpo``       r - mean_g, per sequence; loss over B * L_max tokens    no      yes     loss    ``seq_mean_token_sum_norm``
+``rloo``          r - mean of the other samples of the group              no      yes     loss    ``token_mean``
+``reinforce_pp``  batch-normalised discounted returns of the rewards      no      no      reward  ``token_mean``
+================  ======================================================  ======  ======  ======  =========================
+
+*critic*: a value function is built, trained and saved; *groups*: the samples of one prompt are
+compared, so a prompt needs at least 2; *KL*: where the KL to the reference acts under
+``kl.placement=auto`` (a per-token reward penalty, or a loss term); *loss aggregation*: the
+``algo.loss_agg=auto`` default (:data:`~ray_rlhf.algo.losses.LOSS_AGGS`). With the KL in the
+reward a group estimator's score is ``r - beta * sum_t KL_t``; with the KL in the loss the reward
+is the score alone.
+
+A policy loss is registered with :func:`register_policy_loss` (today one: PPO's clipped surrogate,
+:func:`~ray_rlhf.algo.losses.policy_loss`), with its own aggregation if it has one.
+
+The config (``algo.estimator``'s choices, the ``auto`` defaults, the checks of
+``rollout.samples_per_prompt`` and ``model.critic_path``), the learner and the benchmarks read
+these traits: no code outside this module compares an estimator's name (a unit test checks). A new
+estimator is one function, one registration here and its test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ray_rlhf.algo.advantages import dr_grpo_advantages, gae, grpo_advantages, reinforce_pp_advantages, rloo_advantages
+from ray_rlhf.algo.groups import zero_std_groups
+from ray_rlhf.algo.kl import per_token_rewards
+from ray_rlhf.algo.losses import LOSS_AGGS, policy_loss
+from ray_rlhf.algo.masked import masked_whiten
+
+KL_PLACEMENTS = ("reward", "loss")
+"""Where the KL to the reference acts: a per-token reward penalty, or a loss term."""
+
+
+@dataclass(frozen=True)
+class AdvantageInputs:
+    """What an estimator may use, for the whole batch. Masks: 1 = valid response token."""
+
+    scores: torch.Tensor
+    """Scalar reward per sequence. Shape: (B,)."""
+    kl: torch.Tensor
+    """Per-token KL to the reference, 0 at padding. Shape: (B, T)."""
+    mask: torch.Tensor
+    """Shape: (B, T), right-padded."""
+    kl_penalty: float
+    """beta where the KL acts in the reward, 0 where it acts in the loss."""
+    group_ids: torch.Tensor
+    """Samples of one prompt share an id. Shape: (B,)."""
+    values: torch.Tensor | None = None
+    """V(s_t) before the update, for estimators with a critic. Shape: (B, T)."""
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten: bool = True
+    """GAE: whiten the advantages over the batch's valid tokens."""
+
+
+@dataclass
+class Advantages:
+    advantages: torch.Tensor
+    """Shape (B, T), 0 at padding."""
+    returns: torch.Tensor | None
+    """Value targets (GAE's lambda-returns), None without a critic. Shape (B, T)."""
+    zero_std: torch.Tensor | None
+    """Group estimators: which sequences belong to a group whose scores are all equal. Shape (B,)."""
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """A registered advantage estimator and what it needs."""
+
+    name: str
+    fn: Callable[[AdvantageInputs], Advantages]
+    uses_critic: bool
+    """A value function is built, run, trained and saved."""
+    needs_groups: bool
+    """It compares the samples of each prompt: ``rollout.samples_per_prompt >= 2``."""
+    kl_placement: str
+    """Where the KL acts under ``kl.placement=auto`` (:data:`KL_PLACEMENTS`)."""
+    loss_agg: str
+    """The loss aggregation under ``algo.loss_agg=auto`` (:data:`~ray_rlhf.algo.losses.LOSS_AGGS`)."""
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """A registered policy loss; ``fn`` has :func:`~ray_rlhf.algo.losses.policy_loss`'s signature."""
+
+    name: str
+    fn: Callable[..., tuple[torch.Tensor, object]]
+    loss_agg: str | None = None
+    """Its own aggregation under ``algo.loss_agg=auto``; None: the estimator's."""
+
+
+ESTIMATORS: dict[str, Estimator] = {}
+"""Every registered estimator by name, in registration order."""
+POLICY_LOSSES: dict[str, PolicyLoss] = {}
+"""Every registered policy loss by name."""
+DEFAULT_POLICY_LOSS = "ppo_clip"
+
+
+def register_estimator(name: str, *, uses_critic: bool = False, needs_groups: bool = False,
+                       kl_placement: str = "reward", loss_agg: str = "token_mean"):
+    """Decorator: register ``fn(inputs: AdvantageInputs) -> Advantages`` as estimator ``name``."""
+    if name in ESTIMATORS:
+        raise ValueError(f"estimator {name!r} is registered twice")
+    if kl_placement not in KL_PLACEMENTS or loss_agg not in LOSS_AGGS:
+        raise ValueError(f"estimator {name!r}: kl_placement must be one of {KL_PLACEMENTS} (got {kl_placement!r}) "
+                         f"and loss_agg one of {LOSS_AGGS} (got {loss_agg!r})")
+
+    def add(fn: Callable[[AdvantageInputs], Advantages]) -> Callable[[AdvantageInputs], Advantages]:
+        ESTIMATORS[name] = Estimator(name, fn, uses_critic, needs_groups, kl_placement, loss_agg)
+        return fn
+
+    return add
+
+
+def register_policy_loss(name: str, fn: Callable[..., tuple[torch.Tensor, object]], *,
+                         loss_agg: str | None = None) -> PolicyLoss:
+    if name in POLICY_LOSSES:
+        raise ValueError(f"policy loss {name!r} is registered twice")
+    if loss_agg is not None and loss_agg not in LOSS_AGGS:
+        raise ValueError(f"policy loss {name!r}: loss_agg must be one of {LOSS_AGGS}; got {loss_agg!r}")
+    POLICY_LOSSES[name] = PolicyLoss(name, fn, loss_agg)
+    return POLICY_LOSSES[name]
+
+
+def get_estimator(name: str) -> Estimator:
+    try:
+        return ESTIMATORS[name]
+    except KeyError:
+        raise ValueError(f"unknown estimator {name!r}; registered: {', '.join(ESTIMATORS)}") from None
+
+
+def get_policy_loss(name: str) -> PolicyLoss:
+    try:
+        return POLICY_LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy loss {name!r}; registered: {', '.join(POLICY_LOSSES)}") from None
+
+
+def estimator_names() -> tuple[str, ...]:
+    return tuple(ESTIMATORS)
+
+
+def group_estimators() -> tuple[str, ...]:
+    """The estimators that compare the samples of each prompt."""
+    return tuple(n for n, e in ESTIMATORS.items() if e.needs_groups)
+
+
+def critic_estimators() -> tuple[str, ...]:
+    """The estimators with a value function."""
+    return tuple(n for n, e in ESTIMATORS.items() if e.uses_critic)
+
+
+def resolve_kl_in_loss(placement: str, estimator: str) -> bool:
+    """``kl.placement`` resolved: True for a loss term, False for a per-token reward penalty
+    (``auto``: the estimator's)."""
+    if placement == "auto":
+        return get_estimator(estimator).kl_placement == "loss"
+    return placement == "loss"
+
+
+def resolve_loss_agg(loss_agg: str, estimator: str, policy: str = DEFAULT_POLICY_LOSS) -> str:
+    """``algo.loss_agg`` resolved (``auto``: the policy loss's own, else the estimator's)."""
+    if loss_agg != "auto":
+        return loss_agg
+    return get_policy_loss(policy).loss_agg or get_estimator(estimator).loss_agg
+
+
+# ---- the estimators --------------------------------------------------------------------------
+
+
+@register_estimator("gae", uses_critic=True)
+def _gae(x: AdvantageInputs) -> Advantages:
+    """GAE (Schulman et al. 2016) over the KL-shaped per-token rewards, whitened over the batch."""
+    rewards = per_token_rewards(x.scores, x.kl, x.mask, x.kl_penalty)
+    advantages, returns = gae(rewards, x.values, x.mask, x.gamma, x.lam)
+    if x.whiten:
+        advantages = masked_whiten(advantages, x.mask)
+    return Advantages(advantages, returns, None)
+
+
+def _grouped(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]):
+    """A group baseline of the sequence scores (minus ``beta * sum_t KL_t`` with the KL in the reward)."""
+
+    def estimate(x: AdvantageInputs) -> Advantages:
+        shaped = x.scores - x.kl_penalty * (x.kl * x.mask).sum(1) if x.kl_penalty else x.scores
+        return Advantages(fn(shaped, x.group_ids, x.mask), None, zero_std_groups(shaped, x.group_ids))
+
+    return estimate
+
+
+register_estimator("grpo", needs_groups=True, kl_placement="loss")(_grouped(grpo_advantages))
+register_estimator("dr_grpo", needs_groups=True, kl_placement="loss",
+                   loss_agg="seq_mean_token_sum_norm")(_grouped(dr_grpo_advantages))
+register_estimator("rloo", needs_groups=True, kl_placement="loss")(_grouped(rloo_advantages))
+
+
+@register_estimator("reinforce_pp")
+def _reinforce_pp(x: AdvantageInputs) -> Advantages:
+    """REINFORCE++ (Hu 2025): batch-normalised discounted returns of the KL-shaped rewards."""
+    rewards = per_token_rewards(x.scores, x.kl, x.mask, x.kl_penalty)
+    return Advantages(reinforce_pp_advantages(rewards, x.mask, x.gamma), None, None)
+
+
+# ---- the policy losses -------------------------------------------------------------------------
+
+register_policy_loss("ppo_clip", policy_loss)
