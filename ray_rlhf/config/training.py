@@ -170,7 +170,7 @@ class LearnerConfig(_Section):
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Training dtype. ``bfloat16`` (GPU): bf16 compute with float32 master weights, gradients and
     optimizer state -- FSDP2's mixed-precision policy for ``fsdp`` with several ranks, autocast
-    otherwise (``ddp``, or one rank); log-probs and values are computed in float32 from the bf16
+    otherwise (``ddp``, or one rank) and for the frozen reference; log-probs and values are computed in float32 from the bf16
     trunk. On CPU it runs (autocast) but is fast only where the CPU has bf16 instructions
     (AVX-512-BF16/AMX). Where the engine samples in another precision, watch
     ``rollout/mismatch_kl`` and consider ``algo.rollout_correction``."""

@@ -41,7 +41,8 @@ def save(learner, d: Path) -> None:
         else None
     lm_state = part("lm.") if full else None
     learner.model.lm.save_pretrained(d / POLICY, safe_serialization=True, **({"state_dict": lm_state} if full else {}))
-    learner.tokenizer.save_pretrained(d / POLICY)
+    if learner.tokenizer is not None:
+        learner.tokenizer.save_pretrained(d / POLICY)
     if learner.model.critic is not None:
         kw = {"state_dict": part("critic.")} if full else {}
         learner.model.critic.save_pretrained(d / CRITIC, safe_serialization=True, **kw)

@@ -44,16 +44,20 @@ class Group(Single):
     def __init__(self):
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+            else torch.device("cpu")
+        """Where the backend's collectives run (NCCL takes CUDA tensors only, gloo CPU ones):
+        callers pass tensors from anywhere and get them back on their own device."""
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
+        out = t.to(self.device, copy=True)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out.to(t.device)
 
     def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t
+        out = t.to(self.device, copy=True)
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        return out.to(t.device)
 
     def gather_rows(self, local: torch.Tensor, rows: torch.Tensor, total: int) -> torch.Tensor:
         """Every rank's ``local`` (its ``rows`` of a (total, ...) tensor) assembled on every rank.
@@ -61,14 +65,15 @@ class Group(Single):
         Each rank's part is padded to the largest part for ``all_gather`` (equal shapes), with its
         row indices alongside; the padding rows are dropped.
         """
-        count = torch.tensor([len(rows)], dtype=torch.long, device=local.device)
+        home, local = local.device, local.to(self.device)
+        count = torch.tensor([len(rows)], dtype=torch.long, device=self.device)
         counts = [torch.zeros_like(count) for _ in range(self.world_size)]
         dist.all_gather(counts, count)
         width = int(max(c.item() for c in counts))
         padded = local.new_zeros((width, *local.shape[1:]))
         padded[: len(rows)] = local
-        idx = torch.full((width,), -1, dtype=torch.long, device=local.device)
-        idx[: len(rows)] = rows.to(local.device)
+        idx = torch.full((width,), -1, dtype=torch.long, device=self.device)
+        idx[: len(rows)] = rows.to(self.device)
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         ids = [torch.empty_like(idx) for _ in range(self.world_size)]
         dist.all_gather(parts, padded)
@@ -77,7 +82,7 @@ class Group(Single):
         for part, index in zip(parts, ids):
             keep = index >= 0
             out[index[keep]] = part[keep]
-        return out
+        return out.to(home)
 
     def barrier(self) -> None:
         dist.barrier()

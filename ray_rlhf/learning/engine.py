@@ -115,6 +115,7 @@ class Engine:
         self.train_model = model
         """The model as trained: wrapped by DDP, or (FSDP2) sharded in place."""
         self.optimizer: torch.optim.Optimizer | None = None
+        self._joined = False
         self._lm_state: dict[str, torch.Tensor] | None = None  # gathered full weights (FSDP)
         if options.world_size == 1:
             self._build_optimizer()
@@ -125,6 +126,7 @@ class Engine:
         opt = self.options
         backend = "nccl" if self.device.startswith("cuda") else "gloo"
         self.comm = init_group(host, port, opt.rank, opt.world_size, backend, opt.collective_timeout_s)
+        self._joined = True
         self.train_model = parallel.wrap(self.model, opt.strategy, opt.world_size, self.device, opt.dtype)
         if self.sharded and opt.shard_reference and self.reference is not None:
             parallel.wrap(self.reference, "fsdp", opt.world_size, self.device, opt.dtype)
@@ -132,18 +134,24 @@ class Engine:
         self.refresh_export()
 
     def _build_optimizer(self) -> None:
+        # fused on CUDA: one kernel over all parameters (the per-tensor loop of foreach AdamW through
+        # FSDP2's DTensors costs milliseconds per parameter on the host); same update
+        fused = {"fused": True} if torch.device(self.device).type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.optim.lr,
-                                           weight_decay=self.optim.weight_decay)
+                                           weight_decay=self.optim.weight_decay, **fused)
 
     @property
     def sharded(self) -> bool:
-        return self.options.world_size > 1 and self.options.strategy == "fsdp"
+        """FSDP2: over several ranks, or at one rank that joined a group of one (the GPU check)."""
+        return self.options.strategy == "fsdp" and (self.options.world_size > 1 or self._joined)
 
     def autocast(self):
-        """``learner.dtype=bfloat16`` without FSDP2 sharding (``ddp``, or one rank): bf16 compute
-        under autocast, float32 weights, gradients and optimizer (FSDP2 has its mixed-precision
-        policy instead); log-probs and values leave the model in float32."""
-        if self.options.dtype != "bfloat16" or self.sharded:
+        """``learner.dtype=bfloat16``: bf16 compute under autocast, float32 weights, gradients and
+        optimizer; log-probs and values leave the model in float32. Under FSDP2 the policy's
+        mixed-precision policy casts its parameters to bf16 already; autocast then still puts the
+        frozen reference, which is not sharded unless ``learner.shard_reference``, in bf16 (without
+        it the reference ran in float32: on an H200 half of ``prepare``)."""
+        if self.options.dtype != "bfloat16":
             return contextlib.nullcontext()
         return torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16)
 

@@ -89,8 +89,10 @@ class Learner:
 
     def __init__(self, model_path: str, ppo: PPOConfig, kl: KLConfig, seed: int = 0, device: str = "cpu",
                  temperature: float = 1.0, critic_path: str | None = None, torch_threads: int | None = None,
-                 options: LearnerOptions | None = None, cores: list[int] | None = None):
-        from transformers import AutoTokenizer
+                 options: LearnerOptions | None = None, cores: list[int] | None = None,
+                 lm: torch.nn.Module | None = None):
+        """``lm``: a causal LM already built (the GPU check's random-init models of real shapes)
+        instead of loading ``model_path``; its config's ``pad_token_id`` (or 0) pads the batches."""
 
         if cores:
             import os
@@ -106,9 +108,15 @@ class Learner:
                                       overlong=opt.overlong, overlong_buffer=opt.overlong_buffer)
         self.uses_critic = self.objective.uses_critic
         self.model_path = str(model_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        lm = load_causal_lm(model_path, device)
+        if lm is None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+            pad = self.tokenizer.pad_token_id
+            lm = load_causal_lm(model_path, device)
+        else:
+            self.tokenizer, pad = None, getattr(lm.config, "pad_token_id", None)
+        self.pad_id = pad if pad is not None else 0
         critic = load_causal_lm(critic_path, device) if critic_path else None
         model = PolicyWithValueHead(lm, critic, value_head=self.uses_critic).to(device)
         reference = ReferenceModel(copy.deepcopy(lm)) if self.objective.needs_reference else None

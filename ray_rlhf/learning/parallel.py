@@ -41,9 +41,17 @@ def compile_layers(*models: nn.Module | None) -> int:
     return n
 
 
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` (or the module under a DDP wrapper) was sharded by FSDP2's ``fully_shard``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(unwrap(module), FSDPModule)
+
+
 def wrap(module: nn.Module, strategy: str, world_size: int, device: str, dtype: str = "float32") -> nn.Module:
-    """``module`` prepared for ``world_size`` ranks (itself when 1)."""
-    if world_size == 1:
+    """``module`` prepared for ``world_size`` ranks of a joined process group: DDP (itself at one
+    rank), or FSDP2 -- at one rank too (the GPU check runs FSDP2's bf16 path at world size 1)."""
+    if strategy == "ddp" and world_size == 1:
         return module
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -98,7 +106,7 @@ class _ResyncOnExit(contextlib.AbstractContextManager):
 def full_state_dict(model: nn.Module, world_size: int, strategy: str) -> dict[str, torch.Tensor]:
     """The whole module's state dict as plain CPU tensors (every rank must call it under FSDP)."""
     module = unwrap(model)
-    if world_size == 1 or strategy == "ddp":
+    if not is_sharded(module):
         return {k: v.detach() for k, v in module.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -107,7 +115,7 @@ def full_state_dict(model: nn.Module, world_size: int, strategy: str) -> dict[st
 
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], world_size: int, strategy: str) -> None:
     module = unwrap(model)
-    if world_size == 1 or strategy == "ddp":
+    if not is_sharded(module):
         module.load_state_dict(state, strict=True)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -116,7 +124,7 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], world
 
 
 def optimizer_state(model: nn.Module, optimizer, world_size: int, strategy: str) -> dict:
-    if world_size == 1 or strategy == "ddp":
+    if not is_sharded(model):
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -125,7 +133,7 @@ def optimizer_state(model: nn.Module, optimizer, world_size: int, strategy: str)
 
 
 def load_optimizer_state(model: nn.Module, optimizer, state: dict, world_size: int, strategy: str) -> None:
-    if world_size == 1 or strategy == "ddp":
+    if not is_sharded(model):
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
