@@ -69,8 +69,13 @@ def run(cfg: RunConfig, on_finish: Callable[[RunActors], None] | None = None,
         try:
             while step <= cfg.steps:
                 timer = PhaseTimer()
+                if actors.colocation:  # placement=colocated: engines awake, learner state offloaded
+                    actors.colocation.generating(step, actors.pool, actors.learners)  # (no-op but at start/recovery)
                 with timer("rollout"):
                     batch = loop.rollouts.next(step)  # generate + score (async: made while the learner trained)
+                if actors.colocation:
+                    with timer("sleep"):  # the engines sleep while the learner trains on their GPUs
+                        actors.colocation.training(step, actors.pool, actors.learners)
                 try:
                     with timer("learn"):
                         stats = actors.learners.step(batch.scored)
@@ -82,6 +87,9 @@ def run(cfg: RunConfig, on_finish: Callable[[RunActors], None] | None = None,
                     loop.reopen(start, ready)
                     step = start + 1
                     continue
+                if actors.colocation:
+                    with timer("wake"):  # awake before the sync loads the new weights into them
+                        actors.colocation.generating(step, actors.pool, actors.learners)
                 with timer("sync"):
                     synced = loop.rollouts.after_update(stats.version)  # async: exported now, loaded later
                 with timer("log"):
