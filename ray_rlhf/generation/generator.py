@@ -271,6 +271,15 @@ class Generator:
         restored = self._phases().wake_up()
         return {"released": restored, "events": self.phases.take_events()}
 
+    def placement(self) -> dict:
+        """Where this engine runs (:func:`~ray_rlhf.telemetry.placement.actor_placement`); ``device``:
+        vLLM's platform (``cpu`` for vLLM's CPU build, whatever GPUs Ray declared)."""
+        from vllm.platforms import current_platform
+
+        from ray_rlhf.telemetry.placement import actor_placement
+
+        return actor_placement(current_platform.device_type)
+
     def _phases(self) -> EngineSleep:
         if self.phases is None:
             raise RuntimeError(f"{self.generator_id}: started without sleep_mode (placement=split); it never sleeps")

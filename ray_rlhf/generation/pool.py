@@ -282,6 +282,12 @@ class GeneratorPool:
             self.replace(self.max_size - len(self))
         return reports
 
+    def placements(self) -> dict[str, dict]:
+        """Generator id -> where it runs (:meth:`Generator.placement`) and ``bundle_index``, the
+        bundle of its placement group it was scheduled at."""
+        out = self._gather({gid: m.handle.placement.remote() for gid, m in self.members.items()})
+        return {gid: {**where, "bundle_index": self.members[gid].bundle_index} for gid, where in out.items()}
+
     def _gather(self, refs: dict[str, Any]) -> dict[str, dict]:
         out = {}
         for gid, ref in refs.items():

@@ -103,6 +103,11 @@ class LearnerGroup:
         every rank returns the same whole-batch statistics."""
         return self._all([r.step.remote(batch) for r in self.ranks])[0]
 
+    def placements(self) -> list[dict]:
+        """Where each rank runs (:meth:`Learner.placement`), rank order; rank ``i`` is scheduled at
+        bundle ``i`` of the group's placement group."""
+        return self._all([r.placement.remote() for r in self.ranks])
+
     def offload(self) -> int:
         """``placement=colocated``: every rank's AdamW state to CPU, gradients freed (the engines on
         their GPUs generate next); returns the bytes moved per rank (rank 0's)."""

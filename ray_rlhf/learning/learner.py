@@ -199,6 +199,12 @@ class Learner:
     def ping(self) -> int:
         return self.version
 
+    def placement(self) -> dict:
+        """Where this rank runs (:func:`~ray_rlhf.telemetry.placement.actor_placement`)."""
+        from ray_rlhf.telemetry.placement import actor_placement
+
+        return actor_placement(str(self.engine.device))
+
     def offload(self) -> int:
         """``placement=colocated``, before the engines generate: AdamW state to CPU, gradients freed
         (:meth:`~ray_rlhf.learning.engine.Engine.offload`); returns the bytes moved."""

@@ -64,6 +64,8 @@ def run(cfg: RunConfig, on_finish: Callable[[RunActors], None] | None = None,
     start, ready = (state.restore(actors, stream, inputs.store_uri, inputs.resume, inputs.resume_state)
                     if inputs.resume else (0, []))
     loop = Loop(cfg, actors, stream, start, ready, resumed=start if inputs.resume else None)
+    if actors.colocation:  # placement=colocated: record which actor landed on which bundle / GPU
+        actors.colocation.placed(actors.pool, actors.learners)
     restarts, step = 0, start + 1
     with StopSignals() as signals:  # also over the shutdown: a second signal exits at once
         try:

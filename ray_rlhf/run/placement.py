@@ -75,6 +75,16 @@ class Colocation:
         """``generation``, ``training``, or None before the first transition."""
         self.path = Path(output_dir) / PHASES_FILE
 
+    def placed(self, pool: Any, learners: Any) -> dict:
+        """Record where every generator and learner rank runs (a ``placed`` line, step 0): bundle
+        index, placement group, GPU ids, ``CUDA_VISIBLE_DEVICES`` and the device each computes on."""
+        actors = {gid: where for gid, where in pool.placements().items()}
+        actors.update({f"learner-{i}": {**where, "bundle_index": i} for i, where in enumerate(learners.placements())})
+        row = {"step": 0, "phase": "placed", "actors": actors}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
     def generating(self, step: int, pool: Any, learners: Any) -> None:
         """Learner state offloaded, then the engines woken (at the first call they are awake already)."""
         if self.phase == "generation":
