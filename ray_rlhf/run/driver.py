@@ -6,6 +6,10 @@
             -> sync     (WeightBroadcaster: version v+1 into every engine, checksum-verified)
             -> log, checkpoint
 
+With ``placement=colocated`` (:mod:`ray_rlhf.run.placement`) each GPU holds a generator and a learner
+rank, and two phases frame the update: ``sleep`` (the engines sleep, the learner's AdamW state comes
+back) after the rollout, ``wake`` (the state goes to CPU memory, the engines wake) before the sync.
+
 Token arrays travel between actors as ObjectRefs; the driver fetches the summary it logs (and the
 scored batch only when rollouts are logged). Started by ``python -m ray_rlhf.train`` or
 ``ray-rlhf train``; it joins ``RAY_ADDRESS`` (or ``ray.address``) when set, as under
