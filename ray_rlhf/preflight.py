@@ -161,6 +161,10 @@ def check_placement(cfg: RunConfig) -> None:
     if g.num_gpus + lc.num_gpus > 1 + 1e-9:
         raise UserError(f"placement=colocated shares one GPU per pair: generators.num_gpus + learner.num_gpus = "
                         f"{g.num_gpus + lc.num_gpus:g} > 1; use fractions such as 0.5 and 0.5 {fix}")
+    if g.num_gpus and cfg.sync.backend == "collective":
+        raise UserError("placement=colocated with sync.backend=collective would put learner rank 0 and generator 0 in "
+                        "one NCCL group on the same GPU, which NCCL refuses; set sync.backend=object_store "
+                        f"{fix}")
     if cfg.rollout.max_staleness:
         raise UserError(f"placement=colocated alternates generation and training on the same GPUs: "
                         f"rollout.max_staleness={cfg.rollout.max_staleness} would overlap them; set it to 0 {fix}")

@@ -63,7 +63,8 @@ class RunConfig(_Section):
     ``i`` holds generator ``i`` and learner rank ``i`` (``generators.num_gpus + learner.num_gpus``
     of one GPU, e.g. 0.5 + 0.5); the engines sleep while the learner trains and the learner offloads
     its optimizer state and gradients while the engines generate (:mod:`ray_rlhf.run.placement`).
-    Needs ``generators.num == learner.num``, a fixed pool and ``rollout.max_staleness=0``; the
+    Needs ``generators.num == learner.num``, a fixed pool, ``rollout.max_staleness=0`` and, on GPUs,
+    ``sync.backend=object_store`` (:func:`ray_rlhf.preflight.check_placement`); the
     per-GPU memory budget is checked before start (:mod:`ray_rlhf.budget`)."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)

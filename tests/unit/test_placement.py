@@ -71,6 +71,7 @@ def test_gpu_engine_sleeps_at_level_one_and_wakes():
     (["learner.num_gpus=0"], ["generators.num_gpus=0.5", "learner.num_gpus=0"]),
     (["learner.num_gpus=1"], ["1.5 > 1"]),
     (["rollout.max_staleness=1"], ["rollout.max_staleness=1"]),
+    (["sync.backend=collective"], ["sync.backend=collective", "NCCL", "sync.backend=object_store"]),
 ])
 def test_pairs_that_cannot_share_the_gpus_are_refused_in_one_line(overrides, expect):
     cfg = load_config("tiny", [*PAIRED, *overrides])
