@@ -185,3 +185,14 @@ def test_offload_and_reload_leave_the_update_unchanged_on_cpu():
     for eng in (plain, moved):
         _adam_step(eng)
     torch.testing.assert_close(moved.model.lm.weight, plain.model.lm.weight, rtol=0, atol=0)
+
+
+def test_logical_gpus_of_a_local_ray_count_as_gpus(monkeypatch):
+    """``ray.num_gpus`` declares the local Ray's GPUs (logical on a CPU machine): two pairs of 0.5 + 0.5
+    need 2 of them."""
+    from ray_rlhf.preflight import check_local_capacity
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    check_local_capacity(load_config("tiny", [*PAIRED, "ray.num_cpus=4"]))
+    with pytest.raises(UserError, match=r"need 2 GPUs but this local Ray has 1; .*ray.num_gpus"):
+        check_local_capacity(load_config("tiny", [*PAIRED[:-1], "ray.num_gpus=1", "ray.num_cpus=4"]))
