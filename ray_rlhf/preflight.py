@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ray_rlhf import budget
 from ray_rlhf.config.schema import RunConfig
 from ray_rlhf.errors import UserError
 from ray_rlhf.records import PromptItem
@@ -120,12 +121,120 @@ def check_local_capacity(cfg: RunConfig) -> None:
         )
     gpus_needed = g.num * g.num_gpus + lc.num * lc.num_gpus + rc.num_gpus
     if gpus_needed:
-        import torch
+        have = local_gpus(cfg)
+        if gpus_needed > have + 1e-9:
+            raise UserError(f"the actors need {gpus_needed:g} GPUs but this local Ray has {have}; lower the num_gpus "
+                            "settings, declare logical GPUs with ray.num_gpus, or join a GPU cluster "
+                            "(ray.address / RAY_ADDRESS)")
 
-        have = torch.cuda.device_count()
-        if gpus_needed > have:
-            raise UserError(f"the actors need {gpus_needed:g} GPUs but this machine has {have}; lower the num_gpus "
-                            "settings or join a GPU cluster (ray.address / RAY_ADDRESS)")
+
+def local_gpus(cfg: RunConfig) -> int:
+    """GPUs of a local Ray: ``ray.num_gpus`` when set (logical GPUs allowed), else the CUDA devices."""
+    if cfg.ray.num_gpus is not None:
+        return cfg.ray.num_gpus
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def check_placement(cfg: RunConfig) -> None:
+    """``placement=colocated``: generator ``i`` and learner rank ``i`` share bundle ``i`` (one GPU), so
+    the two counts must pair up, both must fit one GPU, and the pool cannot be elastic or overlap
+    generation with training (the engines sleep while the learner trains)."""
+    if cfg.placement != "colocated":
+        return
+    g, lc = cfg.generators, cfg.learner
+    fix = "or use placement=split"
+    if g.num != lc.num:
+        raise UserError(f"placement=colocated pairs generator i with learner rank i on GPU i, but generators.num={g.num} "
+                        f"and learner.num={lc.num} cannot pair up; set both to the number of GPUs to use {fix}")
+    if cfg.pool_min != g.num or cfg.pool_max != g.num:
+        raise UserError(f"placement=colocated keeps one generator per learner rank: generators.min/max "
+                        f"({cfg.pool_min}/{cfg.pool_max}) must equal generators.num={g.num}; unset them {fix}")
+    if g.tensor_parallel_size != 1:
+        raise UserError(f"placement=colocated puts one engine on each learner rank's GPU: generators.tensor_parallel_size="
+                        f"{g.tensor_parallel_size} spans several GPUs; set it to 1 {fix}")
+    if (g.num_gpus > 0) != (lc.num_gpus > 0):
+        raise UserError(f"placement=colocated shares each GPU between a generator and a learner rank: "
+                        f"generators.num_gpus={g.num_gpus:g} and learner.num_gpus={lc.num_gpus:g} must both be "
+                        f"fractions of it (e.g. 0.5 and 0.5) or both 0 (CPU) {fix}")
+    if g.num_gpus + lc.num_gpus > 1 + 1e-9:
+        raise UserError(f"placement=colocated shares one GPU per pair: generators.num_gpus + learner.num_gpus = "
+                        f"{g.num_gpus + lc.num_gpus:g} > 1; use fractions such as 0.5 and 0.5 {fix}")
+    if g.num_gpus and cfg.sync.backend == "collective":
+        raise UserError("placement=colocated with sync.backend=collective would put learner rank 0 and generator 0 in "
+                        "one NCCL group on the same GPU, which NCCL refuses; set sync.backend=object_store "
+                        f"{fix}")
+    if cfg.rollout.max_staleness:
+        raise UserError(f"placement=colocated alternates generation and training on the same GPUs: "
+                        f"rollout.max_staleness={cfg.rollout.max_staleness} would overlap them; set it to 0 {fix}")
+
+
+def model_size(path: str | Path) -> tuple[int, dict]:
+    """(parameters, text config) of a Hugging Face model directory: the parameter count summed from
+    the safetensors headers (no tensor is read), the config from ``config.json``."""
+    import struct
+
+    p = Path(path)
+    params = 0
+    for f in sorted(p.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                count = 1
+                for d in meta["shape"]:
+                    count *= int(d)
+                params += count
+    cfg = json.loads((p / "config.json").read_text())
+    return params, cfg.get("text_config") or cfg
+
+
+def gpu_memory_bytes(cfg: RunConfig) -> float | None:
+    """One GPU's memory: ``ray.gpu_memory_gib``, else the local GPU's when torch sees one, else None."""
+    if cfg.ray.gpu_memory_gib is not None:
+        return cfg.ray.gpu_memory_gib * budget.GIB
+    if joins_cluster(cfg):
+        return None
+    import torch
+
+    return float(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else None
+
+
+def colocated_budget(cfg: RunConfig, policy_path: str | Path, gpu_bytes: float) -> budget.GpuBudget:
+    """The :class:`~ray_rlhf.budget.GpuBudget` of one GPU of this run (the policy's files give the
+    parameters and shapes; a separate critic counts as parameters too)."""
+    g, lc = cfg.generators, cfg.learner
+    params, text = model_size(policy_path)
+    learner_params = params + (model_size(cfg.model.critic_path)[0] if cfg.model.critic_path else 0)
+    tokens = cfg.ppo.micro_batch_size * (cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
+    if cfg.ppo.micro_batch_tokens:
+        tokens = min(tokens, cfg.ppo.micro_batch_tokens)
+    acts = budget.activation_bytes(
+        tokens, hidden=int(text.get("hidden_size") or text.get("n_embd") or 0),
+        layers=int(text.get("num_hidden_layers") or text.get("n_layer") or 0), vocab=int(text.get("vocab_size") or 0),
+        compute_bytes=2 if lc.dtype == "bfloat16" else 4, checkpointing=lc.gradient_checkpointing)
+    learner = budget.learner_memory(learner_params, ranks=lc.num, fsdp=lc.strategy == "fsdp",
+                                    shard_reference=lc.shard_reference, activations=acts)
+    return budget.GpuBudget(gpu=gpu_bytes, learner=learner, engine_share=g.gpu_memory_utilization * gpu_bytes,
+                            engine_weights=budget.MASTER_BYTES * params)  # the engines run float32
+
+
+def check_memory_budget(cfg: RunConfig, policy_path: str | Path) -> None:
+    """``placement=colocated`` on GPUs: an engine and a learner rank must fit one GPU in both phases
+    (:mod:`ray_rlhf.budget`); else one line with the budget. Skipped on CPU (no GPU shares) and
+    when the GPU's memory is unknown (``ray.gpu_memory_gib`` empty and no local GPU)."""
+    if cfg.placement != "colocated" or not cfg.generators.num_gpus:
+        return
+    gpu_bytes = gpu_memory_bytes(cfg)
+    if gpu_bytes is None:
+        return
+    b = colocated_budget(cfg, policy_path, gpu_bytes)
+    if not b.fits:
+        raise UserError(f"placement=colocated does not fit: {b.line()}; lower generators.gpu_memory_utilization, "
+                        "shard the learner (learner.strategy=fsdp, learner.shard_reference=true), turn on "
+                        "learner.gradient_checkpointing or lower ppo.micro_batch_size, or use placement=split")
 
 
 def check_compiler(cfg: RunConfig) -> None:

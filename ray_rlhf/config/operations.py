@@ -98,3 +98,12 @@ class RayConfig(_Section):
     """Ray cluster to join. Empty: ``RAY_ADDRESS`` if set, else start a local Ray."""
     num_cpus: int | None = Field(None, ge=1)
     """CPUs of a local Ray (empty: all)."""
+    num_gpus: int | None = Field(None, ge=0)
+    """GPUs of a local Ray (empty: the CUDA devices torch sees). More than the machine has declares
+    LOGICAL GPUs: actors are placed as on a GPU node (bundles, ``CUDA_VISIBLE_DEVICES``) but
+    compute where they can (``learner.device=cpu``, vLLM's CPU build) -- how the colocated
+    placement is tested on CPU machines."""
+    gpu_memory_gib: float | None = Field(None, gt=0)
+    """Memory of one GPU (GiB) for the per-GPU budget of ``placement=colocated``. Empty: read from
+    the local GPU when torch sees one; with neither (a CPU machine, or a driver on a CPU head node
+    of a GPU cluster) the budget is not checked -- set it to have it checked."""

@@ -8,6 +8,8 @@ Every field has a docstring; sizes derived from several fields are checked in
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from ray_rlhf.algo.registry import critic_estimators, get_estimator, group_estimators, resolve_kl_in_loss
@@ -55,6 +57,15 @@ class RunConfig(_Section):
     """PPO steps (rollout + update cycles) in the run."""
     output_dir: str = "runs/run"
     """Metrics, TensorBoard, rollouts and checkpoints go here."""
+    placement: Literal["split", "colocated"] = "split"
+    """Where the generators and the learner ranks run. ``split``: each actor is placed on its own
+    (own GPUs, or CPU shares). ``colocated``: one placement group of ``learner.num`` bundles; bundle
+    ``i`` holds generator ``i`` and learner rank ``i`` (``generators.num_gpus + learner.num_gpus``
+    of one GPU, e.g. 0.5 + 0.5); the engines sleep while the learner trains and the learner offloads
+    its optimizer state and gradients while the engines generate (:mod:`ray_rlhf.run.placement`).
+    Needs ``generators.num == learner.num``, a fixed pool, ``rollout.max_staleness=0`` and, on GPUs,
+    ``sync.backend=object_store`` (:func:`ray_rlhf.preflight.check_placement`); the
+    per-GPU memory budget is checked before start (:mod:`ray_rlhf.budget`)."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)

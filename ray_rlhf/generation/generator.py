@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from ray_rlhf.errors import UserError
-from ray_rlhf.generation.vllm_engine import VllmEngine
+from ray_rlhf.generation.vllm_engine import EngineSleep, VllmEngine, sleep_mode_available
 from ray_rlhf.records import FINISH_REASONS, PromptShard, RolloutBatch, SamplingSpec
 from ray_rlhf.sync.receiver import WeightReceiver
 
@@ -105,6 +105,10 @@ class Generator:
         kv_cache_gib: CPU KV cache, whole GiB (``VLLM_CPU_KVCACHE_SPACE``).
         enforce_eager: no torch.compile / CUDA graphs (fast start, what CPU wants).
         omp_threads_bind: ``"nobind"`` (default), ``"auto"`` or a core list; see module docstring.
+        sleep_mode: ``placement=colocated``: the engine sleeps while the learner trains on its GPU
+            (:meth:`sleep`, :meth:`wake_up`; vLLM's ``enable_sleep_mode`` where the platform has it,
+            :func:`~ray_rlhf.generation.vllm_engine.sleep_mode_available`; on CPU the phases are
+            enforced and recorded but no memory is released).
     """
 
     def __init__(
@@ -119,6 +123,7 @@ class Generator:
         kv_cache_gib: float = 1,
         enforce_eager: bool = True,
         omp_threads_bind: str = "nobind",
+        sleep_mode: bool = False,
     ):
         if not Path(model_path, "config.json").is_file():
             raise UserError(f"model directory {model_path} has no config.json; check model.path or build the model first")
@@ -144,9 +149,14 @@ class Generator:
             kwargs["distributed_executor_backend"] = "uni"
         if gpu_memory_utilization is not None:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        real_sleep = sleep_mode and sleep_mode_available()
+        if real_sleep:
+            kwargs["enable_sleep_mode"] = True
         t0 = time.perf_counter()
         self._llm = vllm.LLM(**kwargs)
-        engine = VllmEngine(self._llm, self.tensor_parallel_size)
+        self.phases = EngineSleep(self._llm, real=real_sleep, name=generator_id) if sleep_mode else None
+        """Sleep/wake phases (``placement=colocated``); None: the engine never sleeps."""
+        engine = VllmEngine(self._llm, self.tensor_parallel_size, self.phases)
         names = set(engine.read_back()) if self.tensor_parallel_size == 1 else None
         self.weights = WeightReceiver(engine, generator_id, names)
         """The weight-sink side of the broadcast: loads, group membership, read-back checksums.
@@ -198,6 +208,9 @@ class Generator:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        if self.phases is not None:
+            self.phases.check_awake("generate")
+            self.phases.record("generate")
         t0 = time.perf_counter()
         prompts = list(shard.prompts)
         if any(not p.prompt_ids for p in prompts):
@@ -242,6 +255,35 @@ class Generator:
         report = ShardReport(shard.shard_id, self.generator_id, n, int(rlen.sum()), time.perf_counter() - t0,
                              self.version)
         return report, batch
+
+    # ------------------------------------------------------------------ colocated phases
+
+    def sleep(self) -> dict:
+        """After generation (``placement=colocated``): release the engine's weights and KV cache
+        (vLLM sleep level 1 where available). Returns ``{"released": bool, "events": [...]}``: whether
+        memory was released, and the engine's events since the last :meth:`sleep` / :meth:`wake_up`
+        (``load``, ``generate``, ``sleep``). Raises if the engine was built without ``sleep_mode``."""
+        released = self._phases().sleep()
+        return {"released": released, "events": self.phases.take_events()}
+
+    def wake_up(self) -> dict:
+        """Before the next weight load and rollout: the inverse of :meth:`sleep` (same return)."""
+        restored = self._phases().wake_up()
+        return {"released": restored, "events": self.phases.take_events()}
+
+    def placement(self) -> dict:
+        """Where this engine runs (:func:`~ray_rlhf.telemetry.placement.actor_placement`); ``device``:
+        vLLM's platform (``cpu`` for vLLM's CPU build, whatever GPUs Ray declared)."""
+        from vllm.platforms import current_platform
+
+        from ray_rlhf.telemetry.placement import actor_placement
+
+        return actor_placement(current_platform.device_type)
+
+    def _phases(self) -> EngineSleep:
+        if self.phases is None:
+            raise RuntimeError(f"{self.generator_id}: started without sleep_mode (placement=split); it never sleeps")
+        return self.phases
 
     # ------------------------------------------------------------------ housekeeping
 

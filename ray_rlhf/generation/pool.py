@@ -51,6 +51,49 @@ class Member:
     generator_id: str
     handle: Any
     pg: Any
+    bundle_index: int = 0
+
+
+class OwnGroups:
+    """Default placement (``placement=split``): each member in its own single-bundle placement group,
+    so the pool grows wherever the cluster gains room."""
+
+    def __init__(self, bundle: dict[str, float]):
+        self.bundle = bundle
+
+    def take(self, n: int, timeout_s: float) -> list[tuple[Any, int]]:
+        """Up to ``n`` (placement group, bundle index) slots that became ready within ``timeout_s``."""
+        pgs = [placement_group([dict(self.bundle)], strategy="PACK") for _ in range(n)]
+        ready_refs = [pg.ready() for pg in pgs]
+        ready, _ = ray.wait(ready_refs, num_returns=len(ready_refs), timeout=timeout_s) if ready_refs else ([], [])
+        slots = []
+        for pg, ref in zip(pgs, ready_refs):
+            if ref in ready:
+                slots.append((pg, 0))
+            else:
+                remove_placement_group(pg)  # no room: give the capacity request back
+        return slots
+
+    def give_back(self, pg: Any, bundle_index: int) -> None:
+        remove_placement_group(pg)
+
+
+class SharedSlots:
+    """Placement at the bundles of one placement group the pool does not own (``placement=colocated``:
+    bundle ``i`` also holds learner rank ``i``). A replacement takes the bundle its predecessor left;
+    the pool never grows beyond the bundles."""
+
+    def __init__(self, pg: Any, size: int):
+        self.pg, self.free = pg, list(range(size))
+
+    def take(self, n: int, timeout_s: float) -> list[tuple[Any, int]]:
+        if not self.free or not ray.wait([self.pg.ready()], timeout=timeout_s)[0]:
+            return []
+        taken, self.free = self.free[:n], self.free[n:]
+        return [(self.pg, i) for i in taken]
+
+    def give_back(self, pg: Any, bundle_index: int) -> None:
+        self.free = sorted({*self.free, bundle_index})
 
 
 @dataclass
@@ -98,8 +141,11 @@ class GeneratorPool:
         replace_timeout_s: float = 5.0,
         shard_timeout_s: float | None = None,
         shard_timeout_floor_s: float = 60.0,
+        slots: SharedSlots | None = None,
     ):
         self.actor_cls, self.actor_kwargs, self.bundle = actor_cls, actor_kwargs, bundle
+        self.placer: OwnGroups | SharedSlots = slots if slots is not None else OwnGroups(bundle)
+        """Where members go: their own placement groups, or the bundles of a shared one (``slots``)."""
         self.min_size, self.max_size, self.on_join = min_size, max_size, on_join
         self.max_restarts, self.placement_timeout_s = max_restarts, placement_timeout_s
         self.replace_timeout_s = replace_timeout_s
@@ -132,20 +178,14 @@ class GeneratorPool:
 
     def _start(self, n: int, timeout_s: float) -> list[str]:
         """Place and start up to ``n`` actors and sync them (``on_join``); returns the ids that joined."""
-        pgs = [placement_group([dict(self.bundle)], strategy="PACK") for _ in range(n)]
-        ready_refs = [pg.ready() for pg in pgs]
-        ready, _ = ray.wait(ready_refs, num_returns=len(ready_refs), timeout=timeout_s) if ready_refs else ([], [])
         started: list[Member] = []
-        for pg, ref in zip(pgs, ready_refs):
-            if ref not in ready:
-                remove_placement_group(pg)  # no room: give the capacity request back
-                continue
+        for pg, index in self.placer.take(n, timeout_s):
             gid = f"gen-{next(self._ids)}"
             handle = self.actor_cls.options(
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index),
                 name=None,
             ).remote(**self.actor_kwargs(gid))
-            started.append(Member(gid, handle, pg))
+            started.append(Member(gid, handle, pg, index))
         alive = self._answering(started, timeout_s=None)  # waits for each engine to come up
         while alive:
             try:
@@ -172,9 +212,8 @@ class GeneratorPool:
                 self._release(m)
         return alive
 
-    @staticmethod
-    def _release(m: Member) -> None:
-        for free in (lambda: ray.kill(m.handle, no_restart=True), lambda: remove_placement_group(m.pg)):
+    def _release(self, m: Member) -> None:
+        for free in (lambda: ray.kill(m.handle, no_restart=True), lambda: self.placer.give_back(m.pg, m.bundle_index)):
             try:
                 free()
             except Exception:  # noqa: BLE001 - already gone
@@ -229,6 +268,35 @@ class GeneratorPool:
         for gid in lost:
             self._died(gid)
         return self.replace(len(lost)) if lost else []
+
+    # ---- colocated phases (placement=colocated) ------------------------------------------------
+    def sleep(self) -> dict[str, dict]:
+        """Every engine sleeps (:meth:`Generator.sleep`): generator id -> its report. A member found
+        dead is dropped (replaced at the next :meth:`wake_up`, awake, so not while the learner trains)."""
+        return self._gather({gid: m.handle.sleep.remote() for gid, m in self.members.items()})
+
+    def wake_up(self) -> dict[str, dict]:
+        """Every engine wakes (:meth:`Generator.wake_up`); members lost since are replaced now."""
+        reports = self._gather({gid: m.handle.wake_up.remote() for gid, m in self.members.items()})
+        if len(self) < self.max_size:
+            self.replace(self.max_size - len(self))
+        return reports
+
+    def placements(self) -> dict[str, dict]:
+        """Generator id -> where it runs (:meth:`Generator.placement`) and ``bundle_index``, the
+        bundle of its placement group it was scheduled at."""
+        out = self._gather({gid: m.handle.placement.remote() for gid, m in self.members.items()})
+        return {gid: {**where, "bundle_index": self.members[gid].bundle_index} for gid, where in out.items()}
+
+    def _gather(self, refs: dict[str, Any]) -> dict[str, dict]:
+        out = {}
+        for gid, ref in refs.items():
+            try:
+                out[gid] = ray.get(ref)
+            except ACTOR_DEAD_ERRORS:
+                log.warning("generator %s died between phases: dropping it", gid)
+                self._died(gid)
+        return out
 
     # ---- work ----------------------------------------------------------------------------------
     def generate(self, shards: list[PromptShard], sampling: SamplingSpec) -> tuple[list[Any], PoolEvents]:

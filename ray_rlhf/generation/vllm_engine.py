@@ -50,7 +50,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["HEAD_NAME", "VllmEngine", "engine_hf_state_dict", "logits_module", "refresh_logits_head", "reload_hf_weights"]
+__all__ = ["HEAD_NAME", "EngineAsleepError", "EngineSleep", "VllmEngine", "engine_hf_state_dict", "logits_module",
+           "refresh_logits_head", "reload_hf_weights", "sleep_mode_available"]
 
 _PROBE_ROWS = 1024
 """Identity rows per probe call: bounds the probe's input to 1024 x in_features."""
@@ -249,15 +250,20 @@ class VllmEngine:
     config refuses ``sync.verify`` there).
     """
 
-    def __init__(self, llm, tensor_parallel_size: int = 1):
+    def __init__(self, llm, tensor_parallel_size: int = 1, phases: EngineSleep | None = None):
         self.llm = llm
         self.tensor_parallel_size = int(tensor_parallel_size)
+        self.phases = phases
+        """The engine's sleep/wake phases (``placement=colocated``): loads are refused while asleep."""
 
     def reload(self, weights) -> None:
         """One ``reload_weights`` call in the worker (never a second ``model.load_weights`` on CPU:
         the repacked layers reject it), made safe for tied LM heads and followed by a refresh of
         the packed head (:func:`reload_hf_weights`); prefix-cache entries computed with the old
-        weights are dropped."""
+        weights are dropped. Refused (:class:`EngineAsleepError`) while the engine sleeps."""
+        if self.phases is not None:
+            self.phases.check_awake("load")
+            self.phases.record("load")
         self.llm.collective_rpc(reload_hf_weights, kwargs={"weights": weights})
         self.llm.reset_prefix_cache()
 
@@ -267,3 +273,72 @@ class VllmEngine:
         if self.tensor_parallel_size != 1:
             raise RuntimeError("weights_checksum: no engine read-back across tensor-parallel ranks")
         return self.llm.collective_rpc(engine_hf_state_dict, kwargs={"part": part, "parts": parts})[0]
+
+
+def sleep_mode_available() -> bool:
+    """Whether this process's vLLM platform has sleep mode (``enable_sleep_mode=True``, ``llm.sleep``,
+    ``llm.wake_up``): CUDA and ROCm (and XPU) builds yes; vLLM's CPU build no -- its config refuses
+    ``enable_sleep_mode`` there ("Sleep mode is not supported on current platform")."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_sleep_mode_available())
+
+
+class EngineAsleepError(RuntimeError):
+    """The engine was asked to generate or load weights while asleep (a phase-order bug)."""
+
+
+class EngineSleep:
+    """The sleep/wake phases of one engine under ``placement=colocated``, enforced and recorded.
+
+    ``llm``: the engine, started with ``enable_sleep_mode=True`` when ``real`` (see
+    :func:`sleep_mode_available`); ``llm=None`` or ``real=False`` (vLLM's CPU build): the engine
+    keeps its memory, but the phases are enforced and recorded all the same -- :meth:`sleep` only
+    from awake, :meth:`wake_up` only from asleep, and :meth:`check_awake` raises
+    :class:`EngineAsleepError` for work while asleep -- so a CPU test sees the order a GPU runs.
+
+    :attr:`events` records, in order, ``"sleep"``, ``"wake_up"`` and what :meth:`record` is given
+    (the generator records ``"generate"`` and ``"load"``); :meth:`take_events` hands them over and
+    starts a new record. ``level``: vLLM's sleep level (1: weights offloaded to CPU memory, KV cache
+    dropped -- the same model wakes up; the broadcast then loads the new weights into it).
+    """
+
+    def __init__(self, llm=None, real: bool = False, level: int = 1, name: str = "engine"):
+        self.llm, self.real, self.level, self.name = llm, bool(real and llm is not None), int(level), name
+        self.asleep = False
+        self.events: list[str] = []
+
+    def sleep(self) -> bool:
+        """Release the engine's memory (when ``real``); returns whether memory was released."""
+        if self.asleep:
+            raise EngineAsleepError(f"{self.name}: sleep() while already asleep (phase order: sleep after "
+                                    "generation, wake_up before the next)")
+        if self.real:
+            self.llm.sleep(level=self.level)
+        self.asleep = True
+        self.events.append("sleep")
+        return self.real
+
+    def wake_up(self) -> bool:
+        """Bring the engine's memory back (when ``real``); returns whether memory was restored."""
+        if not self.asleep:
+            raise EngineAsleepError(f"{self.name}: wake_up() while awake (phase order: sleep after generation, "
+                                    "wake_up before the next)")
+        if self.real:
+            self.llm.wake_up()
+        self.asleep = False
+        self.events.append("wake_up")
+        return self.real
+
+    def check_awake(self, what: str) -> None:
+        """Raise :class:`EngineAsleepError` when asleep: ``what`` (``"generate"``, ``"load"``) needs it awake."""
+        if self.asleep:
+            raise EngineAsleepError(f"{self.name}: {what} while the engine sleeps (placement=colocated: the learner "
+                                    "is training on this GPU); wake_up() first")
+
+    def record(self, event: str) -> None:
+        self.events.append(event)
+
+    def take_events(self) -> list[str]:
+        events, self.events = self.events, []
+        return events

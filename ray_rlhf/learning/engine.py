@@ -271,3 +271,30 @@ class Engine:
         if self.sharded:
             full = parallel.full_state_dict(self.model, self.options.world_size, "fsdp")
             self._lm_state = {k.removeprefix("lm."): v for k, v in full.items() if k.startswith("lm.")}
+
+    # ---- placement=colocated: room for the engine on this GPU while it generates ---------------
+    def offload(self) -> int:
+        """Move the AdamW moments to CPU memory and free the gradients, while the engine sharing
+        this GPU generates; returns the bytes of optimizer state moved. The gradients are freed, not
+        moved: every minibatch starts with ``zero_grad(set_to_none=True)``. The scalar ``step``
+        counters stay where AdamW keeps them. On CPU the moments are already in CPU memory (moving
+        is a no-op) but the bytes are counted all the same."""
+        for p in self.model.parameters():
+            p.grad = None
+        return self._move_optimizer_state("cpu")
+
+    def reload(self) -> int:
+        """Before the update: the AdamW moments back on :attr:`device`; returns the bytes moved."""
+        return self._move_optimizer_state(self.device)
+
+    def _move_optimizer_state(self, device: str) -> int:
+        moved = 0
+        for state in (self.optimizer.state.values() if self.optimizer is not None else ()):
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    state[key] = value.to(device, non_blocking=device == "cpu" and value.is_cuda)
+                    moved += value.numel() * value.element_size()
+        if device == "cpu" and torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non-blocking copies are done before the engine takes the memory
+            torch.cuda.empty_cache()
+        return moved

@@ -61,11 +61,20 @@ def learner_kwargs(cfg: RunConfig, policy_path: str | Path, rank: int = 0) -> di
 class LearnerGroup:
     """The learner actor(s) of one run."""
 
-    def __init__(self, cfg: RunConfig, policy_path: str | Path):
+    def __init__(self, cfg: RunConfig, policy_path: str | Path, shared_pg: Any = None):
+        """``shared_pg``: a placement group of ``learner.num`` bundles that rank ``i`` joins at bundle
+        ``i`` (``placement=colocated``: generator ``i`` is there too); the group does not remove it."""
         lc = cfg.learner
         bundle = {"CPU": lc.num_cpus, **({"GPU": lc.num_gpus} if lc.num_gpus else {})}
         actor = ray.remote(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, max_restarts=0)(Learner)
-        self.pg = None
+        self.pg, self.owns_pg = shared_pg, shared_pg is None
+        if shared_pg is not None:
+            self.ranks = [
+                actor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(shared_pg, placement_group_bundle_index=i))
+                .remote(**learner_kwargs(cfg, policy_path, rank=i))
+                for i in range(lc.num)
+            ]
+            return
         if lc.num == 1:  # one rank: an ordinary actor, placed like the others
             self.ranks = [actor.remote(**learner_kwargs(cfg, policy_path))]
             return
@@ -93,6 +102,20 @@ class LearnerGroup:
         """One update on a scored :class:`~ray_rlhf.records.RolloutBatch` (or its ObjectRef);
         every rank returns the same whole-batch statistics."""
         return self._all([r.step.remote(batch) for r in self.ranks])[0]
+
+    def placements(self) -> list[dict]:
+        """Where each rank runs (:meth:`Learner.placement`), rank order; rank ``i`` is scheduled at
+        bundle ``i`` of the group's placement group."""
+        return self._all([r.placement.remote() for r in self.ranks])
+
+    def offload(self) -> int:
+        """``placement=colocated``: every rank's AdamW state to CPU, gradients freed (the engines on
+        their GPUs generate next); returns the bytes moved per rank (rank 0's)."""
+        return self._all([r.offload.remote() for r in self.ranks])[0]
+
+    def reload(self) -> int:
+        """``placement=colocated``: every rank's AdamW state back on its device, before the update."""
+        return self._all([r.reload.remote() for r in self.ranks])[0]
 
     def save(self, directory: str | Path) -> None:
         """Every rank's part of a checkpoint into a local ``directory`` (rank 0 writes)."""
@@ -130,7 +153,7 @@ class LearnerGroup:
                 ray.kill(r)
             except Exception:  # noqa: BLE001 - already gone
                 pass
-        if self.pg is not None:
+        if self.pg is not None and self.owns_pg:
             try:
                 remove_placement_group(self.pg)
             except Exception:  # noqa: BLE001 - already removed

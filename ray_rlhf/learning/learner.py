@@ -207,6 +207,21 @@ class Learner:
     def ping(self) -> int:
         return self.version
 
+    def placement(self) -> dict:
+        """Where this rank runs (:func:`~ray_rlhf.telemetry.placement.actor_placement`)."""
+        from ray_rlhf.telemetry.placement import actor_placement
+
+        return actor_placement(str(self.engine.device))
+
+    def offload(self) -> int:
+        """``placement=colocated``, before the engines generate: AdamW state to CPU, gradients freed
+        (:meth:`~ray_rlhf.learning.engine.Engine.offload`); returns the bytes moved."""
+        return self.engine.offload()
+
+    def reload(self) -> int:
+        """``placement=colocated``, before the update: AdamW state back on the device."""
+        return self.engine.reload()
+
     # ---- full state, for checkpoints (see ray_rlhf.learning.checkpointing) ---------------------
     def save_state(self, directory: str | Path) -> None:
         """Write the full learner state into ``directory`` (every rank calls it; rank 0 writes)."""

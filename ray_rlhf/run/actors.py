@@ -16,14 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.placement_group import remove_placement_group
 
 from ray_rlhf.config.schema import RunConfig
 from ray_rlhf.generation.generator import Generator
-from ray_rlhf.generation.pool import GeneratorPool, request_capacity
+from ray_rlhf.generation.pool import GeneratorPool, SharedSlots, request_capacity
 from ray_rlhf.learning.group import LearnerGroup
 from ray_rlhf.rewards.scorer import RewardScorer
 from ray_rlhf.rewards.sources import reward_sources
 from ray_rlhf.run.faults import FaultPlan, FaultyLearners, FaultyPool
+from ray_rlhf.run.placement import Colocation, colocated_group
 from ray_rlhf.sync.broadcaster import WeightBroadcaster
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ def generator_kwargs(cfg: RunConfig, policy_path: str | Path, generator_id: str)
     return dict(model_path=str(policy_path), generator_id=generator_id, max_model_len=g.max_model_len,
                 seed=cfg.seed, gpu_memory_utilization=g.gpu_memory_utilization if g.num_gpus else None,
                 tensor_parallel_size=g.tensor_parallel_size, kv_cache_gib=g.kv_cache_gib,
-                omp_threads_bind=g.omp_threads_bind)
+                omp_threads_bind=g.omp_threads_bind, sleep_mode=cfg.placement == "colocated")
 
 
 def generator_actor(cfg: RunConfig) -> Any:
@@ -63,12 +65,14 @@ def start_reward(cfg: RunConfig, columns: list[str]) -> Any:
     return actor.remote(**reward_sources(cfg), columns=columns)
 
 
-def learner_group(cfg: RunConfig, policy_path: str | Path, faults: FaultPlan | None = None) -> LearnerGroup:
+def learner_group(cfg: RunConfig, policy_path: str | Path, faults: FaultPlan | None = None,
+                  shared_pg: Any = None) -> LearnerGroup:
     """The learner group of a run; with ``faults`` (learner or rollout faults configured), one that
-    breaks at the configured step (:class:`~ray_rlhf.run.faults.FaultyLearners`)."""
+    breaks at the configured step (:class:`~ray_rlhf.run.faults.FaultyLearners`). ``shared_pg``: the
+    colocated placement group (rank ``i`` at bundle ``i``)."""
     if faults is not None:
-        return FaultyLearners(cfg, policy_path, plan=faults)
-    return LearnerGroup(cfg, policy_path)
+        return FaultyLearners(cfg, policy_path, plan=faults, shared_pg=shared_pg)
+    return LearnerGroup(cfg, policy_path, shared_pg=shared_pg)
 
 
 @dataclass
@@ -84,6 +88,10 @@ class RunActors:
     """Whether the autoscaler was asked for room for ``generators.max`` generators."""
     faults: FaultPlan | None = None
     """The faults the pool and the learner group inject (``faults.*``); None: none."""
+    colocation: Colocation | None = None
+    """``placement=colocated``: the phase order (engines asleep while the learner trains); None: split."""
+    shared_pg: Any = None
+    """``placement=colocated``: the placement group whose bundle ``i`` holds generator ``i`` and rank ``i``."""
 
     @classmethod
     def start(cls, cfg: RunConfig, policy_path: str | Path, columns: list[str],
@@ -93,7 +101,9 @@ class RunActors:
         :class:`~ray_rlhf.run.faults.FaultyPool` and the learner group a
         :class:`~ray_rlhf.run.faults.FaultyLearners`; otherwise the plain ones."""
         faults = faults if faults is not None and faults.breaks_actors else None
-        learners = learner_group(cfg, policy_path, faults)
+        colocated = cfg.placement == "colocated"
+        shared_pg = colocated_group(cfg) if colocated else None
+        learners = learner_group(cfg, policy_path, faults, shared_pg)
         reward = start_reward(cfg, columns)
         learners.ready()
         ray.get(reward.ping.remote())  # surface construction errors before the generators start
@@ -102,14 +112,16 @@ class RunActors:
                                         verify_parts=cfg.sync.verify_parts)
         g = cfg.generators
         bundle = {"CPU": g.num_cpus, **({"GPU": g.num_gpus} if g.num_gpus else {})}
-        capacity = request_capacity(bundle, cfg.pool_max)
+        capacity = False if colocated else request_capacity(bundle, cfg.pool_max)
         args = (generator_actor(cfg), lambda gid: generator_kwargs(cfg, policy_path, gid), bundle)
         kwargs = dict(size=g.num, min_size=cfg.pool_min, max_size=cfg.pool_max, on_join=broadcaster.join,
                       max_restarts=g.max_restarts, shard_timeout_s=g.shard_timeout_s,
-                      shard_timeout_floor_s=g.shard_timeout_floor_s)
+                      shard_timeout_floor_s=g.shard_timeout_floor_s,
+                      slots=SharedSlots(shared_pg, g.num) if colocated else None)
         pool = (GeneratorPool(*args, **kwargs) if faults is None
                 else FaultyPool(*args, plan=faults, reward=reward, **kwargs))
-        return cls(learners, reward, broadcaster, pool, capacity, faults)
+        return cls(learners, reward, broadcaster, pool, capacity, faults,
+                   Colocation(cfg.output_dir) if colocated else None, shared_pg)
 
     def publish(self, version: int):
         """Weights ``version`` to every generator; the ones lost on the way are replaced (and join
@@ -123,7 +135,7 @@ class RunActors:
         """A new learner group in place of one whose rank died (its weights: the initial model
         until a checkpoint is loaded); the broadcaster sends from its rank 0 from now on."""
         self.learners.shutdown()
-        self.learners = learner_group(cfg, policy_path, self.faults)
+        self.learners = learner_group(cfg, policy_path, self.faults, self.shared_pg)
         self.learners.ready()
         self.broadcaster.set_source(self.learners.source, self.pool.handles)
 
@@ -137,7 +149,9 @@ class RunActors:
     def shutdown(self) -> None:
         self.pool.shutdown()
         self.learners.shutdown()
-        try:
-            ray.kill(self.reward)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        for free in (lambda: ray.kill(self.reward),
+                     lambda: self.shared_pg is not None and remove_placement_group(self.shared_pg)):
+            try:
+                free()
+            except Exception:  # noqa: BLE001 - already gone
+                pass

@@ -66,5 +66,6 @@ def init_ray(cfg: RunConfig, private: bool = False) -> None:
         log_dir = os.path.join(os.path.abspath(cfg.output_dir), "logs") if cfg.logging.quiet_actors else None
         if log_dir and not os.environ.get("RAY_RLHF_VERBOSE"):
             quiet_ray_notices(log_dir)
-        ray.init(address="local" if private else None, num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+        ray.init(address="local" if private else None, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
+                 include_dashboard=False,
                  runtime_env=local_runtime_env(log_dir), logging_level=logging.WARNING if log_dir else logging.INFO)

@@ -6,6 +6,10 @@
             -> sync     (WeightBroadcaster: version v+1 into every engine, checksum-verified)
             -> log, checkpoint
 
+With ``placement=colocated`` (:mod:`ray_rlhf.run.placement`) each GPU holds a generator and a learner
+rank, and two phases frame the update: ``sleep`` (the engines sleep, the learner's AdamW state comes
+back) after the rollout, ``wake`` (the state goes to CPU memory, the engines wake) before the sync.
+
 Token arrays travel between actors as ObjectRefs; the driver fetches the summary it logs (and the
 scored batch only when rollouts are logged). Started by ``python -m ray_rlhf.train`` or
 ``ray-rlhf train``; it joins ``RAY_ADDRESS`` (or ``ray.address``) when set, as under
@@ -64,13 +68,20 @@ def run(cfg: RunConfig, on_finish: Callable[[RunActors], None] | None = None,
     start, ready = (state.restore(actors, stream, inputs.store_uri, inputs.resume, inputs.resume_state)
                     if inputs.resume else (0, []))
     loop = Loop(cfg, actors, stream, start, ready, resumed=start if inputs.resume else None)
+    if actors.colocation:  # placement=colocated: record which actor landed on which bundle / GPU
+        actors.colocation.placed(actors.pool, actors.learners)
     restarts, step = 0, start + 1
     with StopSignals() as signals:  # also over the shutdown: a second signal exits at once
         try:
             while step <= cfg.steps:
                 timer = PhaseTimer()
+                if actors.colocation:  # placement=colocated: engines awake, learner state offloaded
+                    actors.colocation.generating(step, actors.pool, actors.learners)  # (no-op but at start/recovery)
                 with timer("rollout"):
                     batch = loop.rollouts.next(step)  # generate + score (async: made while the learner trained)
+                if actors.colocation:
+                    with timer("sleep"):  # the engines sleep while the learner trains on their GPUs
+                        actors.colocation.training(step, actors.pool, actors.learners)
                 try:
                     with timer("learn"):
                         stats = actors.learners.step(batch.scored)
@@ -82,6 +93,9 @@ def run(cfg: RunConfig, on_finish: Callable[[RunActors], None] | None = None,
                     loop.reopen(start, ready)
                     step = start + 1
                     continue
+                if actors.colocation:
+                    with timer("wake"):  # awake before the sync loads the new weights into them
+                        actors.colocation.generating(step, actors.pool, actors.learners)
                 with timer("sync"):
                     synced = loop.rollouts.after_update(stats.version)  # async: exported now, loaded later
                 with timer("log"):

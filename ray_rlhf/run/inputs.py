@@ -40,10 +40,12 @@ class RunInputs:
 
 def load_inputs(cfg: RunConfig) -> RunInputs:
     """Load and check every input of a run, in the order a user fixes them; no Ray, no vLLM."""
+    preflight.check_placement(cfg)
     preflight.check_local_capacity(cfg)
     preflight.check_compiler(cfg)
     preflight.check_preload(cfg)
     policy_path = resolve_policy_path(cfg)
+    preflight.check_memory_budget(cfg, policy_path)
     prompts = load_prompt_items(cfg, load_tokenizer(policy_path))
     preflight.check_reward(cfg, prompts)
     checkpoint.check_writable(cfg.output_dir)  # metrics, rollouts and the config are written there

@@ -218,6 +218,12 @@ CASES: dict[str, Case] = {
                                       ["ppo.old_logprobs=sampler", "rollout.max_staleness=1"]),
     "more_generators_than_the_local_ray_holds": Case(["generators.num=5", "ray.num_cpus=2"],
                                                      ["generators.num=5", "this local Ray has 2"], max_seconds=60),
+    "colocated_counts_cannot_pair": Case(["placement=colocated", "generators.num=2", "learner.num=1"],
+                                         ["placement=colocated", "generators.num=2", "learner.num=1", "cannot pair up"]),
+    "colocated_budget_cannot_fit": Case(
+        ["placement=colocated", "generators.num=2", "learner.num=2", "generators.num_gpus=0.5", "learner.num_gpus=0.5",
+         "generators.num_cpus=0.25", "learner.num_cpus=0.25", "ray.num_gpus=2", "ray.gpu_memory_gib=2"],
+        ["placement=colocated does not fit", "per GPU of 2.00 GiB", "AdamW", "generators.gpu_memory_utilization"]),
     "reward_raises_in_actor": Case(
         ["reward.functions=[{name: 'bad_rewards:raises_in_ray', weight: 1.0}]", *RAY_SMALL],
         ["bad_rewards:raises_in_ray", "raised KeyError", "unexpected token in response"],
