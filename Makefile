@@ -15,7 +15,7 @@ TORCH_INDEX ?=
 EXTRAS ?= cpu,dev
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: install demo test test-unit lint bench bench-quick clean
+.PHONY: install demo test test-unit lint bench bench-quick gpu-check-wheels clean
 
 install: $(STAMP)
 
@@ -51,6 +51,16 @@ bench: install
 
 bench-quick: install
 	$(PY) -m ray_rlhf.bench --quick
+
+# The learner's GPU check (python -m ray_rlhf.bench.learner_check) needs PyTorch and transformers
+# only, plus the pure-Python packages below that a bare CUDA image may lack: download them as
+# wheels into .whl/ (Python 3.12, x86-64) to carry there; install there with
+#   pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$$PWD
+GPU_CHECK_WHEELS ?= pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+gpu-check-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_CHECK_WHEELS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
