@@ -67,6 +67,8 @@ class SamplingSpec:
     top_p: float = 1.0
     seed: int | None = None
     """Base seed; a generator derives per-request seeds from it so that a step is reproducible."""
+    ignore_eos: bool = False
+    """Sample past EOS: every response is ``max_new_tokens`` long (``rollout.ignore_eos``)."""
 
     @classmethod
     def for_step(cls, rollout_cfg: Any, seed: int, step: int) -> SamplingSpec:
@@ -78,7 +80,7 @@ class SamplingSpec:
         """
         return cls(n=rollout_cfg.samples_per_prompt, max_new_tokens=rollout_cfg.max_new_tokens,
                    temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
-                   seed=seed * _SEED_STRIDE + step)
+                   seed=seed * _SEED_STRIDE + step, ignore_eos=rollout_cfg.ignore_eos)
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:

@@ -35,19 +35,20 @@ def hf_generate(model, tokenizer, prompts: list[PromptItem], sampling: SamplingS
         attention = (torch.arange(P)[None, :] >= torch.tensor([P - len(x) for x in ids])[:, None]).long()
         gen = model.generate(
             input_ids=input_ids, attention_mask=attention, do_sample=True, temperature=sampling.temperature,
-            top_p=sampling.top_p, top_k=0, max_new_tokens=sampling.max_new_tokens, eos_token_id=eos,
+            top_p=sampling.top_p, top_k=0, max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=None if sampling.ignore_eos else eos,
             pad_token_id=pad, output_scores=True, return_dict_in_generate=True,
         )
         new = gen.sequences[:, P:]
         logprobs = torch.stack(gen.scores, dim=1).float().log_softmax(-1).gather(-1, new[..., None]).squeeze(-1)
         for row, ((prompt, k), prompt_ids) in enumerate(zip(chunk, ids)):
             toks = new[row].tolist()
-            n = toks.index(eos) + 1 if eos in toks else len(toks)
+            n = toks.index(eos) + 1 if eos in toks and not sampling.ignore_eos else len(toks)
             for key, value in (("prompt_index", prompt.index), ("sample_index", k), ("prompt_ids", prompt_ids),
                                ("response_ids", toks[:n]), ("sampler_logprobs", logprobs[row, :n].tolist()),
                                ("prompt", prompt.text),
                                ("response", tokenizer.decode(toks[:n], skip_special_tokens=True)),
-                               ("finish_reason", "stop" if eos in toks[:n] else "length")):
+                               ("finish_reason", "length" if sampling.ignore_eos or eos not in toks[:n] else "stop")):
                 rows[key].append(value)
     model.train(was_training)
     return RolloutBatch.from_sequences(**rows, policy_version=policy_version, generator_id="hf")

@@ -50,6 +50,10 @@ class RolloutConfig(_Section):
     """Completions sampled per prompt (vLLM ``n``)."""
     max_new_tokens: int = Field(24, gt=0)
     """Maximum response length in tokens."""
+    ignore_eos: bool = False
+    """Keep sampling past the end-of-sequence token (vLLM's ``ignore_eos``): every response is
+    exactly ``max_new_tokens`` long and finishes with reason ``length``. For benchmarks that
+    must do fixed work (TRL's PPO generates fixed lengths); training normally leaves it off."""
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature. PPO's ratio assumes the learner scores the same distribution the
     sampler drew from: keep 1.0 unless you know why not."""

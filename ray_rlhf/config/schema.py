@@ -165,6 +165,10 @@ class RunConfig(_Section):
         if r.overlong == "penalty" and not 0 < r.overlong_buffer < r.max_new_tokens:
             raise ValueError(f"rollout.overlong=penalty needs 0 < rollout.overlong_buffer < rollout.max_new_tokens "
                              f"({r.max_new_tokens}); got rollout.overlong_buffer={r.overlong_buffer}")
+        if r.ignore_eos and r.overlong != "keep":
+            raise ValueError(f"rollout.ignore_eos=true makes every response max_new_tokens long, so "
+                             f"rollout.overlong={r.overlong} would treat all of them as overlong; set rollout.overlong=keep "
+                             "or rollout.ignore_eos=false")
         if r.overlong_buffer >= r.max_new_tokens:
             raise ValueError(f"rollout.overlong_buffer={r.overlong_buffer} must be smaller than "
                              f"rollout.max_new_tokens={r.max_new_tokens}")

@@ -218,7 +218,7 @@ class Generator:
         params = [
             SamplingParams(n=sampling.n, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                            top_p=sampling.top_p, seed=request_seed(sampling.seed, p.index), logprobs=0,
-                           flat_logprobs=True)
+                           flat_logprobs=True, ignore_eos=sampling.ignore_eos)
             for p in prompts
         ]
         outs = self._llm.generate([TokensPrompt(prompt_token_ids=list(p.prompt_ids)) for p in prompts], params,

@@ -254,3 +254,18 @@ def test_truncated_marks_samples_cut_off_at_max_new_tokens(gen, hf):
     t = collate(mixed.with_rewards(mixed.response_lengths.astype(float), {}), pad_id=tok.pad_token_id)
     assert t.truncated.dtype == torch.bool and t.truncated.tolist() == mixed.truncated.tolist()
     assert (t.response_mask.sum(1)[t.truncated] == 16).all()
+
+
+def test_ignore_eos_samples_past_eos_to_max_new_tokens(gen, hf):
+    """``rollout.ignore_eos``: with weights that make EOS likely at every step, every response is
+    still exactly ``max_new_tokens`` long, finishes with reason ``length``, carries EOS inside it, and
+    has one behaviour log-prob per token; without it the same weights end responses at EOS."""
+    model, tok = hf
+    eos = tok.eos_token_id
+    gen.weights.load(11, eos_friendly(model.state_dict(), eos))
+    _, fixed = gen.generate(shard(tok, *PROMPTS), SamplingSpec(n=4, max_new_tokens=16, seed=21, ignore_eos=True))
+    assert (fixed.response_lengths == 16).all() and set(fixed.finish_reason) == {"length"}
+    assert any(eos in r.response_ids[:-1] for r in sequences(fixed))  # sampled EOS, went on
+    assert all(len(r.sampler_logprobs) == 16 for r in sequences(fixed))
+    _, free = gen.generate(shard(tok, *PROMPTS), SamplingSpec(n=4, max_new_tokens=16, seed=21))
+    assert (free.response_lengths < 16).any() and "stop" in set(free.finish_reason)

@@ -61,6 +61,7 @@ def test_bad_overrides_are_one_line_errors(override, needle):
         (["rollout.overlong=penalty", "rollout.overlong_buffer=24"], "0 < rollout.overlong_buffer < rollout.max_new_tokens"),
         (["rollout.overlong=penalty"], "rollout.overlong=penalty needs 0 < rollout.overlong_buffer"),
         (["rollout.overlong_buffer=30"], "rollout.overlong_buffer=30 must be smaller than rollout.max_new_tokens=24"),
+        (["rollout.ignore_eos=true", "rollout.overlong=mask"], "rollout.overlong=mask would treat all of them"),
         (["rollout.dynamic_sampling=true"], "algo.estimator=gae has no groups"),
         (["rollout.dynamic_sampling=true", "algo.estimator=reinforce_pp"], "algo.estimator=reinforce_pp has no groups"),
         (["ppo.old_logprobs=sampler", "rollout.max_staleness=1"], "ppo.old_logprobs=sampler with rollout.max_staleness=1"),
@@ -188,3 +189,11 @@ def test_the_old_names_are_no_fields_any_more():
     for old in DEPRECATED:
         section, key = old.split(".")
         assert key not in RunConfig.model_fields[section].annotation.model_fields, old
+
+
+def test_ignore_eos_reaches_the_sampling_of_every_step():
+    from ray_rlhf.records import SamplingSpec
+
+    cfg = load_config("tiny", ["rollout.ignore_eos=true"])
+    assert SamplingSpec.for_step(cfg.rollout, cfg.seed, 3).ignore_eos
+    assert not SamplingSpec.for_step(load_config("tiny", []).rollout, 0, 3).ignore_eos

@@ -100,7 +100,7 @@ def test_keep_informative_without_a_usable_group_returns_the_first_round_as_it_i
 
 def test_round_seeds_never_repeat_a_step_seed_or_each_other():
     step_seeds = {SamplingSpec.for_step(SimpleNamespace(samples_per_prompt=2, max_new_tokens=8, temperature=1.0,
-                                                        top_p=1.0), seed, step).seed
+                                                        top_p=1.0, ignore_eos=False), seed, step).seed
                   for seed in range(3) for step in range(1, 60)}
     rounds = [round_seed(s, r) for s in step_seeds for r in range(1, 6)]
     assert len(set(rounds)) == len(rounds)
