@@ -113,7 +113,7 @@ def test_to_arrow_holds_the_fixed_schema_then_parts_and_columns():
 
 def test_sampling_for_step_is_one_seed_per_run_seed_and_step():
     class Rollout:
-        samples_per_prompt, max_new_tokens, temperature, top_p = 4, 16, 1.0, 1.0
+        samples_per_prompt, max_new_tokens, temperature, top_p, ignore_eos = 4, 16, 1.0, 1.0, False
 
     a, b = SamplingSpec.for_step(Rollout, 0, 1), SamplingSpec.for_step(Rollout, 1, 1)
     assert a.n == 4 and a.max_new_tokens == 16 and a.seed == 1 and b.seed == 1_000_004
