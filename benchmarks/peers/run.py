@@ -17,7 +17,10 @@ tokens; TRL's ``GRPOTrainer`` against ``algo.estimator=grpo``). Variants:
 - ``ray-rlhf`` -- ``python -m ray_rlhf.train --config small`` with the value head on the policy's
   trunk (the default; what a user runs), weight sync verified (the default);
 - ``ray-rlhf-async`` -- the same with ``rollout.max_staleness=1`` (generation of the next batch
-  overlaps the learner; off-policy by at most one version, corrected by the decoupled loss).
+  overlaps the learner; off-policy by at most one version, corrected by the decoupled loss);
+- ``ray-rlhf-small-critic`` (not in the default set) -- TRL's own shape: a separate ~1.8 M critic
+  (``model.critic_path``), so the policy runs no forward before the update (pi_old from the
+  sampler, ``ppo.old_logprobs=auto``).
 
 TRL runs in its own virtualenv (``benchmarks/peers/.venv``, made from ``requirements-trl.txt`` on
 the first run: torch and transformers pinned to ray-rlhf's versions so both sides run the same
@@ -46,8 +49,11 @@ TRL_VENV = HERE / ".venv"
 CONFIGS = {"short": ("ppo", 64), "long": ("ppo", 256), "grpo": ("grpo", 64)}
 """Configuration name -> (algorithm, new tokens per response). PPO: 64 prompts x 1 sample; GRPO: 16
 prompts x 4 samples (64 rollouts either way)."""
-VARIANTS = ("trl", "trl-policy-critic", "ray-rlhf", "ray-rlhf-async")
-RAY_RLHF_VARIANTS = {"ray-rlhf": [], "ray-rlhf-async": ["rollout.max_staleness=1"]}
+VARIANTS = ("trl", "trl-policy-critic", "ray-rlhf", "ray-rlhf-async", "ray-rlhf-small-critic")
+RAY_RLHF_VARIANTS = {"ray-rlhf": [], "ray-rlhf-async": ["rollout.max_staleness=1"],
+                     "ray-rlhf-small-critic": ["model.critic_path={critic_lm}"]}
+"""ray-rlhf variant -> its extra overrides (``{name}`` filled from the prepared inputs)."""
+DEFAULT_VARIANTS = ("trl", "trl-policy-critic", "ray-rlhf", "ray-rlhf-async")
 
 
 def cpu_name() -> str:
@@ -83,7 +89,8 @@ def prepare(work: Path, cache: Path) -> dict:
 
     paths = {"policy": ensure_model("policy", "small", cache), "reward": ensure_model("reward", "tiny", cache),
              "small_critic": ensure_model("reward", "tiny", cache, seed=1),
-             "policy_critic": ensure_model("reward", "small", cache, seed=1)}
+             "policy_critic": ensure_model("reward", "small", cache, seed=1),
+             "critic_lm": ensure_model("policy", "tiny", cache, seed=1)}
     cfg = load_config("small", [f"model.cache_dir={cache}"])
     items = load_prompt_items(cfg, load_tokenizer(Path(paths["policy"])))
     prompts, texts = work / "prompts.json", work / "prompt_texts.json"
@@ -117,7 +124,8 @@ def run_ray_rlhf(inputs: dict, variant: str, algo: str, tokens: int, steps: int,
                  cache: Path, tag: str) -> dict:
     out = work / tag
     cmd = [sys.executable, "-m", "ray_rlhf.train", "--config", "small",
-           *ray_rlhf_overrides(inputs, algo, tokens, steps, lr, out, cache), *RAY_RLHF_VARIANTS[variant]]
+           *ray_rlhf_overrides(inputs, algo, tokens, steps, lr, out, cache),
+           *(o.format(**inputs) for o in RAY_RLHF_VARIANTS[variant])]
     run_logged(cmd, work / f"{tag}.log", cwd=ROOT)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     return {"framework": "ray-rlhf", "steps": [
@@ -143,8 +151,8 @@ def run_trl(py: Path, inputs: dict, variant: str, algo: str, tokens: int, steps:
 
 
 def applies(config: str, variant: str) -> bool:
-    """GRPO has no critic: no policy-sized-critic variant there."""
-    return not (CONFIGS[config][0] == "grpo" and variant == "trl-policy-critic")
+    """GRPO has no critic: no critic variants there."""
+    return not (CONFIGS[config][0] == "grpo" and variant in ("trl-policy-critic", "ray-rlhf-small-critic"))
 
 
 def summarize(run: dict) -> dict:
@@ -184,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="short,long,grpo", help="comma-separated: short, long, grpo")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--steps", type=int, default=0, help="steps per run (default 6 short, 4 long)")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--work", default=str(ROOT / "runs" / "peers"))
     p.add_argument("--out", default=str(HERE / "results" / "peers.json"))

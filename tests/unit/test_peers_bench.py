@@ -22,19 +22,22 @@ def peers():
     return mod
 
 
-@pytest.mark.parametrize("config", ["short", "long", "grpo"])
-@pytest.mark.parametrize("variant", ["ray-rlhf", "ray-rlhf-async"])
+@pytest.mark.parametrize("config, variant", [(c, v) for c in ("short", "long", "grpo")
+                                             for v in ("ray-rlhf", "ray-rlhf-async", "ray-rlhf-small-critic")
+                                             if not (c == "grpo" and v.endswith("critic"))])
 def test_the_ray_rlhf_side_resolves_to_equal_work(peers, config, variant, tmp_path):
+    assert peers.applies(config, variant)
     algo, tokens = peers.CONFIGS[config]
-    inputs = {"reward": str(tmp_path / "rm")}
+    inputs = {"reward": str(tmp_path / "rm"), "critic_lm": str(tmp_path / "critic")}
     cfg = load_config("small", [*peers.ray_rlhf_overrides(inputs, algo, tokens, 3, 1e-4, tmp_path / "o", tmp_path),
-                                *peers.RAY_RLHF_VARIANTS[variant]])
+                                *(o.format(**inputs) for o in peers.RAY_RLHF_VARIANTS[variant])])
     r = cfg.rollout
     assert r.prompts_per_step * r.samples_per_prompt == 64 and r.max_new_tokens == tokens and r.ignore_eos
     assert cfg.algo.estimator == ("grpo" if algo == "grpo" else "gae")
     assert cfg.ppo.epochs == 1 and cfg.ppo.minibatch_size == 32 and cfg.kl.beta == 0.05
     assert cfg.reward.model_path == inputs["reward"] and not cfg.reward.functions
     assert r.max_staleness == (1 if variant.endswith("async") else 0)
+    assert cfg.model.critic_path == (inputs["critic_lm"] if variant.endswith("small-critic") else None)
 
 
 def test_summary_skips_the_first_step_and_the_table_compares_with_trl(peers):
