@@ -46,3 +46,27 @@ def test_packed_pass_equals_padded():
         packed = packed_hidden(lm.get_decoder(), ids, mask, pos)
     keep = mask.bool()
     torch.testing.assert_close(packed[keep], padded[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_yaml_bool_reads_as_the_word():
+    from ray_rlhf.config.schema import PPOConfig
+
+    assert PPOConfig(packing=True).packing == "on" and PPOConfig(packing=False).packing == "off"
+    assert PPOConfig().packing == "auto"
+
+
+def test_probe_refuses_alibi_and_auto_resolves_off(tmp_path):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from ray_rlhf.models.packing_probe import probe_checkpoint, resolve_packing
+
+    BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4)).save_pretrained(tmp_path)
+    assert "differ" in probe_checkpoint(str(tmp_path))
+    assert resolve_packing("auto", tmp_path) is False and resolve_packing("on", tmp_path) is True
+    assert resolve_packing("off", tmp_path) is False
+
+
+def test_probe_passes_for_the_tiny_policy(tiny_policy_path):
+    from ray_rlhf.models.packing_probe import resolve_packing
+
+    assert resolve_packing("auto", tiny_policy_path) is True
