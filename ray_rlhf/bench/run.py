@@ -61,6 +61,13 @@ def _bench_overrides(out_dir: Path, steps: int, cache_dir: str | None) -> list[s
 
 def main(argv=None, prog: str = "ray-rlhf bench") -> int:
     args = build_parser(prog).parse_args(argv)
+    if args.learner_packing:
+        from ray_rlhf.bench import packing
+
+        result = packing.run(args.quick, args.out, args.cache_dir)
+        print(f"response lengths lognormal median {result['median']} sigma {result['sigma']}, {result['rows']} rows, "
+              f"preset {result['preset']}, CPU {cpu_model()}\n{packing.table(result)}")
+        return 0
     return run_bench(args)
 
 
