@@ -61,6 +61,10 @@ def _bench_overrides(out_dir: Path, steps: int, cache_dir: str | None) -> list[s
 
 def main(argv=None, prog: str = "ray-rlhf bench") -> int:
     args = build_parser(prog).parse_args(argv)
+    return run_bench(args)
+
+
+def run_bench(args) -> int:
     if args.learner_packing:
         from ray_rlhf.bench import packing
 
@@ -68,10 +72,6 @@ def main(argv=None, prog: str = "ray-rlhf bench") -> int:
         print(f"response lengths lognormal median {result['median']} sigma {result['sigma']}, {result['rows']} rows, "
               f"preset {result['preset']}, CPU {cpu_model()}\n{packing.table(result)}")
         return 0
-    return run_bench(args)
-
-
-def run_bench(args) -> int:
     mode = "quick" if args.quick else "full"
     m = dict(MODES[mode])
     if args.steps:
