@@ -237,6 +237,19 @@ def check_memory_budget(cfg: RunConfig, policy_path: str | Path) -> None:
                         "learner.gradient_checkpointing or lower ppo.micro_batch_size, or use placement=split")
 
 
+def check_packing(cfg: RunConfig, policy_path: str | Path) -> None:
+    """``ppo.packing=on`` needs attention confined per sequence: the probe
+    (:mod:`ray_rlhf.models.packing_probe`, a one-layer model of the checkpoint's config) must pass."""
+    if cfg.ppo.packing != "on":
+        return
+    from ray_rlhf.models.packing_probe import probe_checkpoint
+
+    why = probe_checkpoint(str(policy_path))
+    if why is not None:
+        raise UserError(f"ppo.packing=on: this model's attention cannot be confined per packed sequence ({why}); "
+                        "set ppo.packing=off or ppo.packing=auto")
+
+
 def check_compiler(cfg: RunConfig) -> None:
     """``learner.compile`` on CPU: torch's inductor builds C++ kernels, so a local run needs a C++
     compiler here (on a cluster the learner's node decides; inductor's own error names it)."""

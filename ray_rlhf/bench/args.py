@@ -14,6 +14,8 @@ def build_parser(prog: str = "ray-rlhf bench") -> argparse.ArgumentParser:
                     help="preset name or YAML file of the run to measure (default: small; tiny with --quick)")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
     ap.add_argument("--quick", action="store_true", help="few steps, one sync size (tiny preset by default, < 3 min)")
+    ap.add_argument("--learner-packing", action="store_true",
+                    help="only the learner's update, packed sequences off and on, on long-tailed response lengths")
     ap.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
                     help="run the end-to-end section once per value of one config key, e.g. generators.num=1,2,4")
     ap.add_argument("--out", type=Path, default=None, help="output directory (default bench-results/<timestamp>)")

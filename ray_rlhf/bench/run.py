@@ -65,6 +65,13 @@ def main(argv=None, prog: str = "ray-rlhf bench") -> int:
 
 
 def run_bench(args) -> int:
+    if args.learner_packing:
+        from ray_rlhf.bench import packing
+
+        result = packing.run(args.quick, args.out, args.cache_dir)
+        print(f"response lengths lognormal median {result['median']} sigma {result['sigma']}, {result['rows']} rows, "
+              f"preset {result['preset']}, CPU {cpu_model()}\n{packing.table(result)}")
+        return 0
     mode = "quick" if args.quick else "full"
     m = dict(MODES[mode])
     if args.steps:

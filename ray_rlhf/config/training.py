@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ray_rlhf.algo.registry import estimator_names, resolve_loss_agg
 from ray_rlhf.config.base import _Section
@@ -26,6 +26,19 @@ class PPOConfig(_Section):
     that (sequences x longest sequence) stays within it (one over-long sequence gets a pass of
     its own). Empty: ``micro_batch_size`` sequences per pass, in minibatch order. The gradient is
     the same either way (every loss is divided by the minibatch's token count)."""
+    packing: Literal["auto", "on", "off"] = "auto"
+    """Packed sequences in the learner: each micro-batch's rows concatenated without padding into
+    one sequence, positions restarting per row, attention confined to each row; rows binned
+    first-fit by real tokens under ``micro_batch_tokens``. ``auto``: on where a probe (a packed
+    pass against the padded one, logits within 1e-5) passes for the loaded model, CPU included;
+    ``on``: required (refused where attention cannot be confined per sequence); ``off``: padded."""
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _packing_yaml_bool(cls, v):
+        """YAML reads a bare ``on``/``off`` as a boolean: take it as the word."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
     old_logprobs: Literal["auto", "recompute", "sampler"] = "auto"
     """Where the ratio's pi_old comes from. ``recompute``: a forward of the policy before the
     update; ``sampler``: the generators' log-probs (same weights and dtype in a synchronous run:

@@ -30,6 +30,7 @@ from ray_rlhf.learning import parallel
 from ray_rlhf.learning.batch import TensorBatch, micro_batches, partition_rows
 from ray_rlhf.learning.dist import Single, init_group
 from ray_rlhf.learning.stats import Stats, UpdateStats, divided, merged, reduce_kinds, summed, with_values
+from ray_rlhf.models.packing import first_fit
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class EngineOptions:
     compile: bool = False
     shard_reference: bool = False
     collective_timeout_s: float = 300.0
+    packing: bool = False
+    """Packed micro-batches (``ppo.packing`` resolved): rows binned first-fit by real tokens
+    under ``micro_batch_tokens`` and run as one sequence each; padded tokens = real tokens."""
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,11 @@ class Engine:
         """This rank's micro-batches of ``rows``; with ``equal``, padded with empty passes (None)
         to the largest count over the ranks: a sharded forward or DDP's gradient all-reduce is a
         collective every rank must join."""
-        micros = micro_batches(rows, lengths, self.optim.micro_batch_size, self.optim.micro_batch_tokens)
+        if self.options.packing and self.optim.micro_batch_tokens is not None:
+            bins = first_fit(rows.tolist(), [int(lengths[i]) for i in rows.tolist()], self.optim.micro_batch_tokens)
+            micros = [torch.tensor(b, dtype=torch.long) for b in bins]
+        else:
+            micros = micro_batches(rows, lengths, self.optim.micro_batch_size, self.optim.micro_batch_tokens)
         if not equal:
             return micros
         most = int(self.comm.all_reduce_max(torch.tensor([len(micros)])).item())
@@ -245,7 +253,9 @@ class Engine:
         b = data.batch
         if empty:
             return stats, 0.0, 0.0
-        return stats, float(b.prompt_ids.numel() + b.response_ids.numel()), float(b.lengths.sum())
+        real_tokens = float(b.lengths.sum())
+        padded = real_tokens if self.options.packing else float(b.prompt_ids.numel() + b.response_ids.numel())
+        return stats, padded, real_tokens
 
     def _reduce(self, acc: Stats, *sums: float) -> tuple:
         """One minibatch's record (and extra sums) over the ranks: sums, and maxima where a field says so."""

@@ -25,14 +25,16 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from ray_rlhf.config.schema import RunConfig
 from ray_rlhf.learning.learner import Learner, LearnerOptions
 from ray_rlhf.learning.stats import LearnerStats
+from ray_rlhf.models.packing_probe import resolve_packing
 
 
 class LearnerError(RuntimeError):
     """A learner rank died (its node was lost, it ran out of memory, it was killed)."""
 
 
-def learner_options(cfg: RunConfig, rank: int = 0) -> LearnerOptions:
-    """A rank's :class:`LearnerOptions`, resolved from the run config."""
+def learner_options(cfg: RunConfig, rank: int = 0, packing: bool = False) -> LearnerOptions:
+    """A rank's :class:`LearnerOptions`, resolved from the run config; ``packing``: ``ppo.packing``
+    resolved once for every rank (:func:`learner_kwargs`)."""
     lc = cfg.learner
     return LearnerOptions(algo=cfg.algo, response_budget=cfg.rollout.max_new_tokens,
                           max_staleness=cfg.rollout.max_staleness,
@@ -42,7 +44,7 @@ def learner_options(cfg: RunConfig, rank: int = 0) -> LearnerOptions:
                           shard_reference=lc.shard_reference, overlong=cfg.rollout.overlong,
                           overlong_buffer=cfg.rollout.overlong_buffer,
                           collective_timeout_s=lc.collective_timeout_s,
-                          reserved_cpus=lc.num_cpus)
+                          reserved_cpus=lc.num_cpus, packing=packing)
 
 
 def learner_kwargs(cfg: RunConfig, policy_path: str | Path, rank: int = 0) -> dict[str, Any]:
@@ -55,7 +57,8 @@ def learner_kwargs(cfg: RunConfig, policy_path: str | Path, rank: int = 0) -> di
         cores = [available[(rank * per + k) % len(available)] for k in range(per)]
     return dict(model_path=str(policy_path), ppo=cfg.ppo, kl=cfg.kl, seed=cfg.seed, device=lc.device,
                 temperature=cfg.rollout.temperature, critic_path=cfg.model.critic_path,
-                torch_threads=lc.torch_threads, options=learner_options(cfg, rank), cores=cores)
+                torch_threads=lc.torch_threads, cores=cores,
+                options=learner_options(cfg, rank, resolve_packing(cfg.ppo.packing, policy_path)))
 
 
 class LearnerGroup:

@@ -62,6 +62,9 @@ class LearnerOptions:
     overlong_buffer: int = 0
     """``rollout.overlong_buffer``: DAPO's L_cache for ``overlong=penalty``."""
     collective_timeout_s: float = 300.0
+    packing: bool = False
+    """``ppo.packing`` resolved (the group resolves ``auto`` once, with the probe, for every rank):
+    each micro-batch's rows run as one packed sequence (:mod:`ray_rlhf.models.packing`)."""
     reserved_cpus: float = 1.0
     """``learner.num_cpus``: a rank's threads in an asynchronous run when ``torch_threads`` is empty."""
 
@@ -120,6 +123,9 @@ class Learner:
         critic = load_causal_lm(critic_path, device) if critic_path else None
         model = PolicyWithValueHead(lm, critic, value_head=self.uses_critic).to(device)
         reference = ReferenceModel(copy.deepcopy(lm)) if self.objective.needs_reference else None
+        model.packed = opt.packing
+        if reference is not None:
+            reference.packed = opt.packing
         optim = Optimization(epochs=ppo.epochs, minibatch_size=ppo.minibatch_size, micro_batch_size=ppo.micro_batch_size,
                              micro_batch_tokens=ppo.micro_batch_tokens, lr=ppo.lr, weight_decay=ppo.weight_decay,
                              max_grad_norm=ppo.max_grad_norm)

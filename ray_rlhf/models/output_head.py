@@ -86,15 +86,21 @@ def trunk_hidden(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor,
+    packed: bool = False,
 ) -> torch.Tensor:
     """Final hidden states of the decoder (after its final norm). Shape: (B, L) -> (B, L, H).
 
     ``attention_mask``: 1 = real token (left and/or right padding allowed, real tokens
     contiguous); ``position_ids``: positions of the real tokens, 0 at each row's first real token
-    (:func:`ray_rlhf.models.policy.sequence_inputs`). Works for ``model``-style decoders (Llama,
+    (:func:`ray_rlhf.models.policy.sequence_inputs`). ``packed``: one pass over the real tokens
+    only (:mod:`ray_rlhf.models.packing`), the same (B, L, H) result. Works for ``model``-style decoders (Llama,
     Qwen, Gemma, ...) and GPT-2's ``transformer`` (``get_decoder()`` returns either).
     """
     decoder = lm.get_decoder()
+    if packed:
+        from ray_rlhf.models.packing import packed_hidden
+
+        return packed_hidden(decoder, input_ids, attention_mask, position_ids)
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state
 

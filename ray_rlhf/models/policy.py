@@ -61,6 +61,9 @@ class PolicyWithValueHead(nn.Module):
         super().__init__()
         self.lm = lm
         self.critic = critic
+        self.packed = False
+        """One packed pass per forward (:mod:`ray_rlhf.models.packing`): set by the learner from
+        ``ppo.packing``; the outputs keep their padded (B, T) layout either way."""
         self.value_head = None
         """None for a critic-free estimator: no value is built, computed or saved."""
         if value_head:
@@ -96,7 +99,7 @@ class PolicyWithValueHead(nn.Module):
         wants_values = with_values and self.value_head is not None
         states = logprobs = entropy = values = None
         if with_logprobs or with_entropy or (wants_values and self.critic is None):
-            states = response_states(self.lm, inputs, P, T)
+            states = response_states(self.lm, inputs, P, T, self.packed)
         if with_logprobs or with_entropy:
             # one pass over the logits for both, in row chunks (no full-vocabulary log_softmax copies)
             # float32 log-probs even when the trunk runs in bf16 (autocast): a no-op copy-free .float() otherwise
@@ -105,15 +108,16 @@ class PolicyWithValueHead(nn.Module):
             logprobs = logprobs if with_logprobs else None
         if wants_values:
             if self.critic is not None:
-                states = response_states(self.critic, inputs, P, T)
+                states = response_states(self.critic, inputs, P, T, self.packed)
             values = self.value_head(states).squeeze(-1).float()
         return PolicyOutput(logprobs=logprobs, values=values, entropy=entropy)
 
 
-def response_states(lm: nn.Module, inputs, P: int, T: int) -> torch.Tensor:
-    """Final hidden states before each response token. Shape: (B, T, H)."""
+def response_states(lm: nn.Module, inputs, P: int, T: int, packed: bool = False) -> torch.Tensor:
+    """Final hidden states before each response token (``packed``: from one packed pass).
+    Shape: (B, T, H)."""
     input_ids, attention_mask, position_ids = inputs
-    return trunk_hidden(lm, input_ids, attention_mask, position_ids)[:, P - 1 : P + T - 1]
+    return trunk_hidden(lm, input_ids, attention_mask, position_ids, packed)[:, P - 1 : P + T - 1]
 
 
 class ReferenceModel(nn.Module):
@@ -124,17 +128,20 @@ class ReferenceModel(nn.Module):
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm.eval().requires_grad_(False)
+        self.packed = False
+        """One packed pass per forward, as :attr:`PolicyWithValueHead.packed`."""
 
     @torch.no_grad()
     def forward(self, prompt_ids, prompt_mask, response_ids, response_mask, temperature: float = 1.0) -> torch.Tensor:
         """Shape: (B, T)."""
-        return reference_logprobs(self.lm, prompt_ids, prompt_mask, response_ids, response_mask, temperature)
+        return reference_logprobs(self.lm, prompt_ids, prompt_mask, response_ids, response_mask, temperature, self.packed)
 
 
 @torch.no_grad()
-def reference_logprobs(ref_lm: nn.Module, prompt_ids, prompt_mask, response_ids, response_mask, temperature=1.0):
+def reference_logprobs(ref_lm: nn.Module, prompt_ids, prompt_mask, response_ids, response_mask, temperature=1.0,
+                       packed: bool = False):
     """Log-probabilities of the response tokens under the frozen reference LM. Shape: (B, T)."""
     inputs = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
-    states = response_states(ref_lm, inputs, prompt_ids.shape[1], response_ids.shape[1])
+    states = response_states(ref_lm, inputs, prompt_ids.shape[1], response_ids.shape[1], packed)
     logits = output_logits(ref_lm, states).float()
     return token_logprobs_and_entropy(logits, response_ids, temperature, with_entropy=False)[0]

@@ -121,6 +121,20 @@ def _gpt2_policy(scene: Scene) -> None:
     build_arch("gpt2", scene.tmp / "gpt2")
 
 
+def _bloom_policy(scene: Scene) -> None:
+    """The tiny policy's tokenizer with a tiny Bloom (ALiBi: attention not confinable per packed sequence)."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from tests.architectures import VOCAB_SIZE
+
+    src = scene.reward_model.parent / scene.reward_model.name.replace("reward-", "policy-")
+    dst = scene.tmp / "bloom"
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors*"):
+        f.unlink()
+    BloomForCausalLM(BloomConfig(vocab_size=VOCAB_SIZE, hidden_size=32, n_layer=1, n_head=4)).save_pretrained(dst)
+
+
 def _corrupt_learner_json(scene: Scene) -> None:
     (_ckpt(scene) / "learner.json").write_text('{"version": 0, "kl_ctl": ')  # torn write
 
@@ -211,6 +225,8 @@ CASES: dict[str, Case] = {
                                           ["bad_rewards:one_arg", "fits neither accepted form"]),
     "unreachable_reward_url": Case(["reward.remote=[{url: 'http://127.0.0.1:1/score'}]"],
                                    ["http://127.0.0.1:1/score", "unreachable"], max_seconds=60),
+    "packing_on_with_alibi_model": Case(["model.policy_path={tmp}/bloom", "ppo.packing=on"],
+                                        ["ppo.packing=on", "ppo.packing=off"], setup=_bloom_policy),
     "top_p_below_one": Case(["rollout.top_p=0.9"], ["rollout.top_p=0.9", "not supported"]),
     "clip_low_above_clip_high": Case(["ppo.clip_low=0.3", "ppo.clip_high=0.2"], ["ppo.clip_low=0.3", "ppo.clip_high"]),
     "dynamic_sampling_without_groups": Case(["rollout.dynamic_sampling=true"], ["rollout.dynamic_sampling", "no groups"]),

@@ -61,7 +61,7 @@ def cfg_for(path, ranks: int, strategy: str, *extra):
     return load_config("tiny", [
         f"learner.num={ranks}", f"learner.strategy={strategy}", "learner.num_cpus=0.5", "learner.torch_threads=1",
         "ppo.epochs=1", "ppo.minibatch_size=6", "ppo.micro_batch_size=2", "rollout.prompts_per_step=6",
-        "rollout.samples_per_prompt=2", "learner.collective_timeout_s=60", *extra])
+        "rollout.samples_per_prompt=2", "learner.collective_timeout_s=60", "ppo.packing=off", *extra])
 
 
 def full_grads(learner):
@@ -108,12 +108,17 @@ def reference_bytes(learner) -> int:
     return sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in learner.reference.parameters())
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp+shard_reference"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp+shard_reference", "ddp+packing"])
 def test_two_ranks_give_the_one_rank_update(tiny_policy_path, batch, one_rank, strategy):
+    """Two ranks against one padded rank; ``+packing``: the two ranks run packed micro-batches
+    (``ppo.packing=on``, first-fit under a token budget), so packing and ranks are checked together."""
     s1, p1 = one_rank
     shard_ref = strategy.endswith("+shard_reference")
-    strategy = strategy.removesuffix("+shard_reference")
+    packing = strategy.endswith("+packing")
+    strategy = strategy.removesuffix("+shard_reference").removesuffix("+packing")
     extra = (*ONE_STEP, f"learner.shard_reference={str(shard_ref).lower()}")
+    if packing:
+        extra = (*extra, "ppo.packing=on", "ppo.micro_batch_tokens=64")
     if shard_ref:  # the reference's memory per rank, measured: about half of the whole with 2 ranks
         group = LearnerGroup(cfg_for(tiny_policy_path, 2, strategy, *extra), tiny_policy_path)
         try:
