@@ -110,9 +110,10 @@ def _rows(dataset) -> int:
     return len(dataset.batch) if hasattr(dataset, "batch") else len(dataset)
 
 
-def run_stage(opts: StageOptions, stop_after: int | None = None) -> list[dict]:
+def run_stage(opts: StageOptions, stop_after: int | None = None, report=None, should_stop=None) -> list[dict]:
     """Train (resuming from ``out/checkpoint.pt`` if there); one metrics dict per step. With
-    ``stop_after``, stop (after checkpointing) once that many steps are done -- what SIGTERM does."""
+    ``stop_after``, stop (after checkpointing) once that many steps are done; ``should_stop()``
+    true (SIGTERM) does the same after the current step. ``report(row)`` gets each step's metrics."""
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     engine, obj, dataset, tokenizer = build(opts)
@@ -134,6 +135,10 @@ def run_stage(opts: StageOptions, stop_after: int | None = None) -> list[dict]:
         stats, upd = engine.train(prepared, obj.loss)
         step += 1
         history.append({"step": step, **stats.metrics(), "grad_norm": upd.grad_norm})
+        if report is not None:
+            report(history[-1])
+        if should_stop is not None and should_stop():
+            stop_after = step
         if step % opts.checkpoint_every == 0 or step == opts.steps or step == stop_after:
             tmp = out / "checkpoint.pt.tmp"
             torch.save({"model": engine.model.state_dict(), "optimizer": engine.optimizer.state_dict(),
