@@ -120,7 +120,7 @@ def run_stage(opts: StageOptions, stop_after: int | None = None, report=None, sh
     n = _rows(dataset)
     ckpt, step = out / "checkpoint.pt", 0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)
         engine.model.load_state_dict(state["model"])
         engine.optimizer.load_state_dict(state["optimizer"])
         engine.rng.set_state(state["engine_rng"])

@@ -25,8 +25,8 @@ def test_sft_stopped_and_resumed_equals_uninterrupted(tiny_policy_path, data, tm
     rest = run_stage(StageOptions(out=str(tmp_path / "b"), **kw))
     assert [h["sft/loss"] for h in first + rest] == [h["sft/loss"] for h in whole]
     assert whole[-1]["sft/loss"] < whole[0]["sft/loss"]
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
