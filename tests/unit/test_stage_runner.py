@@ -9,6 +9,7 @@ from transformers import AutoModelForSequenceClassification
 
 from ray_rlhf.data.make_preferences import write
 from ray_rlhf.errors import UserError
+from ray_rlhf.rewards.model import check_reward_model
 from ray_rlhf.stages.runner import StageOptions, run_stage
 
 
@@ -36,7 +37,19 @@ def test_rm_output_is_a_sequence_classifier(tiny_policy_path, data, tmp_path):
     assert "rm/accuracy" in hist[-1]
     cfg = json.loads((tmp_path / "model" / "config.json").read_text())
     assert cfg["architectures"][0].endswith("ForSequenceClassification")
-    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").config.num_labels == 1
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").eval()
+    assert model.config.num_labels == 1
+    check_reward_model(tmp_path / "model")  # what reward.model_path's preflight runs
+    with pytest.raises(UserError, match="ForSequenceClassification"):
+        check_reward_model(tiny_policy_path)  # a causal LM is refused as a reward model
+    # Hugging Face's own pooling (last non-pad token) scores an unpadded sequence as training did
+    from ray_rlhf.learning.objectives.rm import PairScorer
+
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        ours = PairScorer(model)(ids[:, :2], torch.ones(1, 2, dtype=torch.long), ids[:, 2:], torch.ones(1, 3)).rewards
+        theirs = model(input_ids=ids).logits[:, 0]
+    assert torch.allclose(ours, theirs, atol=1e-5)
 
 
 def test_dpo_refuses_beta_not_positive_before_loading(tiny_policy_path, data, tmp_path):
