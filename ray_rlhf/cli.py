@@ -3,6 +3,7 @@
 ``ray-rlhf train --config tiny [key.sub=value ...]``   run PPO (same as ``python -m ray_rlhf.train``)
 ``ray-rlhf show-config --config tiny [overrides]``      print the resolved config and exit
 ``ray-rlhf make-model tiny OUT_DIR [--kind reward]``    build an offline random-init model
+``ray-rlhf sft|rm|dpo model_path=DIR data.path=FILE out=DIR [key=value ...]``  a stage (docs/pipeline.md)
 ``ray-rlhf bench [--config my_run.yaml] [overrides] [--quick] [--sweep key=v1,v2]``  benchmark a run's config
 
 A user mistake (:class:`~ray_rlhf.errors.UserError`) prints one line and exits with status 2.
@@ -67,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_model)
 
+    for stage, what in (("sft", "supervised fine-tuning"), ("rm", "train a reward model"), ("dpo", "DPO")):
+        p = sub.add_parser(stage, help=f"{what} on one learner rank")
+        p.add_argument("overrides", nargs="*", metavar="key=value")
+        p.set_defaults(func=_cmd_stage, stage=stage)
+
     from ray_rlhf.bench.args import build_parser as bench_parser
 
     bench = bench_parser()
@@ -74,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
                        parents=[bench], add_help=False, description=bench.description)
     p.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _cmd_stage(args: argparse.Namespace) -> None:
+    from ray_rlhf.stages.command import main as stage_main
+
+    stage_main(args.stage, args.overrides)
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:

@@ -52,6 +52,7 @@ from ray_rlhf.algo.masked import (
 )
 from ray_rlhf.algo.off_policy import IS_MODES, ImportanceWeightStats, importance_weights
 from ray_rlhf.algo.overlong import overlong_penalty
+from ray_rlhf.algo.preference import DPO_LOSSES, DPOStats, PairStats, bradley_terry_loss, dpo_loss, sft_loss
 from ray_rlhf.algo.registry import (
     ESTIMATORS,
     POLICY_LOSSES,
@@ -77,6 +78,12 @@ __all__ = [
     "get_policy_loss",
     "register_estimator",
     "register_policy_loss",
+    "DPO_LOSSES",
+    "DPOStats",
+    "PairStats",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "sft_loss",
     "IS_MODES",
     "KL_LOSS_CLAMP",
     "LOG_RATIO_BOUND",

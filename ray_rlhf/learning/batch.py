@@ -180,3 +180,24 @@ class PreparedBatch:
         cut = lambda t: None if t is None else t[:, :width]  # noqa: E731
         return PreparedBatch(batch, cut(self.old_logprobs), cut(self.old_values), cut(self.ref_logprobs),
                              cut(self.advantages), cut(self.returns), cut(self.weights))
+
+
+def pad_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> TensorBatch:
+    """Prompt ids left-padded, response ids right-padded, as a :class:`TensorBatch` (scores 0)."""
+    B = len(prompts)
+    P = max(max(len(p) for p in prompts), 1)
+    T = max(max(len(r) for r in responses), 1)
+    pid = torch.full((B, P), pad_id, dtype=torch.long)
+    pm = torch.zeros(B, P, dtype=torch.long)
+    rid = torch.full((B, T), pad_id, dtype=torch.long)
+    rm = torch.zeros(B, T)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        if p:
+            pid[i, P - len(p):] = torch.tensor(p)
+            pm[i, P - len(p):] = 1
+        rid[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        rm[i, :len(r)] = 1.0
+    zeros = torch.zeros(B)
+    return TensorBatch(prompt_ids=pid, prompt_mask=pm, response_ids=rid, response_mask=rm,
+                       sampler_logprobs=torch.zeros(B, T), scores=zeros, policy_versions=zeros.long(),
+                       prompt_index=torch.arange(B), group_ids=torch.arange(B), truncated=torch.zeros(B, dtype=torch.bool))

@@ -198,6 +198,11 @@ def resolve(cmd: Command) -> list:
 
             assert args.preset in PRESETS, f"{cmd.where}: make-model preset {args.preset!r} (presets: {', '.join(PRESETS)})"
             return []
+        if args.command in ("sft", "rm", "dpo"):
+            from ray_rlhf.stages.command import parse_options
+
+            parse_options(args.command, args.overrides)  # every key known, every value of its type
+            return []
         raise AssertionError(f"{cmd.where}: `ray-rlhf {args.command}` is new: teach this test what it resolves")
     module = cmd.program.split()[-1]
     if module == "ray_rlhf.train":

@@ -1,0 +1,151 @@
+"""Run one stage -- ``sft``, ``rm`` or ``dpo`` -- on one learner rank, in-process.
+
+The stage tokenizes its file once (:func:`examples_to_batches`), then takes ``steps`` optimizer
+steps, each on the next ``batch_size`` examples of a permutation seeded by ``seed`` and the epoch,
+through the learner's :class:`~ray_rlhf.learning.engine.Engine` and the stage's objective. Every
+``checkpoint_every`` steps it saves the model, AdamW's state, the step and the random states to
+``out/checkpoint.pt`` (written to a temporary name, then renamed: never half-written); a run
+started with the same ``out`` resumes from it and takes exactly the steps the uninterrupted run
+would have. At the end the model is saved in Hugging Face format in ``out/model`` (for ``rm`` a
+``*ForSequenceClassification`` directory, num_labels=1, that ``reward.model_path`` loads).
+Multi-rank stages are not built yet.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ray_rlhf.data.pairs import load_preferences, load_sft
+from ray_rlhf.data.prompts import render_prompt
+from ray_rlhf.errors import UserError
+from ray_rlhf.learning.batch import pad_batch
+from ray_rlhf.learning.engine import Engine, EngineOptions, Optimization
+
+STAGES = ("sft", "rm", "dpo")
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    stage: str
+    model_path: str
+    data_path: str
+    out: str
+    steps: int = 30
+    batch_size: int = 16
+    micro_batch_size: int = 16
+    lr: float = 1e-3
+    seed: int = 0
+    checkpoint_every: int = 10
+    beta: float = 0.1
+    """dpo.beta (> 0)."""
+    loss: str = "sigmoid"
+    label_smoothing: float = 0.0
+    max_tokens: int = 128
+    """Prompt and completion are each cut to this many tokens."""
+
+
+def _ids(tokenizer, prompt, completion: str | None, max_tokens: int) -> tuple[list[int], list[int]]:
+    text, templated = render_prompt(prompt, tokenizer)
+    p = tokenizer(text, add_special_tokens=not templated)["input_ids"][-max_tokens:]
+    if completion is None:
+        return p, []
+    r = tokenizer(completion, add_special_tokens=False)["input_ids"][: max_tokens - 1] + [tokenizer.eos_token_id]
+    return p, r
+
+
+def examples_to_batches(opts: StageOptions, tokenizer):
+    """The stage's whole dataset as padded batches: SFT one batch; RM/DPO (chosen, rejected, margin)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if opts.stage == "sft":
+        rows = [_ids(tokenizer, e.prompt, e.response, opts.max_tokens) for e in load_sft(opts.data_path)]
+        return pad_batch([p for p, _ in rows], [r for _, r in rows], pad)
+    prefs = load_preferences(opts.data_path)
+    c = [_ids(tokenizer, e.prompt, e.chosen, opts.max_tokens) for e in prefs]
+    r = [_ids(tokenizer, e.prompt, e.rejected, opts.max_tokens) for e in prefs]
+    return (pad_batch([p for p, _ in c], [x for _, x in c], pad), pad_batch([p for p, _ in r], [x for _, x in r], pad),
+            torch.tensor([e.margin for e in prefs]))
+
+
+def build(opts: StageOptions):
+    """(engine, objective, prepared dataset) of the stage."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ray_rlhf.learning.loading import disable_dropout, load_causal_lm
+    from ray_rlhf.learning.objectives.dpo import DPOObjective
+    from ray_rlhf.learning.objectives.rm import PairScorer, RMObjective, RMPairs
+    from ray_rlhf.learning.objectives.sft import SFTObjective
+    from ray_rlhf.models.policy import PolicyWithValueHead, ReferenceModel
+
+    if opts.stage not in STAGES:
+        raise UserError(f"unknown stage {opts.stage!r}; one of {', '.join(STAGES)}")
+    if opts.stage == "dpo" and opts.beta <= 0:
+        raise UserError(f"dpo.beta={opts.beta} must be > 0 (DPO's KL strength; 0.1 is usual)")
+    tokenizer = AutoTokenizer.from_pretrained(opts.model_path)
+    data = examples_to_batches(opts, tokenizer)  # bad rows are refused before the model loads
+    torch.manual_seed(opts.seed)
+    optim = Optimization(epochs=1, minibatch_size=opts.batch_size, micro_batch_size=opts.micro_batch_size,
+                         lr=opts.lr, max_grad_norm=1.0)
+    if opts.stage == "rm":
+        lm = AutoModelForSequenceClassification.from_pretrained(opts.model_path, num_labels=1, dtype=torch.float32)
+        if lm.config.pad_token_id is None:
+            lm.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        disable_dropout(lm)
+        engine = Engine(PairScorer(lm), None, EngineOptions(), optim, seed=opts.seed)
+        return engine, RMObjective(), RMPairs(*data), tokenizer
+    lm = load_causal_lm(opts.model_path, "cpu")
+    reference = ReferenceModel(copy.deepcopy(lm)) if opts.stage == "dpo" else None
+    engine = Engine(PolicyWithValueHead(lm, value_head=False), reference, EngineOptions(), optim, seed=opts.seed)
+    if opts.stage == "sft":
+        return engine, SFTObjective(), data, tokenizer
+    obj = DPOObjective(opts.beta, opts.loss, opts.label_smoothing)
+    return engine, obj, obj.reference(data[0], data[1], engine), tokenizer
+
+
+def _rows(dataset) -> int:
+    return len(dataset.batch) if hasattr(dataset, "batch") else len(dataset)
+
+
+def run_stage(opts: StageOptions, stop_after: int | None = None, report=None, should_stop=None) -> list[dict]:
+    """Train (resuming from ``out/checkpoint.pt`` if there); one metrics dict per step. With
+    ``stop_after``, stop (after checkpointing) once that many steps are done; ``should_stop()``
+    true (SIGTERM) does the same after the current step. ``report(row)`` gets each step's metrics."""
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    engine, obj, dataset, tokenizer = build(opts)
+    n = _rows(dataset)
+    ckpt, step = out / "checkpoint.pt", 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        engine.model.load_state_dict(state["model"])
+        engine.optimizer.load_state_dict(state["optimizer"])
+        engine.rng.set_state(state["engine_rng"])
+        step = state["step"]
+    per_epoch = max(n // opts.batch_size, 1)
+    history = []
+    while step < opts.steps:
+        epoch, k = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(opts.seed * 100_003 + epoch))
+        rows = order[k * opts.batch_size : (k + 1) * opts.batch_size]
+        prepared, _ = obj.prepare(dataset.select(rows), engine)
+        stats, upd = engine.train(prepared, obj.loss)
+        step += 1
+        history.append({"step": step, **stats.metrics(), "grad_norm": upd.grad_norm})
+        if report is not None:
+            report(history[-1])
+        if should_stop is not None and should_stop():
+            stop_after = step
+        if step % opts.checkpoint_every == 0 or step == opts.steps or step == stop_after:
+            tmp = out / "checkpoint.pt.tmp"
+            torch.save({"model": engine.model.state_dict(), "optimizer": engine.optimizer.state_dict(),
+                        "engine_rng": engine.rng.get_state(), "step": step}, tmp)
+            os.replace(tmp, ckpt)
+        if stop_after is not None and step >= stop_after:
+            return history
+    engine.model.lm.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    return history

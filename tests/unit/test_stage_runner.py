@@ -1,0 +1,58 @@
+"""Stages on the tiny model, in-process: stopped and resumed equals uninterrupted (weights equal),
+SFT lowers its loss, the RM's output loads as a sequence classifier, bad input refused early."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from ray_rlhf.data.make_preferences import write
+from ray_rlhf.errors import UserError
+from ray_rlhf.rewards.model import check_reward_model
+from ray_rlhf.stages.runner import StageOptions, run_stage
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write(tmp_path_factory.mktemp("data"), num=32)
+
+
+def test_sft_stopped_and_resumed_equals_uninterrupted(tiny_policy_path, data, tmp_path):
+    kw = dict(stage="sft", model_path=str(tiny_policy_path), data_path=str(data[0]), steps=4, batch_size=8,
+              micro_batch_size=4, checkpoint_every=100)
+    whole = run_stage(StageOptions(out=str(tmp_path / "a"), **kw))
+    first = run_stage(StageOptions(out=str(tmp_path / "b"), **kw), stop_after=2)
+    rest = run_stage(StageOptions(out=str(tmp_path / "b"), **kw))
+    assert [h["sft/loss"] for h in first + rest] == [h["sft/loss"] for h in whole]
+    assert whole[-1]["sft/loss"] < whole[0]["sft/loss"]
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rm_output_is_a_sequence_classifier(tiny_policy_path, data, tmp_path):
+    hist = run_stage(StageOptions(stage="rm", model_path=str(tiny_policy_path), data_path=str(data[1]),
+                                  out=str(tmp_path), steps=2, batch_size=8))
+    assert "rm/accuracy" in hist[-1]
+    cfg = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert cfg["architectures"][0].endswith("ForSequenceClassification")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").eval()
+    assert model.config.num_labels == 1
+    check_reward_model(tmp_path / "model")  # what reward.model_path's preflight runs
+    with pytest.raises(UserError, match="ForSequenceClassification"):
+        check_reward_model(tiny_policy_path)  # a causal LM is refused as a reward model
+    # Hugging Face's own pooling (last non-pad token) scores an unpadded sequence as training did
+    from ray_rlhf.learning.objectives.rm import PairScorer
+
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        ours = PairScorer(model)(ids[:, :2], torch.ones(1, 2, dtype=torch.long), ids[:, 2:], torch.ones(1, 3)).rewards
+        theirs = model(input_ids=ids).logits[:, 0]
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_dpo_refuses_beta_not_positive_before_loading(tiny_policy_path, data, tmp_path):
+    with pytest.raises(UserError, match="dpo.beta"):
+        run_stage(StageOptions(stage="dpo", model_path=str(tiny_policy_path), data_path=str(data[1]),
+                               out=str(tmp_path), beta=0.0))
