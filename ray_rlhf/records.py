@@ -166,6 +166,23 @@ class RolloutBatch:
     """Unweighted score of each reward source, keyed by its name. Each shape (N,), float64."""
     columns: dict[str, list] = field(default_factory=dict)
     """The prompt rows' other dataset columns, one value per sequence."""
+    loss_mask: np.ndarray | None = None
+    """Multi-turn trajectories: 1 where the response token was sampled by the model, 0 where it
+    was appended between turns (an environment's observation, chat-template tokens), flat and
+    aligned with ``response_ids``. ``None``: every response token is the model's (single turn).
+    The model's turns are the maximal runs of 1 (:attr:`turn_count`). Shape (sum of response
+    lengths,), int8."""
+    token_reward: np.ndarray | None = None
+    """Per-turn rewards from an environment, on the last model token of each turn, 0 elsewhere;
+    flat and aligned with ``response_ids``. ``None``: no per-turn rewards. The sequence's
+    :attr:`reward` is the final reward, on its last model token. Shape (sum of response lengths,),
+    float32."""
+
+    def __post_init__(self) -> None:
+        for name in ("loss_mask", "token_reward"):
+            v = getattr(self, name)
+            if v is not None and len(v) != len(self.response_ids):
+                raise ValueError(f"{name} has {len(v)} entries, the batch {len(self.response_ids)} response tokens")
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -174,7 +191,9 @@ class RolloutBatch:
                        sampler_logprobs: Sequence[Sequence[float]], prompt: Sequence[str],
                        response: Sequence[str], finish_reason: Sequence[str], policy_version: int | Sequence[int],
                        generator_id: str | Sequence[str] = "", columns: Mapping[str, list] | None = None,
-                       reward: Sequence[float] | None = None) -> RolloutBatch:
+                       reward: Sequence[float] | None = None,
+                       loss_mask: Sequence[Sequence[int]] | None = None,
+                       token_reward: Sequence[Sequence[float]] | None = None) -> RolloutBatch:
         """A batch from per-sequence Python lists (tests, the transformers sampler)."""
         n, finish_reason = len(prompt_index), [str(r) for r in finish_reason]
         if bad := sorted(set(finish_reason) - set(FINISH_REASONS)):
@@ -196,6 +215,8 @@ class RolloutBatch:
             prompt=list(prompt), response=list(response),
             reward=np.full(n, np.nan) if reward is None else np.asarray(reward, dtype=np.float64),
             columns={k: list(v) for k, v in (columns or {}).items()},
+            loss_mask=None if loss_mask is None else flat(loss_mask, np.int8),
+            token_reward=None if token_reward is None else flat(token_reward, np.float32),
         )
 
     @classmethod
@@ -229,6 +250,10 @@ class RolloutBatch:
             reward=cat("reward"),
             reward_parts={k: np.concatenate([b.reward_parts[k] for b in batches]) for k in sorted(parts_keys)},
             columns={k: [v for b in batches for v in b.columns[k]] for k in sorted(col_keys)},
+            loss_mask=(None if all(b.loss_mask is None for b in batches)
+                       else np.concatenate([b.model_mask for b in batches])),
+            token_reward=(None if all(b.token_reward is None for b in batches)
+                          else np.concatenate([b.token_rewards for b in batches])),
         )
 
     # ---- views --------------------------------------------------------------------------
@@ -244,6 +269,26 @@ class RolloutBatch:
     def response_lengths(self) -> np.ndarray:
         """Shape (N,), int64."""
         return np.diff(self.response_offsets)
+
+    @property
+    def model_mask(self) -> np.ndarray:
+        """:attr:`loss_mask`, or all ones for single-turn rows. Shape (sum of response lengths,), int8."""
+        return np.ones(len(self.response_ids), np.int8) if self.loss_mask is None else self.loss_mask
+
+    @property
+    def token_rewards(self) -> np.ndarray:
+        """:attr:`token_reward`, or all zeros. Shape (sum of response lengths,), float32."""
+        return np.zeros(len(self.response_ids), np.float32) if self.token_reward is None else self.token_reward
+
+    @property
+    def turn_count(self) -> np.ndarray:
+        """Model turns of each sequence: runs of 1 in :attr:`model_mask` (1 for a single-turn
+        row with a response, 0 for an empty one). Shape (N,), int64."""
+        m = self.model_mask.astype(np.int64)
+        prev = np.concatenate([[0], m[:-1]])
+        prev[self.response_offsets[:-1][self.response_lengths > 0]] = 0  # no run crosses a row boundary
+        row = np.repeat(np.arange(len(self)), self.response_lengths)
+        return np.bincount(row, weights=(m == 1) & (prev == 0), minlength=len(self)).astype(np.int64)
 
     @property
     def truncated(self) -> np.ndarray:
@@ -277,6 +322,8 @@ class RolloutBatch:
             prompt=[self.prompt[i] for i in pick], response=[self.response[i] for i in pick],
             reward=self.reward[rows], reward_parts={k: v[rows] for k, v in self.reward_parts.items()},
             columns={k: [v[i] for i in pick] for k, v in self.columns.items()},
+            loss_mask=None if self.loss_mask is None else self.loss_mask[r_idx],
+            token_reward=None if self.token_reward is None else self.token_reward[r_idx],
         )
 
     def with_rewards(self, reward: np.ndarray, parts: Mapping[str, np.ndarray]) -> RolloutBatch:
@@ -310,6 +357,10 @@ class RolloutBatch:
             "response_ids": lists(self.response_ids, self.response_offsets, pa.int32()),
             "sampler_logprobs": lists(self.sampler_logprobs, self.response_offsets, pa.float32()),
         }
+        if self.loss_mask is not None:
+            cols["loss_mask"] = lists(self.loss_mask, self.response_offsets, pa.int8())
+        if self.token_reward is not None:
+            cols["token_reward"] = lists(self.token_reward, self.response_offsets, pa.float32())
         for name, values in self.reward_parts.items():
             cols[f"reward_part/{name}"] = pa.array(values, pa.float64())
         for name, values in self.columns.items():
@@ -330,7 +381,9 @@ def rollout_batch_from_arrow(table: pa.Table) -> RolloutBatch:
     p_ids, p_off = flat("prompt_ids", np.int32)
     r_ids, r_off = flat("response_ids", np.int32)
     lps, _ = flat("sampler_logprobs", np.float32)
-    fixed = set(ROLLOUT_SCHEMA.names)
+    fixed = set(ROLLOUT_SCHEMA.names) | set(MULTI_TURN_COLUMNS)
+    loss_mask = flat("loss_mask", np.int8)[0] if "loss_mask" in table.column_names else None
+    token_reward = flat("token_reward", np.float32)[0] if "token_reward" in table.column_names else None
     col = lambda name: table.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
     return RolloutBatch(
         prompt_index=col("prompt_index").astype(np.int64), sample_index=col("sample_index").astype(np.int64),
@@ -344,6 +397,7 @@ def rollout_batch_from_arrow(table: pa.Table) -> RolloutBatch:
                       if n.startswith("reward_part/")},
         columns={n: table.column(n).to_pylist() for n in table.column_names
                  if n not in fixed and not n.startswith("reward_part/")},
+        loss_mask=loss_mask, token_reward=token_reward,
     )
 
 
@@ -364,8 +418,12 @@ ROLLOUT_SCHEMA = pa.schema(
         ("sampler_logprobs", pa.list_(pa.float32())),
     ]
 )
-"""The fixed columns of the rollout log (one row per completion); after them come one
-``reward_part/<source>`` column per reward source and the dataset's own columns."""
+"""The fixed columns of the rollout log (one row per completion); after them come the
+:data:`MULTI_TURN_COLUMNS` of multi-turn runs, one ``reward_part/<source>`` column per reward
+source and the dataset's own columns."""
+
+MULTI_TURN_COLUMNS = ("loss_mask", "token_reward")
+"""Rollout-log columns written only when the batch carries them (lists aligned with ``response_ids``)."""
 
 
 @dataclass(frozen=True)

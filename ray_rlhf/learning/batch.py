@@ -42,6 +42,14 @@ class TensorBatch:
     """True where the sequence was cut off at the length limit without EOS (``finish_reason ==
     "length"``, :attr:`~ray_rlhf.records.RolloutBatch.truncated`): its reward judges an unfinished
     answer (DAPO's overlong filtering masks such rows). Shape: (B,), bool."""
+    loss_mask: torch.Tensor
+    """1 where the response token is the model's own (sampled), 0 at padding and at tokens appended
+    between turns (observations, template tokens) of a multi-turn trajectory: equal to
+    ``response_mask`` for single-turn rows. ``response_mask`` stays the attention mask.
+    Shape: (B, T), float."""
+    token_rewards: torch.Tensor
+    """Per-turn environment rewards on the last model token of each turn, 0 elsewhere
+    (:attr:`~ray_rlhf.records.RolloutBatch.token_reward`). Shape: (B, T), float."""
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
@@ -128,6 +136,8 @@ def collate(batch: RolloutBatch, pad_id: int) -> TensorBatch:
     prompt_ids, prompt_mask = pad_ragged(batch.prompt_ids.astype(np.int64), batch.prompt_offsets, pad_id, left=True)
     response_ids, response_mask = pad_ragged(batch.response_ids.astype(np.int64), batch.response_offsets, pad_id)
     logprobs, _ = pad_ragged(batch.sampler_logprobs.astype(np.float32), batch.response_offsets, 0.0)
+    model, _ = pad_ragged(batch.model_mask.astype(np.float32), batch.response_offsets, 0.0)
+    token_rewards, _ = pad_ragged(batch.token_rewards.astype(np.float32), batch.response_offsets, 0.0)
     return TensorBatch(
         prompt_ids=torch.from_numpy(prompt_ids),
         prompt_mask=torch.from_numpy(prompt_mask.astype(np.int64)),
@@ -139,6 +149,8 @@ def collate(batch: RolloutBatch, pad_id: int) -> TensorBatch:
         prompt_index=torch.from_numpy(batch.prompt_index.astype(np.int64)),
         group_ids=torch.from_numpy(group_ids(batch)),
         truncated=torch.from_numpy(batch.truncated.astype(np.bool_)),
+        loss_mask=torch.from_numpy(model * response_mask.astype(np.float32)),
+        token_rewards=torch.from_numpy(token_rewards),
     )
 
 
@@ -200,4 +212,5 @@ def pad_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int)
     zeros = torch.zeros(B)
     return TensorBatch(prompt_ids=pid, prompt_mask=pm, response_ids=rid, response_mask=rm,
                        sampler_logprobs=torch.zeros(B, T), scores=zeros, policy_versions=zeros.long(),
-                       prompt_index=torch.arange(B), group_ids=torch.arange(B), truncated=torch.zeros(B, dtype=torch.bool))
+                       prompt_index=torch.arange(B), group_ids=torch.arange(B), truncated=torch.zeros(B, dtype=torch.bool),
+                       loss_mask=rm.clone(), token_rewards=torch.zeros(B, T))
