@@ -44,6 +44,23 @@ how the old value becomes the new one). The estimator's knobs moved to ``algo``,
 every ``faults`` key is a list of events (``[{step: N}]``)."""
 
 
+ALIASES = {"data.path": "data.prompts_path"}
+"""Other names of a key, accepted silently: ``data.path`` is the data key every command takes
+(``ray-rlhf sft|rm|dpo`` too), so a PPO run accepts it for ``data.prompts_path``."""
+
+
+def _apply_aliases(tree: dict[str, Any]) -> None:
+    for alias, name in ALIASES.items():
+        section, key = alias.split(".")
+        node = tree.get(section)
+        if not isinstance(node, dict) or key not in node:
+            continue
+        real = name.split(".")[1]
+        if real in node:
+            raise UserError(f"config keys {alias!r} and {name!r} name the same setting; keep one")
+        node[real] = node.pop(key)
+
+
 def _apply_deprecated(tree: dict[str, Any]) -> None:
     """Move every deprecated key of ``tree`` to its new name, with a notice naming both."""
     for old, (new, convert) in DEPRECATED.items():
@@ -92,7 +109,7 @@ def _base_dict(config: str) -> dict[str, Any]:
 def apply_override(tree: dict[str, Any], override: str) -> None:
     """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (``1e-4``, ``true``, ``[1, 2]``)."""
     key, sep, raw = override.partition("=")
-    key = key.strip()
+    key = ALIASES.get(key.strip(), key.strip())  # data.path=X overrides a preset's data.prompts_path
     if not sep or not key or any(not part for part in key.split(".")):
         raise UserError(f"override {override!r} is not of the form key.sub=value (e.g. ppo.clip=0.2)")
     try:
@@ -157,6 +174,7 @@ def load_config(config: str = "tiny", overrides: list[str] | tuple[str, ...] = (
     tree = _base_dict(config)
     for override in overrides:
         apply_override(tree, override)
+    _apply_aliases(tree)
     _apply_deprecated(tree)
     try:
         return RunConfig.model_validate(tree)

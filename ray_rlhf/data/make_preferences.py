@@ -9,10 +9,13 @@ asking for text rich in one ``letter``). Completions are short lines of words dr
 
 * ``sft_letters.jsonl``: ``messages`` = the chat plus an assistant answer built from the words
   with the most of the row's letter;
-* ``prefs_letters.jsonl``: ``prompt`` (the chat), ``chosen`` and ``rejected``, two drawn lines
-  where ``chosen`` has the higher frequency of the target letter
+* ``prefs_letters.jsonl``: ``prompt`` (the chat), ``chosen`` and ``rejected``: a line of the words
+  richest in the target letter against a line of words without it (and at most one rich word),
+  ``chosen`` the one with the higher frequency of the letter
   (``ray_rlhf.rewards.verifiable:target_letter_frequency``), ``letter``, and ``margin`` = the
-  difference of the two frequencies times 10. Pairs of equal frequency are redrawn.
+  difference of the two frequencies times 10. Pairs of equal frequency are redrawn. (Two lines
+  drawn from all the words differ too little for the tiny model to generalise from 128 pairs:
+  its held-out accuracy stayed near 0.5.)
 
 The same ``--seed`` and ``--num`` always give the same files.
 """
@@ -49,8 +52,9 @@ def generate(num: int = 128, seed: int = 0) -> tuple[list[dict], list[dict]]:
         letter, chat = row["letter"], row["messages"]
         rich = sorted(WORDS, key=lambda w: -frequency(w, letter))[:8]
         sft.append({"messages": chat + [{"role": "assistant", "content": _line(rng, rich)}], "letter": letter})
-        while True:
-            a, b = _line(rng, WORDS), _line(rng, WORDS)
+        poor = [w for w in WORDS if letter not in w]
+        while True:  # a line of rich words against a line with at most one rich word
+            a, b = _line(rng, rich), _line(rng, poor[:-1] + [rng.choice(rich)])
             fa, fb = frequency(a, letter), frequency(b, letter)
             if fa != fb:
                 break

@@ -2,7 +2,8 @@
 
 Keys are :class:`~ray_rlhf.stages.runner.StageOptions` fields (``model_path``, ``steps``, ``lr``,
 ``out`` ...) or their dotted names: ``data.path`` (``data.prompts_path`` is its alias),
-``model.path``, ``dpo.beta``, ``dpo.loss``, ``dpo.label_smoothing``. An unknown key or a value of
+``model.path``, ``dpo.beta``, ``dpo.loss``, ``dpo.label_smoothing``, ``data.eval_fraction``,
+``data.eval_path``, ``eval.every``. An unknown key or a value of
 the wrong type is one line, exit 2. SIGTERM stops after the current step, with a checkpoint; the
 same command resumes.
 """
@@ -19,7 +20,8 @@ from ray_rlhf.errors import UserError
 from ray_rlhf.stages.runner import StageOptions, run_stage
 
 ALIASES = {"data.path": "data_path", "data.prompts_path": "data_path", "model.path": "model_path",
-           "dpo.beta": "beta", "dpo.loss": "loss", "dpo.label_smoothing": "label_smoothing"}
+           "dpo.beta": "beta", "dpo.loss": "loss", "dpo.label_smoothing": "label_smoothing",
+           "data.eval_fraction": "eval_fraction", "data.eval_path": "eval_path", "eval.every": "eval_every"}
 
 
 def parse_options(stage: str, overrides: list[str]) -> StageOptions:

@@ -14,6 +14,7 @@ Multi-rank stages are not built yet.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,15 @@ class StageOptions:
     label_smoothing: float = 0.0
     max_tokens: int = 128
     """Prompt and completion are each cut to this many tokens."""
+    eval_fraction: float = 0.0
+    """``data.eval_fraction``: hold out this fraction of the rows (a seeded draw, at least one row)
+    for evaluation; 0 = no held-out split from the training file."""
+    eval_path: str = ""
+    """``data.eval_path``: a separate evaluation file of the same format (takes precedence over
+    ``eval_fraction``)."""
+    eval_every: int = 10
+    """Evaluate after the first step, every this many steps and after the last one (``eval/<metric>``
+    in that step's metrics)."""
 
 
 def _ids(tokenizer, prompt, completion: str | None, max_tokens: int) -> tuple[list[int], list[int]]:
@@ -58,13 +68,15 @@ def _ids(tokenizer, prompt, completion: str | None, max_tokens: int) -> tuple[li
     return p, r
 
 
-def examples_to_batches(opts: StageOptions, tokenizer):
-    """The stage's whole dataset as padded batches: SFT one batch; RM/DPO (chosen, rejected, margin)."""
+def examples_to_batches(opts: StageOptions, tokenizer, path: str | None = None):
+    """The stage's whole dataset (``path``, default ``data_path``) as padded batches: SFT one
+    batch; RM/DPO (chosen, rejected, margin)."""
+    path = opts.data_path if path is None else path
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if opts.stage == "sft":
-        rows = [_ids(tokenizer, e.prompt, e.response, opts.max_tokens) for e in load_sft(opts.data_path)]
+        rows = [_ids(tokenizer, e.prompt, e.response, opts.max_tokens) for e in load_sft(path)]
         return pad_batch([p for p, _ in rows], [r for _, r in rows], pad)
-    prefs = load_preferences(opts.data_path)
+    prefs = load_preferences(path)
     c = [_ids(tokenizer, e.prompt, e.chosen, opts.max_tokens) for e in prefs]
     r = [_ids(tokenizer, e.prompt, e.rejected, opts.max_tokens) for e in prefs]
     return (pad_batch([p for p, _ in c], [x for _, x in c], pad), pad_batch([p for p, _ in r], [x for _, x in r], pad),
@@ -72,7 +84,7 @@ def examples_to_batches(opts: StageOptions, tokenizer):
 
 
 def build(opts: StageOptions):
-    """(engine, objective, prepared dataset) of the stage."""
+    """(engine, objective, prepared training set, prepared eval set or None, tokenizer) of the stage."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from ray_rlhf.learning.loading import disable_dropout, load_causal_lm
@@ -85,8 +97,13 @@ def build(opts: StageOptions):
         raise UserError(f"unknown stage {opts.stage!r}; one of {', '.join(STAGES)}")
     if opts.stage == "dpo" and opts.beta <= 0:
         raise UserError(f"dpo.beta={opts.beta} must be > 0 (DPO's KL strength; 0.1 is usual)")
+    if not 0.0 <= opts.eval_fraction < 1.0:
+        raise UserError(f"data.eval_fraction={opts.eval_fraction} must be in [0, 1) (e.g. 0.1)")
+    if opts.eval_every < 1:
+        raise UserError(f"eval_every={opts.eval_every} must be >= 1")
     tokenizer = AutoTokenizer.from_pretrained(opts.model_path)
     data = examples_to_batches(opts, tokenizer)  # bad rows are refused before the model loads
+    held = examples_to_batches(opts, tokenizer, opts.eval_path) if opts.eval_path else None
     torch.manual_seed(opts.seed)
     optim = Optimization(epochs=1, minibatch_size=opts.batch_size, micro_batch_size=opts.micro_batch_size,
                          lr=opts.lr, max_grad_norm=1.0)
@@ -96,18 +113,41 @@ def build(opts: StageOptions):
             lm.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         disable_dropout(lm)
         engine = Engine(PairScorer(lm), None, EngineOptions(), optim, seed=opts.seed)
-        return engine, RMObjective(), RMPairs(*data), tokenizer
+        train, held = split(RMPairs(*data), None if held is None else RMPairs(*held), opts)
+        return engine, RMObjective(), train, held, tokenizer
     lm = load_causal_lm(opts.model_path, "cpu")
     reference = ReferenceModel(copy.deepcopy(lm)) if opts.stage == "dpo" else None
     engine = Engine(PolicyWithValueHead(lm, value_head=False), reference, EngineOptions(), optim, seed=opts.seed)
     if opts.stage == "sft":
-        return engine, SFTObjective(), data, tokenizer
+        return (engine, SFTObjective(), *split(data, held, opts), tokenizer)
     obj = DPOObjective(opts.beta, opts.loss, opts.label_smoothing)
-    return engine, obj, obj.reference(data[0], data[1], engine), tokenizer
+    train = obj.reference(data[0], data[1], engine)  # reference log-probs once per example
+    return (engine, obj, *split(train, None if held is None else obj.reference(held[0], held[1], engine), opts),
+            tokenizer)
 
 
 def _rows(dataset) -> int:
     return len(dataset.batch) if hasattr(dataset, "batch") else len(dataset)
+
+
+def split(data, held, opts: StageOptions):
+    """(training rows, evaluation rows or None): ``held`` (from ``data.eval_path``) if given, else
+    the last ``ceil(eval_fraction * n)`` rows of a permutation seeded by ``seed`` held out of
+    ``data``; every row is in exactly one of the two."""
+    if held is not None or opts.eval_fraction == 0:
+        return data, held
+    n = _rows(data)
+    k = math.ceil(opts.eval_fraction * n)
+    if k >= n:
+        raise UserError(f"data.eval_fraction={opts.eval_fraction} leaves no training row of {n}; lower it")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(opts.seed * 7919 + 1))
+    return data.select(order[: n - k].sort().values), data.select(order[n - k:].sort().values)
+
+
+def evaluate(obj, held, engine) -> dict:
+    """``eval/<metric>`` of the held-out rows (``eval/loss`` for SFT: mean NLL per response token)."""
+    out = obj.evaluate(held, engine)
+    return {"eval/loss": out} if isinstance(out, float) else {f"eval/{k}": v for k, v in out.metrics().items()}
 
 
 def run_stage(opts: StageOptions, stop_after: int | None = None, report=None, should_stop=None) -> list[dict]:
@@ -116,7 +156,7 @@ def run_stage(opts: StageOptions, stop_after: int | None = None, report=None, sh
     true (SIGTERM) does the same after the current step. ``report(row)`` gets each step's metrics."""
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    engine, obj, dataset, tokenizer = build(opts)
+    engine, obj, dataset, held, tokenizer = build(opts)
     n = _rows(dataset)
     ckpt, step = out / "checkpoint.pt", 0
     if ckpt.exists():
@@ -135,6 +175,8 @@ def run_stage(opts: StageOptions, stop_after: int | None = None, report=None, sh
         stats, upd = engine.train(prepared, obj.loss)
         step += 1
         history.append({"step": step, **stats.metrics(), "grad_norm": upd.grad_norm})
+        if held is not None and (step == 1 or step % opts.eval_every == 0 or step == opts.steps):
+            history[-1].update(evaluate(obj, held, engine))
         if report is not None:
             report(history[-1])
         if should_stop is not None and should_stop():

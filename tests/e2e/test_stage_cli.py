@@ -47,15 +47,43 @@ def test_bad_stage_input_is_one_line_exit_2(case, tiny_policy_path, tmp_path):
     assert match in last
 
 
-def test_rm_through_the_cli_writes_a_sequence_classifier(tiny_policy_path, tmp_path):
+@pytest.fixture(scope="module")
+def rm_out(tiny_policy_path, tmp_path_factory):
+    """``ray-rlhf rm`` (as ``python -m ray_rlhf.rm``) for 2 steps: (process, output directory)."""
     from ray_rlhf.data.make_preferences import write
 
-    _, prefs = write(tmp_path / "data", num=16)
-    out = tmp_path / "rm"
+    tmp = tmp_path_factory.mktemp("rm_cli")
+    _, prefs = write(tmp / "data", num=16)
+    out = tmp / "rm"
     proc = run("rm", [f"model_path={tiny_policy_path}", f"data.path={prefs}", f"out={out}", "steps=2", "batch_size=8"],
-               tmp_path)
+               tmp)
+    return proc, out
+
+
+def test_rm_through_the_cli_writes_a_sequence_classifier(rm_out):
+    proc, out = rm_out
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "rm step 2/2" in proc.stdout
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     cfg = json.loads((out / "model" / "config.json").read_text())
     assert cfg["architectures"][0].endswith("ForSequenceClassification")
+
+
+def test_the_rm_output_scores_a_ppo_run_through_the_cli(rm_out, tiny_policy_path, tmp_path):
+    """The round trip: ``ray-rlhf rm`` then ``ray-rlhf train reward.model_path=<its model>`` (real
+    Ray and vLLM): preflight accepts the directory and the reward actor scores with it."""
+    proc, out = rm_out
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_dir = tmp_path / "ppo"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    train = subprocess.run(
+        [sys.executable, "-m", "ray_rlhf.train", "--config", "tiny", "steps=1", f"output_dir={run_dir}",
+         f"model.cache_dir={Path(tiny_policy_path).parent}", f"reward.model_path={out / 'model'}", "reward.functions=[]",
+         "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=8",
+         "generators.num=1", "generators.shard_prompts=4", "ppo.minibatch_size=8", "ppo.micro_batch_size=8",
+         "logging.progress_bar=false", "logging.tensorboard=false", "ray.num_cpus=2"],
+        cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1]
+    assert rows[0]["reward/mean"] == rows[0]["reward/mean"]  # scored by the trained model: a number, not NaN

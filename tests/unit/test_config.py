@@ -197,3 +197,15 @@ def test_ignore_eos_reaches_the_sampling_of_every_step():
     cfg = load_config("tiny", ["rollout.ignore_eos=true"])
     assert SamplingSpec.for_step(cfg.rollout, cfg.seed, 3).ignore_eos
     assert not SamplingSpec.for_step(load_config("tiny", []).rollout, 0, 3).ignore_eos
+
+
+def test_data_path_is_the_alias_of_data_prompts_path(tmp_path):
+    """Every command takes ``data.path``; a PPO run reads it as ``data.prompts_path``."""
+    cfg = load_config("tiny", ["data.path=/some/prompts.parquet"])
+    assert cfg.data.prompts_path == "/some/prompts.parquet"
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  path: /x.jsonl\n")
+    assert load_config(str(f)).data.prompts_path == "/x.jsonl"
+    f.write_text("data:\n  path: /x.jsonl\n  prompts_path: /y.jsonl\n")
+    with pytest.raises(UserError, match="name the same setting"):
+        load_config(str(f))

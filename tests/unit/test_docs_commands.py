@@ -294,7 +294,7 @@ def test_extraction_joins_lines_fills_placeholders_and_pairs_errors():
 
 @pytest.mark.parametrize("text", [
     "```\nray-rlhf train --config tiny ppo.clipp=0.2\n```",  # a renamed key in a command
-    "```\npython -m ray_rlhf.train --config tiny data.path=bundled:letters\n```",
+    "```\npython -m ray_rlhf.train --config tiny data.pth=bundled:letters\n```",
     "`ray-rlhf bench --quick --sweep ppo.clipp=0.1,0.2`",  # a sweep over a renamed key
 ])
 def test_a_renamed_key_breaks_a_command(text):
@@ -304,8 +304,8 @@ def test_a_renamed_key_breaks_a_command(text):
 
 
 def test_a_renamed_key_breaks_an_inline_override():
-    ((where, span),) = inline_overrides_in("x.md", "The letters task (`data.path=bundled:letters`).")
-    with pytest.raises(AssertionError, match="unknown config key 'data.path'"):
+    ((where, span),) = inline_overrides_in("x.md", "The letters task (`data.pth=bundled:letters`).")
+    with pytest.raises(AssertionError, match="unknown config key 'data.pth'"):
         test_inline_override_names_a_config_key(where, span)
 
 
