@@ -1,4 +1,5 @@
-"""``ray start --head`` on 127.0.0.1, ``ray job submit --working-dir . -- python -m ray_rlhf.train``, ``ray stop``.
+"""``ray start --head`` on 127.0.0.1, ``ray job submit --working-dir . -- python -m ray_rlhf.train`` (then
+``python -m ray_rlhf.sft``), ``ray stop``.
 
 The way users run on clusters, on one machine: the job's driver joins the running cluster through
 ``RAY_ADDRESS`` (set by the job supervisor) instead of starting its own Ray.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -33,7 +35,10 @@ def test_ray_job_submit_runs_training(tmp_path, tiny_policy_path):
     # token authentication (an in-process ray.init earlier in this pytest process may have left
     # its own RAY_AUTH_* settings in os.environ).
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
-    env.update(PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", RAY_AUTH_MODE="token")
+    # A token of the test's own, so that the test does not depend on ~/.ray/auth_token left by an
+    # earlier Ray start (a fresh machine has none).
+    env.update(PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN=secrets.token_hex(32))
     gcs, dash = free_port(), free_port()
     start = subprocess.run(
         [ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
@@ -56,5 +61,20 @@ def test_ray_job_submit_runs_training(tmp_path, tiny_policy_path):
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2]
         assert all(r["sync/verified"] == 1.0 for r in rows)
+        # A pipeline stage through the same entry point: `python -m ray_rlhf.sft` on the cluster.
+        sft_out = tmp_path / "sft"
+        sft = subprocess.run(
+            [ray_cli, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir=.",
+             "--runtime-env=clusters/runtime_env.yaml", "--",
+             "python", "-m", "ray_rlhf.sft", f"model_path={tiny_policy_path}",
+             "data.path=ray_rlhf/data/bundled/sft_letters.jsonl", f"out={sft_out}", "steps=2",
+             "batch_size=4", "micro_batch_size=4"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert sft.returncode == 0, (sft.stdout + sft.stderr)[-4000:]
+        assert "succeeded" in sft.stdout, sft.stdout[-2000:]
+        sft_rows = [json.loads(line) for line in (sft_out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in sft_rows] == [1, 2]
+        assert (sft_out / "model" / "config.json").is_file()
     finally:
         subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
