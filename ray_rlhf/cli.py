@@ -3,7 +3,7 @@
 ``ray-rlhf train --config tiny [key.sub=value ...]``   run PPO (same as ``python -m ray_rlhf.train``)
 ``ray-rlhf show-config --config tiny [overrides]``      print the resolved config and exit
 ``ray-rlhf make-model tiny OUT_DIR [--kind reward]``    build an offline random-init model
-``ray-rlhf sft|rm|dpo model_path=DIR data.path=FILE out=DIR [key=value ...]``  a stage (docs/pipeline.md)
+``ray-rlhf sft|rm|dpo [--config tiny|FILE.yaml] [key=value ...]``  a stage (docs/pipeline.md)
 ``ray-rlhf bench [--config my_run.yaml] [overrides] [--quick] [--sweep key=v1,v2]``  benchmark a run's config
 
 A user mistake (:class:`~ray_rlhf.errors.UserError`) prints one line and exits with status 2.
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for stage, what in (("sft", "supervised fine-tuning"), ("rm", "train a reward model"), ("dpo", "DPO")):
         p = sub.add_parser(stage, help=f"{what} on one learner rank")
+        p.add_argument("--config", default=None, help="stage preset (tiny, the default) or a YAML file")
         p.add_argument("overrides", nargs="*", metavar="key=value")
         p.set_defaults(func=_cmd_stage, stage=stage)
 
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_stage(args: argparse.Namespace) -> None:
     from ray_rlhf.stages.command import main as stage_main
 
-    stage_main(args.stage, args.overrides)
+    stage_main(args.stage, ([] if args.config is None else ["--config", args.config]) + args.overrides)
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:

@@ -1,53 +1,60 @@
-"""``ray-rlhf sft|rm|dpo key=value ...``: a stage from the command line.
+"""``ray-rlhf sft|rm|dpo [--config PRESET|FILE.yaml] key=value ...``: a stage from the command line.
 
-Keys are :class:`~ray_rlhf.stages.runner.StageOptions` fields (``model_path``, ``steps``, ``lr``,
-``out`` ...) or their dotted names: ``data.path`` (``data.prompts_path`` is its alias),
-``model.path``, ``dpo.beta``, ``dpo.loss``, ``dpo.label_smoothing``, ``data.eval_fraction``,
-``data.eval_path``, ``eval.every``. An unknown key or a value of
-the wrong type is one line, exit 2. SIGTERM stops after the current step, with a checkpoint; the
-same command resumes.
+Keys are those of the stage's typed config tree (:class:`~ray_rlhf.config.stage.StageConfig`:
+``model.path``, ``data.path``, ``output_dir``, ``steps``, ``optim.lr``, ``dpo.beta``, ``eval.every``
+...), or 0.2's flat names (``model_path``, ``out``, ``lr`` ...). With no key at all the stage runs on
+the offline tiny model and the bundled data. An unknown key or a value of the wrong type is one
+line, exit 2. SIGTERM stops after the current step, with a checkpoint; the same command resumes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
 import sys
 from pathlib import Path
 
-from ray_rlhf.errors import UserError
+from ray_rlhf.config.stage import BUNDLED_DATA, StageConfig, load_stage_config
 from ray_rlhf.stages.runner import StageOptions, run_stage
 
-ALIASES = {"data.path": "data_path", "data.prompts_path": "data_path", "model.path": "model_path",
-           "dpo.beta": "beta", "dpo.loss": "loss", "dpo.label_smoothing": "label_smoothing",
-           "data.eval_fraction": "eval_fraction", "data.eval_path": "eval_path", "eval.every": "eval_every"}
+
+def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(``--config`` value or None, the ``key=value`` overrides) of a stage's argument list."""
+    config, rest, it = None, [], iter(argv)
+    for item in it:
+        if item == "--config":
+            config = next(it, None)
+        elif item.startswith("--config="):
+            config = item.partition("=")[2]
+        else:
+            rest.append(item)
+    return config, rest
 
 
-def parse_options(stage: str, overrides: list[str]) -> StageOptions:
-    fields = {f.name: f for f in dataclasses.fields(StageOptions)}
-    values: dict[str, object] = {"stage": stage}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        name = ALIASES.get(key, key)
-        if not sep or name not in fields or name == "stage":
-            valid = ", ".join(sorted(set(fields) - {"stage"} | set(ALIASES)))
-            raise UserError(f"unknown {stage} option {item!r}; write key=value with a key among: {valid}")
-        kind = type(fields[name].default) if fields[name].default is not dataclasses.MISSING else str
-        try:
-            values[name] = kind(raw)
-        except ValueError:
-            raise UserError(f"{key}={raw!r} is not a {kind.__name__}") from None
-    missing = [n for n in ("model_path", "data_path", "out") if n not in values]
-    if missing:
-        raise UserError(f"ray-rlhf {stage} needs {', '.join(missing)} (e.g. model_path=DIR data.path=FILE out=DIR)")
-    if stage == "dpo" and float(values.get("beta", 0.1)) <= 0:
-        raise UserError(f"dpo.beta={values['beta']} must be > 0 (DPO's KL strength; 0.1 is usual)")
-    return StageOptions(**values)
+def to_options(cfg: StageConfig) -> StageOptions:
+    """The runner's resolved options: the model built if it is the offline preset, the bundled
+    data if none is named, ``runs/<stage>`` if no output directory is."""
+    from ray_rlhf.models.factory import ensure_model
+
+    model = cfg.model.path or str(ensure_model("policy", cfg.model.preset, cfg.model.cache_dir, seed=cfg.model.init_seed))
+    return StageOptions(
+        stage=cfg.stage, model_path=model, data_path=cfg.data.path or str(BUNDLED_DATA[cfg.stage]),
+        out=cfg.output_dir or f"runs/{cfg.stage}", steps=cfg.steps, batch_size=cfg.optim.batch_size,
+        micro_batch_size=cfg.optim.micro_batch_size, lr=cfg.optim.lr, max_grad_norm=cfg.optim.max_grad_norm,
+        seed=cfg.seed, checkpoint_every=cfg.checkpoint.every, beta=cfg.dpo.beta, loss=cfg.dpo.loss,
+        label_smoothing=cfg.dpo.label_smoothing, max_tokens=cfg.data.max_tokens,
+        eval_fraction=cfg.data.eval_fraction, eval_path=cfg.data.eval_path or "", eval_every=cfg.eval.every)
+
+
+def parse_options(stage: str, overrides: list[str], config: str | None = None) -> StageConfig:
+    """The validated config tree of ``ray-rlhf <stage> [--config C] overrides`` (nothing built yet)."""
+    if config is None:
+        config, overrides = split_config(overrides)
+    return load_stage_config(stage, config, overrides)
 
 
 def main(stage: str, argv: list[str] | None = None) -> None:
-    opts = parse_options(stage, list(sys.argv[1:] if argv is None else argv))
+    opts = to_options(parse_options(stage, list(sys.argv[1:] if argv is None else argv)))
     stop = {"now": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     try:

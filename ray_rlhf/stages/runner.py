@@ -40,6 +40,7 @@ class StageOptions:
     batch_size: int = 16
     micro_batch_size: int = 16
     lr: float = 1e-3
+    max_grad_norm: float = 1.0
     seed: int = 0
     checkpoint_every: int = 10
     beta: float = 0.1
@@ -106,7 +107,7 @@ def build(opts: StageOptions):
     held = examples_to_batches(opts, tokenizer, opts.eval_path) if opts.eval_path else None
     torch.manual_seed(opts.seed)
     optim = Optimization(epochs=1, minibatch_size=opts.batch_size, micro_batch_size=opts.micro_batch_size,
-                         lr=opts.lr, max_grad_norm=1.0)
+                         lr=opts.lr, max_grad_norm=opts.max_grad_norm)
     if opts.stage == "rm":
         lm = AutoModelForSequenceClassification.from_pretrained(opts.model_path, num_labels=1, dtype=torch.float32)
         if lm.config.pad_token_id is None:

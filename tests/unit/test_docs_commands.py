@@ -201,7 +201,7 @@ def resolve(cmd: Command) -> list:
         if args.command in ("sft", "rm", "dpo"):
             from ray_rlhf.stages.command import parse_options
 
-            parse_options(args.command, args.overrides)  # every key known, every value of its type
+            parse_options(args.command, args.overrides, args.config)  # every key known, every value of its type
             return []
         raise AssertionError(f"{cmd.where}: `ray-rlhf {args.command}` is new: teach this test what it resolves")
     module = cmd.program.split()[-1]
