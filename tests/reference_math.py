@@ -48,6 +48,52 @@ def gae_reference(
     )
 
 
+def gae_with_holes_reference(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, loss_mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slow, obvious :func:`~ray_rlhf.algo.holes.gae_over_holes`: for each row, the list of its
+    model-token columns ``c_0 < c_1 < ...`` (``mask * loss_mask``), then the double loop of
+    :func:`gae_reference` over that list -- the next state of ``c_i`` is ``c_{i+1}``, however many
+    observation tokens lie between them. 0 at every other column.
+
+    Shape:
+        rewards, values, mask, loss_mask: (B, T); returns (advantages (B, T), returns (B, T))
+    """
+    B, T = rewards.shape
+    adv = [[0.0] * T for _ in range(B)]
+    ret = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        cols = [t for t in range(T) if bool(mask[b, t]) and bool(loss_mask[b, t])]
+        n = len(cols)
+        r = [float(rewards[b, c]) for c in cols]
+        v = [float(values[b, c]) for c in cols] + [0.0]
+        delta = [r[i] + gamma * v[i + 1] - v[i] for i in range(n)]
+        for i, c in enumerate(cols):
+            adv[b][c] = sum((gamma * lam) ** l * delta[i + l] for l in range(n - i))
+            ret[b][c] = adv[b][c] + v[i]
+    return (
+        torch.tensor(adv, dtype=values.dtype, device=values.device),
+        torch.tensor(ret, dtype=values.dtype, device=values.device),
+    )
+
+
+def discounted_returns_with_holes_reference(
+    rewards: torch.Tensor, mask: torch.Tensor, loss_mask: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """``G_{c_i} = sum_{j >= i} gamma^(j - i) r_{c_j}`` over each row's model-token columns
+    ``c_0 < c_1 < ...`` (one discount per model token, none per observation token); 0 elsewhere.
+
+    Shape: rewards, mask, loss_mask (B, T); returns (B, T)
+    """
+    B, T = rewards.shape
+    out = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        cols = [t for t in range(T) if bool(mask[b, t]) and bool(loss_mask[b, t])]
+        for i, c in enumerate(cols):
+            out[b][c] = sum(gamma ** (j - i) * float(rewards[b, cols[j]]) for j in range(i, len(cols)))
+    return torch.tensor(out, dtype=rewards.dtype, device=rewards.device)
+
+
 # ---- critic-free: group baselines ---------------------------------------------------------------
 
 

@@ -16,6 +16,14 @@ from ray_rlhf.algo.advantages import (
     rloo_advantages,
 )
 from ray_rlhf.algo.groups import group_index, group_moments, zero_std_groups
+from ray_rlhf.algo.holes import (
+    Holes,
+    discounted_returns_over_holes,
+    gae_over_holes,
+    longest_run,
+    model_tokens,
+    reinforce_pp_over_holes,
+)
 from ray_rlhf.algo.kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
@@ -122,6 +130,12 @@ __all__ = [
     "masked_whiten",
     "moments_from_sums",
     "overlong_penalty",
+    "Holes",
+    "discounted_returns_over_holes",
+    "gae_over_holes",
+    "longest_run",
+    "model_tokens",
+    "reinforce_pp_over_holes",
     "per_token_rewards",
     "policy_loss",
     "reinforce_pp_advantages",

@@ -13,6 +13,13 @@ name              advantage                                               critic
 ``reinforce_pp``  batch-normalised discounted returns of the rewards      no      no      reward  ``token_mean``
 ================  ======================================================  ======  ======  ======  =========================
 
+Every estimator works on the model's tokens only (``loss_mask``): in a multi-turn row the
+tokens the environment inserted between the turns are holes (:mod:`ray_rlhf.algo.holes`) with no
+reward, KL, value target or advantage, and GAE / the discounted returns step from one model token
+to the next over them. A row's per-turn rewards (``token_rewards``) add to the per-token rewards
+where they fall; a group estimator scores a row by its final reward plus their sum. Without holes
+and per-turn rewards every result is bit-identical to the single-turn estimators'.
+
 *critic*: a value function is built, trained and saved; *groups*: the samples of one prompt are
 compared, so a prompt needs at least 2; *KL*: where the KL to the reference acts under
 ``kl.placement=auto`` (a per-token reward penalty, or a loss term); *loss aggregation*: the
@@ -36,8 +43,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ray_rlhf.algo.advantages import dr_grpo_advantages, gae, grpo_advantages, reinforce_pp_advantages, rloo_advantages
+from ray_rlhf.algo.advantages import dr_grpo_advantages, grpo_advantages, rloo_advantages
 from ray_rlhf.algo.groups import zero_std_groups
+from ray_rlhf.algo.holes import gae_over_holes, model_tokens, reinforce_pp_over_holes
 from ray_rlhf.algo.kl import per_token_rewards
 from ray_rlhf.algo.losses import LOSS_AGGS, policy_loss
 from ray_rlhf.algo.masked import masked_whiten
@@ -65,7 +73,25 @@ class AdvantageInputs:
     gamma: float = 1.0
     lam: float = 0.95
     whiten: bool = True
-    """GAE: whiten the advantages over the batch's valid tokens."""
+    """GAE: whiten the advantages over the batch's model tokens."""
+    loss_mask: torch.Tensor | None = None
+    """1 = a token the model sampled, 0 = a token the environment inserted between the turns of a
+    multi-turn row (an observation: a *hole*, :mod:`ray_rlhf.algo.holes`); None = every valid
+    response token is the model's (single turn). Shape: (B, T)."""
+    token_rewards: torch.Tensor | None = None
+    """Per-turn rewards on the last model token of each turn, 0 elsewhere; None = none. Shape: (B, T)."""
+
+    @property
+    def model_mask(self) -> torch.Tensor:
+        """The model's tokens ``mask * loss_mask`` (``mask`` without a loss mask). Shape: (B, T)."""
+        return model_tokens(self.mask, self.loss_mask)
+
+    def turn_reward_sums(self) -> torch.Tensor | None:
+        """Each row's sum of its per-turn rewards (None without them). Shape: (B,)."""
+        if self.token_rewards is None:
+            return None
+        zero = torch.zeros((), dtype=self.token_rewards.dtype, device=self.token_rewards.device)
+        return torch.where(self.model_mask.bool(), self.token_rewards, zero).sum(1)
 
 
 @dataclass
@@ -183,22 +209,37 @@ def resolve_loss_agg(loss_agg: str, estimator: str, policy: str = DEFAULT_POLICY
 # ---- the estimators --------------------------------------------------------------------------
 
 
+def _token_rewards(x: AdvantageInputs) -> torch.Tensor:
+    """Per-token rewards over the model tokens ``k``: ``-beta * KL_t`` at each, the final score at
+    the last one (:func:`~ray_rlhf.algo.kl.per_token_rewards`), plus the per-turn rewards; 0 at
+    holes and padding. Shape: (B, T)."""
+    model = x.model_mask
+    rewards = per_token_rewards(x.scores, x.kl, model, x.kl_penalty)
+    if x.token_rewards is not None:
+        zero = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+        rewards = rewards + torch.where(model.bool(), x.token_rewards.to(rewards.dtype), zero)
+    return rewards
+
+
 @register_estimator("gae", uses_critic=True)
 def _gae(x: AdvantageInputs) -> Advantages:
-    """GAE (Schulman et al. 2016) over the KL-shaped per-token rewards, whitened over the batch."""
-    rewards = per_token_rewards(x.scores, x.kl, x.mask, x.kl_penalty)
-    advantages, returns = gae(rewards, x.values, x.mask, x.gamma, x.lam)
+    """GAE (Schulman et al. 2016) over the KL-shaped per-token rewards, stepping over the holes,
+    whitened over the batch's model tokens."""
+    advantages, returns = gae_over_holes(_token_rewards(x), x.values, x.mask, x.loss_mask, x.gamma, x.lam)
     if x.whiten:
-        advantages = masked_whiten(advantages, x.mask)
+        advantages = masked_whiten(advantages, x.model_mask)
     return Advantages(advantages, returns, None)
 
 
 def _grouped(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]):
-    """A group baseline of the sequence scores (minus ``beta * sum_t KL_t`` with the KL in the reward)."""
+    """A group baseline of the sequence scores ``r + sum_turns r_turn`` (minus ``beta * sum_t KL_t``
+    over the model tokens with the KL in the reward), broadcast to the model tokens."""
 
     def estimate(x: AdvantageInputs) -> Advantages:
-        shaped = x.scores - x.kl_penalty * (x.kl * x.mask).sum(1) if x.kl_penalty else x.scores
-        return Advantages(fn(shaped, x.group_ids, x.mask), None, zero_std_groups(shaped, x.group_ids))
+        model, turns = x.model_mask, x.turn_reward_sums()
+        scores = x.scores if turns is None else x.scores + turns.to(x.scores.dtype)
+        shaped = scores - x.kl_penalty * (x.kl * model).sum(1) if x.kl_penalty else scores
+        return Advantages(fn(shaped, x.group_ids, model), None, zero_std_groups(shaped, x.group_ids))
 
     return estimate
 
@@ -211,9 +252,9 @@ register_estimator("rloo", needs_groups=True, kl_placement="loss")(_grouped(rloo
 
 @register_estimator("reinforce_pp")
 def _reinforce_pp(x: AdvantageInputs) -> Advantages:
-    """REINFORCE++ (Hu 2025): batch-normalised discounted returns of the KL-shaped rewards."""
-    rewards = per_token_rewards(x.scores, x.kl, x.mask, x.kl_penalty)
-    return Advantages(reinforce_pp_advantages(rewards, x.mask, x.gamma), None, None)
+    """REINFORCE++ (Hu 2025): batch-normalised discounted returns of the KL-shaped rewards, over the
+    model tokens (holes skipped)."""
+    return Advantages(reinforce_pp_over_holes(_token_rewards(x), x.mask, x.loss_mask, x.gamma), None, None)
 
 
 # ---- the policy losses -------------------------------------------------------------------------

@@ -65,6 +65,13 @@ class TensorBatch:
         return self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask
 
     @property
+    def train_mask(self) -> torch.Tensor:
+        """The tokens every loss, count and statistic of the learner runs over: ``response_mask *
+        loss_mask``, the model's own response tokens (``response_mask`` itself, value for value, for
+        single-turn rows). Shape: (B, T), float."""
+        return self.response_mask * self.loss_mask
+
+    @property
     def lengths(self) -> torch.Tensor:
         """Real (prompt + response) tokens of each sequence. Shape: (B,)."""
         return self.prompt_mask.sum(1) + self.response_mask.sum(1).long()

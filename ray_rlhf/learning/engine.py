@@ -90,12 +90,15 @@ class Micro(Generic[P]):
     num_sequences: int
     """Sequences of the whole (global) minibatch."""
     num_tokens: torch.Tensor
-    """Valid response tokens of the whole (global) minibatch (at least 1)."""
+    """Trained response tokens of the whole (global) minibatch (at least 1): the model's own,
+    :attr:`~ray_rlhf.learning.batch.TensorBatch.train_mask`."""
 
     @property
     def mask(self) -> torch.Tensor:
-        """The pass's response mask (all 0 for an empty pass). Shape: (b, t)."""
-        return self.data.batch.response_mask * (0.0 if self.empty else 1.0)
+        """The pass's trained tokens, :attr:`~ray_rlhf.learning.batch.TensorBatch.train_mask`: the
+        response tokens less a multi-turn row's observation tokens (all 0 for an empty pass).
+        Shape: (b, t)."""
+        return self.data.batch.train_mask * (0.0 if self.empty else 1.0)
 
 
 Forward = Callable[..., object]
@@ -224,7 +227,7 @@ class Engine:
     def _minibatch(self, prep: Prepared, mb: torch.Tensor, lengths: torch.Tensor, loss: Loss):
         """Forward and backward of this rank's share of minibatch ``mb``, then one optimizer step:
         (the loss record over every rank, the gradient norm, padded and real tokens)."""
-        real = prep.batch.response_mask[mb].sum().clamp(min=1.0)
+        real = prep.batch.train_mask[mb].sum().clamp(min=1.0)
         mine = mb[partition_rows(lengths[mb], self.comm.world_size)[self.comm.rank]]
         # every rank runs as many passes (empty ones where it holds fewer rows, even none):
         # DDP's gradient all-reduce and FSDP's all-gathers pair up across the ranks

@@ -71,12 +71,27 @@ class Selection:
     """Rows of each kept group, in order. Shape (kept,), int64."""
 
 
+def row_scores(batch: RolloutBatch) -> np.ndarray:
+    """Each row's score as a group estimator reads it: the final reward plus the sum of the row's
+    per-turn rewards (:attr:`~ray_rlhf.records.RolloutBatch.token_reward`, on its model tokens), in
+    float32 as the learner holds them. Shape (N,), float32."""
+    reward = batch.reward.astype(np.float32)
+    if batch.token_reward is None:
+        return reward
+    row = np.repeat(np.arange(len(batch)), batch.response_lengths)
+    turns = np.zeros(len(batch), np.float32)
+    np.add.at(turns, row, np.where(batch.model_mask != 0, batch.token_reward.astype(np.float32), np.float32(0)))
+    return reward + turns
+
+
 def select_informative(batch: RolloutBatch, limit: int) -> Selection:
-    """The first ``limit`` groups (in batch order) whose rewards are not all equal.
+    """The first ``limit`` groups (in batch order) whose scores are not all equal: a row's score is
+    its final reward plus its per-turn rewards (:func:`row_scores`; the final reward alone for
+    single-turn rows).
 
     A group is a prompt's samples: the rows from one ``sample_index == 0`` to the next (a
     generator returns them together, as :func:`ray_rlhf.learning.batch.group_ids` assumes). The
-    rewards are compared as the learner reads them (float32), exactly (max == min), like
+    scores are compared as the learner reads them (float32), exactly (max == min), like
     :func:`ray_rlhf.algo.groups.zero_std_groups`: a kept group never has all-zero advantages.
     """
     if limit < 0:
@@ -88,7 +103,7 @@ def select_informative(batch: RolloutBatch, limit: int) -> Selection:
         raise ValueError("a rollout batch must start with sample 0 of a prompt (groups are contiguous)")
     if not batch.scored:
         raise ValueError("dynamic sampling needs a scored batch (a reward is NaN)")
-    reward = batch.reward.astype(np.float32)
+    reward = row_scores(batch)
     spread = np.maximum.reduceat(reward, starts) != np.minimum.reduceat(reward, starts)
     sizes = np.diff(np.append(starts, len(batch)))
     keep = np.flatnonzero(spread)[:limit]

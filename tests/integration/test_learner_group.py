@@ -184,6 +184,30 @@ def test_each_loss_aggregation_gives_the_one_rank_gradient_with_two_ranks(tiny_p
     assert worst[0] < 1e-5, worst
 
 
+def test_two_ranks_give_the_one_rank_update_on_multi_turn_rows(tiny_policy_path, batch):
+    """The batch as multi-turn rows: every 4th response token from the 3rd on (before the last) an
+    observation, a turn reward of 0.3 on the model token before each. The token counts the ranks
+    divide by are the model's tokens of the whole minibatch, on every rank."""
+    import dataclasses
+
+    rollouts = ray.get(batch)
+    loss_mask, turns = [], []
+    for n in rollouts.response_lengths:
+        m = np.array([0 if j % 4 == 2 and j < n - 1 else 1 for j in range(n)], np.int8)
+        t = np.where(np.append(m[1:], 1) == 0, 0.3, 0.0).astype(np.float32)
+        loss_mask.append(m)
+        turns.append(t)
+    multi = ray.put(dataclasses.replace(rollouts, loss_mask=np.concatenate(loss_mask),
+                                        token_reward=np.concatenate(turns)))
+    (s1, p1), (s2, p2) = (one_update(tiny_policy_path, n, "ddp", multi, *ONE_STEP) for n in (1, 2))
+    assert s1.observation_tokens == s2.observation_tokens == sum(int((m == 0).sum()) for m in loss_mask) > 0
+    for key in ("policy_loss", "value_loss", "grad_norm", "entropy", "approx_kl", "kl_ref", "return_mean"):
+        a, b = getattr(s2, key), getattr(s1, key)
+        assert abs(a - b) <= 1e-5 * max(abs(b), TERM_SCALE[key]), (key, a, b)
+    worst = max((rel(p2[k], p1[k]), k) for k in p1)
+    assert worst[0] < 1e-5, worst
+
+
 def test_a_dead_rank_fails_the_step_quickly_naming_it(tiny_policy_path, batch):
     import threading
 

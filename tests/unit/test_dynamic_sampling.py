@@ -13,7 +13,7 @@ from ray_rlhf.config import load_config
 from ray_rlhf.data.prompts import PromptStream
 from ray_rlhf.generation.pool import PoolEvents
 from ray_rlhf.records import PromptItem, RolloutBatch, SamplingSpec
-from ray_rlhf.run import rollouts
+from ray_rlhf.run import rollouts, sampling
 from ray_rlhf.run.sampling import ROUND_STRIDE, keep_informative, round_sampling, round_seed, select_informative
 from tests.batches import make_batch
 
@@ -66,6 +66,27 @@ def test_rewards_are_compared_as_the_learner_reads_them():
     batch = groups((0, [1.0, 1.0 + 1e-12]), (1, [1.0, 1.0 + 1e-6]))
     sel = select_informative(batch, limit=2)
     assert batch.select(sel.rows).keys() == [(1, 0), (1, 1)] and sel.discarded == 1
+
+
+def test_multi_turn_rows_are_scored_by_final_plus_turn_rewards():
+    """As the group estimators score them: group 0's final rewards are equal but row 1 earned a turn
+    reward of 0.5 (informative: 1.0 vs 1.5); group 1's differ but row 0's turn reward of 1.0 evens
+    them (2.0 vs 2.0: discarded); group 2's only turn reward sits on an observation token (loss mask
+    0), which carries none (0 vs 0: discarded)."""
+    import dataclasses
+
+    batch = groups((0, [1.0, 1.0]), (1, [1.0, 2.0]), (2, [0.0, 0.0]))  # 6 rows of 4 response tokens
+    turns = np.zeros((6, 4), np.float32)
+    loss = np.ones((6, 4), np.int8)
+    turns[1, 1], turns[2, 3], turns[4, 2] = 0.5, 1.0, 0.5
+    loss[:, 2] = 0  # every row: model, model, observation, model
+    multi = dataclasses.replace(batch, token_reward=turns.ravel(), loss_mask=loss.ravel())
+    assert sampling.row_scores(multi).tolist() == [1.0, 1.5, 2.0, 2.0, 0.0, 0.0]
+    assert sampling.row_scores(multi).dtype == np.float32
+    sel = select_informative(multi, limit=3)
+    assert multi.select(sel.rows).keys() == [(0, 0), (0, 1)] and (sel.kept, sel.discarded) == (1, 2)
+    # single-turn rows (no token rewards): the final reward alone, as before
+    assert select_informative(batch, limit=3).rows.tolist() == [2, 3]
 
 
 def test_refuses_a_batch_that_starts_inside_a_group_or_is_unscored():

@@ -12,6 +12,11 @@ micro-batch::
 
 each a sum over the micro-batch's valid tokens divided by the minibatch's (``algo.loss_agg``), so
 that micro-batching and ranks do not change the gradient.
+
+Multi-turn rows: the valid tokens of every loss term, count and statistic are the model's own,
+``response_mask * loss_mask`` (:attr:`~ray_rlhf.learning.batch.TensorBatch.train_mask`); the
+tokens the environment inserted between the turns are attended (the response mask) but carry no
+loss, KL, value target or advantage (holes: :mod:`ray_rlhf.algo.holes`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ray_rlhf.algo.holes import longest_run
 from ray_rlhf.algo.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from ray_rlhf.algo.losses import aggregate, dr_grpo_num_tokens, explained_variance, kl_loss, loss_denominators, value_loss
 from ray_rlhf.algo.masked import masked_mean
@@ -52,6 +58,8 @@ class PPOPrepareStats(Stats):
     """k3 KL(pi_sampler || pi_learner_old) over response tokens; NaN when pi_old is the sampler's."""
     correction_truncated_frac: float = stat("rollout/correction_truncated_frac", 0.0)
     correction_masked_frac: float = stat("rollout/correction_masked_frac", 0.0)
+    observation_tokens: int = stat("ppo/observation_tokens", 0)
+    """Response tokens the environment inserted between turns (loss mask 0): 0 for single-turn rows."""
 
 
 @dataclass(kw_only=True)
@@ -121,7 +129,7 @@ class PPOObjective:
         """Reference (and old) log-probs, values, the KL to the reference, the advantages and the
         rows left out of the update."""
         b = batch.to(engine.device)
-        mask, recompute = b.response_mask, not self.old_logprobs_from_sampler
+        mask, recompute = b.train_mask, not self.old_logprobs_from_sampler
         names = ("ref_logprobs", *(("old_logprobs",) if recompute else ()), *(("values",) if self.uses_critic else ()))
         passes = engine.gather(b, lambda mb: self._passes(engine, mb, recompute), names)
         old_logprobs = passes["old_logprobs"] if recompute else b.sampler_logprobs
@@ -129,7 +137,8 @@ class PPOObjective:
         kl = kl_estimate(old_logprobs, passes["ref_logprobs"], self.kl_cfg.reward_estimator) * mask
         scores, extra = b.scores, {}
         if self.overlong == "penalty":  # DAPO's soft overlong punishment, added to the score
-            penalty = overlong_penalty(mask.sum(dim=1), self.response_budget, self.overlong_buffer)
+            # a multi-turn row's longest model turn: each turn is one generation under the budget
+            penalty = overlong_penalty(longest_run(mask), self.response_budget, self.overlong_buffer)
             scores, extra["overlong_penalty_mean"] = scores + penalty.to(scores.dtype), float(penalty.mean())
         weights = None
         if recompute:  # the learner's pi_old against the sampler's: the engine mismatch (+ the lag, async)
@@ -140,13 +149,14 @@ class PPOObjective:
             extra.update(mismatch_kl=rc.mismatch_kl, correction_truncated_frac=rc.truncated_frac,
                          correction_masked_frac=rc.masked_frac)
         adv = self.estimator.fn(AdvantageInputs(
-            scores=scores, kl=kl, mask=mask, kl_penalty=0.0 if self.kl_in_loss else self.kl_ctl.value,
+            scores=scores, kl=kl, mask=b.response_mask, kl_penalty=0.0 if self.kl_in_loss else self.kl_ctl.value,
             group_ids=b.group_ids, values=old_values, gamma=self.algo.gamma, lam=self.algo.lam,
-            whiten=self.algo.whiten_advantages))
+            whiten=self.algo.whiten_advantages, loss_mask=b.loss_mask, token_rewards=b.token_rewards))
         stats = PPOPrepareStats(
             kl_ref=(kl * mask).sum(dim=1).mean().item(),
             sampler_logprob_diff=masked_mean((old_logprobs - b.sampler_logprobs).abs(), mask).item() if recompute else nan,
             value_mean=masked_mean(old_values, mask).item() if self.uses_critic else nan,
+            observation_tokens=int((b.response_mask.sum() - mask.sum()).item()),
             **_advantage_stats(adv, mask, b.group_ids), **extra)
         prepared = PreparedBatch(b, old_logprobs, old_values, passes["ref_logprobs"], adv.advantages, adv.returns, weights)
         return self._drop(prepared, adv, stats)
@@ -212,7 +222,7 @@ class PPOObjective:
     # ---- after the update --------------------------------------------------------------------------
     def finish(self, prepared: PreparedBatch, stats: PPOPrepareStats, batch: TensorBatch) -> PPOFinishStats:
         """The critic's explained variance, and the KL controller's step on this batch's KL."""
-        ev = explained_variance(prepared.old_values, prepared.returns, prepared.batch.response_mask) \
+        ev = explained_variance(prepared.old_values, prepared.returns, prepared.batch.train_mask) \
             if self.uses_critic else nan
         beta = self.kl_ctl.value
         self.kl_ctl.update(stats.kl_ref, len(batch))
