@@ -108,6 +108,9 @@ class PoolEvents:
     shards_per_member: dict[str, int] = field(default_factory=dict)
     generate_seconds: dict[str, float] = field(default_factory=dict)
     """Seconds each member spent inside its engine on this call's shards."""
+    env: dict[str, float] = field(default_factory=dict)
+    """Multi-turn runs: the environment counts of this call's shards, summed
+    (:class:`~ray_rlhf.generation.trajectory.EnvStats` fields); empty for single-turn runs."""
 
 
 class GeneratorPool:
@@ -356,6 +359,8 @@ class GeneratorPool:
                 self.seconds_per_token = report.seconds / report.tokens  # the latest measurement
             events.shards_per_member[gid] = events.shards_per_member.get(gid, 0) + 1
             events.generate_seconds[gid] = events.generate_seconds.get(gid, 0.0) + report.seconds
+            for k, v in (getattr(report, "env", None) or {}).items():
+                events.env[k] = events.env.get(k, 0) + v
             idle.append(gid)
         self.on_queue(0)
         return [done[sid] for sid in sorted(done)], events
