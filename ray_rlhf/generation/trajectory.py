@@ -147,6 +147,21 @@ class TemplateDelta:
             text = text[len(self.eos_text):]
         return text
 
+    def after_prompt(self, prompt_ids: list[int], prompt_text: str, messages: list[dict]) -> tuple[list[int], str]:
+        """The prompt with ``messages`` (the environment's first observation) after it.
+
+        A templated prompt ends with its user message's closing text and the generation prompt
+        (the delta after a user message with nothing following, e.g. ``<|im_end|>\n<|im_start|>assistant\n``):
+        when its ids end with exactly that text's ids, they are replaced by the delta of
+        ``messages`` (which closes the user message, adds the new ones and opens the assistant
+        turn again). Otherwise (a plain-text prompt) the delta is appended.
+        """
+        tail_text, tail_ids = self.delta_ids("user", [])
+        text, ids = self.delta_ids("user", messages)
+        if tail_ids and prompt_text.endswith(tail_text) and prompt_ids[-len(tail_ids):] == tail_ids:
+            return prompt_ids[: -len(tail_ids)] + ids, prompt_text[: -len(tail_text)] + text
+        return prompt_ids + ids, prompt_text + text
+
     def delta_ids(self, after: str, messages: list[dict], ended_on_eos: bool = False) -> tuple[str, list[int]]:
         """:meth:`delta_text` and its ids (tokenized on its own, no special tokens added)."""
         text = self.delta_text(after, messages, ended_on_eos)
@@ -257,9 +272,7 @@ def run_trajectories(items: Sequence[PromptItem], n: int, sampler: Sampler, make
             continue
         msgs = as_messages(obs, t.env)
         if msgs:
-            text, ids = delta.delta_ids("user", msgs)
-            t.prompt_ids += ids
-            t.prompt_text += text
+            t.prompt_ids, t.prompt_text = delta.after_prompt(t.prompt_ids, t.prompt_text, msgs)
         if t.length >= limits.max_total_tokens:
             raise UserError(f"prompt {t.item.index} is {t.length} tokens with the environment's first observation, "
                             f"not below rollout.max_total_tokens={limits.max_total_tokens}; raise it")

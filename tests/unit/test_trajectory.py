@@ -215,3 +215,23 @@ def test_step_result_tuple_and_dataclass_agree(tok):
     b, _ = run_trajectories(items(tok), 2, FakeSampler(tok), lambda: TupleGame(), d, LIMITS, seed=1)
     assert np.array_equal(a.response_ids, b.response_ids) and np.array_equal(a.token_reward, b.token_reward)
     assert isinstance(LetterGame().step("e"), StepResult)
+
+
+@pytest.mark.parametrize("template", [None, QWEN_LIKE])
+def test_the_first_observation_joins_a_templated_prompt_as_the_whole_conversation_renders(tok, template):
+    """A chat prompt (rendered with the generation prompt) plus the reset observation equals the
+    template applied to [user prompt, user observation] -- the opened assistant turn is not left
+    dangling before the observation. A plain-text prompt gets the delta appended."""
+    tok = tok.__class__.from_pretrained(tok.name_or_path) if template is not None and tok.name_or_path else tok
+    if template is not None:
+        tok.chat_template = template
+    d = TemplateDelta(tok)
+    msgs = [{"role": "user", "content": "Play."}]
+    text = d.render(msgs, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    obs = [{"role": "user", "content": "Use the letter e."}]
+    new_ids, new_text = d.after_prompt(ids, text, obs)
+    assert new_text == d.render(msgs + obs, add_generation_prompt=True)
+    assert tok.decode(new_ids) == new_text
+    plain_ids, plain_text = d.after_prompt(tok("Once upon")["input_ids"], "Once upon", obs)
+    assert plain_text == "Once upon" + d.delta_text("user", obs)
