@@ -145,6 +145,8 @@ class GeneratorPool:
         shard_timeout_s: float | None = None,
         shard_timeout_floor_s: float = 60.0,
         slots: SharedSlots | None = None,
+        turns_per_sample: int = 1,
+        env_timeout_s: float = 0.0,
     ):
         self.actor_cls, self.actor_kwargs, self.bundle = actor_cls, actor_kwargs, bundle
         self.placer: OwnGroups | SharedSlots = slots if slots is not None else OwnGroups(bundle)
@@ -153,6 +155,9 @@ class GeneratorPool:
         self.max_restarts, self.placement_timeout_s = max_restarts, placement_timeout_s
         self.replace_timeout_s = replace_timeout_s
         self.shard_timeout_s, self.shard_timeout_floor_s = shard_timeout_s, shard_timeout_floor_s
+        self.turns_per_sample, self.env_timeout_s = int(turns_per_sample), float(env_timeout_s)
+        """Multi-turn runs: ``env.max_turns`` and ``env.step_timeout_s`` (a shard's automatic deadline
+        covers every turn's tokens and every environment call's time-out); 1 and 0 otherwise."""
         self.seconds_per_token: float | None = None
         """Engine seconds per generated token of the last completed shard (sets the deadlines)."""
         self.restarts = 0
@@ -368,13 +373,16 @@ class GeneratorPool:
     def shard_deadline_s(self, shard: PromptShard, sampling: SamplingSpec) -> float:
         """How long a shard may run before its generator counts as hung: ``shard_timeout_s`` if
         set, else 4x the time its token budget takes at the last measured seconds per token, at
-        least ``shard_timeout_floor_s`` (and that floor alone until a shard has been measured)."""
+        least ``shard_timeout_floor_s`` (and that floor alone until a shard has been measured).
+        Multi-turn: the budget is every turn's (``turns_per_sample``), plus each environment
+        call's time-out (the reset and every turn's step, the calls of one turn running together)."""
         if self.shard_timeout_s:
             return self.shard_timeout_s
-        budget = len(shard.prompts) * sampling.n * sampling.max_new_tokens
+        budget = len(shard.prompts) * sampling.n * sampling.max_new_tokens * self.turns_per_sample
+        env_s = (self.turns_per_sample + 1) * self.env_timeout_s
         if self.seconds_per_token is None:
-            return self.shard_timeout_floor_s
-        return max(self.shard_timeout_floor_s, 4 * self.seconds_per_token * budget)
+            return self.shard_timeout_floor_s + env_s
+        return max(self.shard_timeout_floor_s, 4 * self.seconds_per_token * budget) + env_s
 
     def shutdown(self) -> None:
         for gid in list(self.members):

@@ -127,7 +127,9 @@ class RunActors:
         kwargs = dict(size=g.num, min_size=cfg.pool_min, max_size=cfg.pool_max, on_join=broadcaster.join,
                       max_restarts=g.max_restarts, shard_timeout_s=g.shard_timeout_s,
                       shard_timeout_floor_s=g.shard_timeout_floor_s,
-                      slots=SharedSlots(shared_pg, g.num) if colocated else None)
+                      slots=SharedSlots(shared_pg, g.num) if colocated else None,
+                      turns_per_sample=cfg.env.max_turns if cfg.env.name else 1,
+                      env_timeout_s=cfg.env.step_timeout_s if cfg.env.name else 0.0)
         pool = (GeneratorPool(*args, **kwargs) if faults is None
                 else FaultyPool(*args, plan=faults, reward=reward, **kwargs))
         return cls(learners, reward, broadcaster, pool, capacity, faults,

@@ -235,3 +235,17 @@ def test_the_first_observation_joins_a_templated_prompt_as_the_whole_conversatio
     assert tok.decode(new_ids) == new_text
     plain_ids, plain_text = d.after_prompt(tok("Once upon")["input_ids"], "Once upon", obs)
     assert plain_text == "Once upon" + d.delta_text("user", obs)
+
+
+def test_a_multi_turn_shard_deadline_covers_every_turn_and_env_call():
+    """4 * s/token * (prompts * n * max_new_tokens * turns) + (turns + 1) * env timeout, floor 60 s."""
+    from ray_rlhf.generation.pool import GeneratorPool
+    from ray_rlhf.records import PromptShard, SamplingSpec
+
+    pool = GeneratorPool.__new__(GeneratorPool)  # the deadline arithmetic only: no actors
+    pool.shard_timeout_s, pool.shard_timeout_floor_s, pool.seconds_per_token = None, 60.0, 0.01
+    shard, spec = PromptShard(0, tuple(PromptItem(i, "p", (1,)) for i in range(4))), SamplingSpec(n=4, max_new_tokens=25)
+    pool.turns_per_sample, pool.env_timeout_s = 1, 0.0
+    assert pool.shard_deadline_s(shard, spec) == 60.0  # 4 * 0.01 * 400 = 16 s < the floor
+    pool.turns_per_sample, pool.env_timeout_s = 5, 2.0
+    assert pool.shard_deadline_s(shard, spec) == pytest.approx(4 * 0.01 * 2000 + 6 * 2.0)  # 80 + 12
