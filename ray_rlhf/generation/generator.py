@@ -238,7 +238,7 @@ class Generator:
         completions = [(p, j, c) for p, out in zip(prompts, outs)
                        for j, c in enumerate(sorted(out.outputs, key=lambda c: c.index))]
         for p, j, c in completions:  # vLLM: "stop" = EOS sampled, "length" = max_tokens (or context) used up
-            if c.finish_reason not in FINISH_REASONS:
+            if c.finish_reason not in FINISH_REASONS[:2]:  # single turn: "stop" or "length"
                 raise RuntimeError(f"{self.generator_id}: prompt {p.index} sample {j} finished with {c.finish_reason!r}")
         n = len(completions)
         plen = np.array([len(p.prompt_ids) for p, _, _ in completions], dtype=np.int64)
