@@ -83,7 +83,7 @@ def check_reward(cfg: RunConfig, prompts: list[PromptItem] | None = None) -> Non
     sources = reward_sources(cfg)
     columns = list(prompts[0].columns) if prompts else []
     resolved = check_sources(sources["functions"], sources["model_path"], sources["model_weight"], sources["remote"],
-                             columns)
+                             columns, sources["env_rewards"])
     for _, _, source in resolved:
         if isinstance(source, RemoteReward):
             source.check_reachable()
@@ -93,6 +93,47 @@ def check_reward(cfg: RunConfig, prompts: list[PromptItem] | None = None) -> Non
             probe.validate(prompt=prompts[0].text, columns=dict(prompts[0].columns))
         else:
             probe.validate()
+
+
+def check_env(cfg: RunConfig, prompts: list[PromptItem]) -> None:
+    """Multi-turn runs (``env.name``): import the environment class, build one with ``env.kwargs``,
+    check its tool schemas, and probe it once -- ``reset`` with the first prompt's row, ``step`` with a
+    short reply -- so that a class that cannot be imported or a ``step`` that answers in the wrong
+    shape is one line before Ray and vLLM start (an exception or a time-out in the probe is left to
+    the run, where it ends only that trajectory). Also: ``rollout.max_total_tokens`` must exceed
+    the longest prompt."""
+    import asyncio
+
+    from ray_rlhf.envs.base import check_step, check_tools, load_env_class
+    from ray_rlhf.generation.trajectory import call_env
+
+    e, r = cfg.env, cfg.rollout
+    if not e.name:
+        return
+    longest = max((len(p.prompt_ids) for p in prompts), default=0)
+    if r.max_total_tokens is not None and r.max_total_tokens <= longest:
+        raise UserError(f"rollout.max_total_tokens={r.max_total_tokens} leaves no room for a turn after the longest "
+                        f"prompt ({longest} tokens); raise it above {longest}")
+    cls = load_env_class(e.name)
+    try:
+        env = cls(**e.kwargs)
+    except Exception as exc:  # noqa: BLE001 - the user's constructor
+        raise UserError(f"env.name={e.name}: constructing it with env.kwargs={e.kwargs} failed "
+                        f"({type(exc).__name__}: {exc}); fix env.kwargs") from None
+    check_tools(getattr(env, "tools", None) or [], e.name)
+    row = {**dict(prompts[0].columns), "prompt_index": prompts[0].index} if prompts else {}
+
+    async def probe():
+        await call_env(env.reset, row, e.step_timeout_s)
+        return await call_env(env.step, "Hello.", e.step_timeout_s)
+
+    try:
+        result = asyncio.run(probe())
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - raising or hanging is a run-time fault, not a config error
+        return
+    check_step(env, result)
 
 
 def joins_cluster(cfg: RunConfig) -> bool:

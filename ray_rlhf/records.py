@@ -23,10 +23,14 @@ import pyarrow as pa
 _SEED_STRIDE = 1_000_003
 """Per-step sampling seed = ``seed * _SEED_STRIDE + step`` (distinct for every (seed, step))."""
 
-FINISH_REASONS = ("stop", "length")
-"""How a completion may end: ``"stop"`` -- the model sampled EOS (kept as its last token);
-``"length"`` -- it was cut off without one, at ``max_new_tokens`` (or, rarely, at the engine's
-context limit)."""
+FINISH_REASONS = ("stop", "length", "max_turns", "max_total_tokens", "env_error")
+"""How a completion may end: ``"stop"`` -- the model sampled EOS (kept as its last token), or, in a
+multi-turn run, the environment said done; ``"length"`` -- it was cut off without one, at
+``max_new_tokens`` (or, rarely, at the engine's context limit). Multi-turn runs only
+(:mod:`ray_rlhf.generation.trajectory`): ``"max_turns"`` -- ``env.max_turns`` model turns without
+the environment saying done; ``"max_total_tokens"`` -- the trajectory reached
+``rollout.max_total_tokens``; ``"env_error"`` -- the environment raised or passed
+``env.step_timeout_s``. Every reason but ``"stop"`` is :attr:`RolloutBatch.truncated`."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,8 @@ class RolloutBatch:
     policy_version: np.ndarray
     """Weight version the generator held when it sampled the sequence. Shape (N,), int64."""
     finish_reason: np.ndarray
-    """``"stop"`` (EOS) or ``"length"`` (cut off at ``max_new_tokens`` without EOS): one of
+    """``"stop"`` (EOS) or ``"length"`` (cut off at ``max_new_tokens`` without EOS), or a multi-turn
+    limit or error: one of
     :data:`FINISH_REASONS`; :attr:`truncated` is its boolean view. Shape (N,), str."""
     generator_id: np.ndarray
     """Which generator produced it (diagnostics). Shape (N,), str."""
@@ -292,11 +297,11 @@ class RolloutBatch:
 
     @property
     def truncated(self) -> np.ndarray:
-        """Whether each sequence was cut off without EOS (``finish_reason == "length"``): its last
-        token is not a natural end. Derived from :attr:`finish_reason`, so every constructor,
+        """Whether each sequence was cut off (``finish_reason != "stop"``: a length limit, a turn
+        limit or an environment error): its last token is not a natural end. Derived from :attr:`finish_reason`, so every constructor,
         :meth:`concat`, :meth:`select`, :meth:`with_rewards` and the rollout log carry it.
         Shape (N,), bool."""
-        return self.finish_reason == "length"
+        return self.finish_reason != "stop"
 
     @property
     def scored(self) -> bool:

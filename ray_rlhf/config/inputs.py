@@ -79,6 +79,12 @@ class RolloutConfig(_Section):
     max_sampling_rounds: int = Field(3, ge=1)
     """``dynamic_sampling``: most generation rounds per step."""
 
+    max_total_tokens: int | None = Field(None, gt=0)
+    """Multi-turn runs (``env.name`` set): the longest trajectory in tokens, the prompt plus every
+    model turn and every observation appended between turns. A trajectory that reaches it ends
+    with finish reason ``max_total_tokens``. Empty: ``generators.max_model_len``. Must be at least
+    the longest prompt (checked before start)."""
+
     max_staleness: int = Field(0, ge=0)
     """Asynchronous PPO: how many versions the learner may be ahead of the weights that sampled a
     batch. 0: the synchronous loop. k >= 1: the next batches are generated while the learner
@@ -88,6 +94,22 @@ class RolloutConfig(_Section):
     def batch_size(self) -> int:
         """Sequences per PPO step: prompts_per_step * samples_per_prompt."""
         return self.prompts_per_step * self.samples_per_prompt
+
+
+class EnvConfig(_Section):
+    name: str | None = None
+    """``module:Class`` of the environment (:class:`ray_rlhf.envs.base.Env`) that answers the model
+    turn by turn: each trajectory gets its own instance, ``reset`` with the prompt row's columns,
+    then ``step`` with each model turn's text. Empty: single-turn rollouts (no environment). Bundled:
+    ``ray_rlhf.envs.letters:LetterGame``; tools: a subclass of ``ray_rlhf.envs.tools:ToolEnv``."""
+    kwargs: dict = Field(default_factory=dict)
+    """Keyword arguments of the environment's constructor (plain YAML values)."""
+    max_turns: int = Field(4, gt=0)
+    """Most model turns per trajectory; one that reaches it without the environment saying ``done``
+    ends with finish reason ``max_turns``."""
+    step_timeout_s: float = Field(30.0, gt=0)
+    """Seconds one ``reset`` or ``step`` call may take; past it (or when it raises) the trajectory
+    ends with finish reason ``env_error`` (a log line and the ``env/errors`` metric) and the run goes on."""
 
 
 class GeneratorsConfig(_Section):

@@ -16,6 +16,7 @@ from ray_rlhf.algo.registry import critic_estimators, get_estimator, group_estim
 from ray_rlhf.config.base import _Section
 from ray_rlhf.config.inputs import (
     DataConfig,
+    EnvConfig,
     GeneratorsConfig,
     ModelConfig,
     RemoteRewardSpec,
@@ -31,6 +32,7 @@ __all__ = [
     "ModelConfig",
     "DataConfig",
     "RolloutConfig",
+    "EnvConfig",
     "GeneratorsConfig",
     "RewardFunctionSpec",
     "RemoteRewardSpec",
@@ -70,6 +72,7 @@ class RunConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     generators: GeneratorsConfig = Field(default_factory=GeneratorsConfig)
+    env: EnvConfig = Field(default_factory=EnvConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     algo: AlgoConfig = Field(default_factory=AlgoConfig)
@@ -121,6 +124,9 @@ class RunConfig(_Section):
                 f"data.max_prompt_tokens + rollout.max_new_tokens = {need} exceeds "
                 f"generators.max_model_len={g.max_model_len}; raise it or shorten prompts/responses"
             )
+        if r.max_total_tokens is not None and r.max_total_tokens > g.max_model_len:
+            raise ValueError(f"rollout.max_total_tokens={r.max_total_tokens} exceeds generators.max_model_len="
+                             f"{g.max_model_len}; raise generators.max_model_len or lower rollout.max_total_tokens")
         for key, events in self.faults:
             for event in events:
                 if event.step > self.steps:

@@ -41,7 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ray_rlhf.envs.base import load_env_class
 from ray_rlhf.errors import UserError
+from ray_rlhf.generation.trajectory import Sampled, TemplateDelta, TrajectoryLimits, TurnRequest, run_trajectories
 from ray_rlhf.generation.vllm_engine import EngineSleep, VllmEngine, sleep_mode_available
 from ray_rlhf.records import FINISH_REASONS, PromptShard, RolloutBatch, SamplingSpec
 from ray_rlhf.sync.receiver import WeightReceiver
@@ -81,6 +83,8 @@ class ShardReport:
     """Wall time inside the engine."""
     version: int
     """Weight version the shard was sampled with."""
+    env: dict | None = None
+    """Multi-turn shards: the environment counts (:class:`~ray_rlhf.generation.trajectory.EnvStats`)."""
 
 
 def core_list_for(index: int, cores_per_engine: int = 1) -> str:
@@ -109,6 +113,9 @@ class Generator:
             (:meth:`sleep`, :meth:`wake_up`; vLLM's ``enable_sleep_mode`` where the platform has it,
             :func:`~ray_rlhf.generation.vllm_engine.sleep_mode_available`; on CPU the phases are
             enforced and recorded but no memory is released).
+        env: multi-turn rollouts (``env.name`` set): ``name``, ``kwargs``, ``max_turns``,
+            ``step_timeout_s`` and ``max_total_tokens`` (plain data, :func:`ray_rlhf.run.actors.env_spec`);
+            None: single-turn completions.
     """
 
     def __init__(
@@ -124,12 +131,15 @@ class Generator:
         enforce_eager: bool = True,
         omp_threads_bind: str = "nobind",
         sleep_mode: bool = False,
+        env: dict | None = None,
     ):
         if not Path(model_path, "config.json").is_file():
             raise UserError(f"model directory {model_path} has no config.json; check model.path or build the model first")
         self.generator_id = generator_id
         self.max_model_len = int(max_model_len)
         self.tensor_parallel_size = int(tensor_parallel_size)
+        self.env = dict(env) if env else None
+        self._env_cls = load_env_class(self.env["name"]) if self.env else None
         self._bind_cpus(omp_threads_bind)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(kv_cache_gib)))  # vLLM parses whole GiB
@@ -215,6 +225,8 @@ class Generator:
         prompts = list(shard.prompts)
         if any(not p.prompt_ids for p in prompts):
             raise ValueError(f"{self.generator_id}: shard {shard.shard_id} holds a prompt without token ids")
+        if self._env_cls is not None:
+            return self._generate_trajectories(shard, sampling, t0)
         params = [
             SamplingParams(n=sampling.n, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                            top_p=sampling.top_p, seed=request_seed(sampling.seed, p.index), logprobs=0,
@@ -226,7 +238,7 @@ class Generator:
         completions = [(p, j, c) for p, out in zip(prompts, outs)
                        for j, c in enumerate(sorted(out.outputs, key=lambda c: c.index))]
         for p, j, c in completions:  # vLLM: "stop" = EOS sampled, "length" = max_tokens (or context) used up
-            if c.finish_reason not in FINISH_REASONS:
+            if c.finish_reason not in FINISH_REASONS[:2]:  # single turn: "stop" or "length"
                 raise RuntimeError(f"{self.generator_id}: prompt {p.index} sample {j} finished with {c.finish_reason!r}")
         n = len(completions)
         plen = np.array([len(p.prompt_ids) for p, _, _ in completions], dtype=np.int64)
@@ -254,6 +266,43 @@ class Generator:
                                f"{len(batch.response_ids)} tokens")
         report = ShardReport(shard.shard_id, self.generator_id, n, int(rlen.sum()), time.perf_counter() - t0,
                              self.version)
+        return report, batch
+
+    def _generate_trajectories(self, shard: PromptShard, sampling: SamplingSpec,
+                               t0: float) -> tuple[ShardReport, RolloutBatch]:
+        """Multi-turn: ``sampling.n`` trajectories of every prompt with the environment
+        (:func:`~ray_rlhf.generation.trajectory.run_trajectories`), every turn of every live
+        trajectory in one engine call."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        def sample(requests: list[TurnRequest]) -> list[Sampled]:
+            params = [SamplingParams(n=1, max_tokens=r.max_tokens, temperature=sampling.temperature,
+                                     top_p=sampling.top_p, seed=r.seed, logprobs=0, flat_logprobs=True,
+                                     ignore_eos=sampling.ignore_eos) for r in requests]
+            outs = self._llm.generate([TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests], params,
+                                      use_tqdm=False)
+            done = []
+            for out in outs:
+                c = out.outputs[0]
+                if c.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"{self.generator_id}: a turn finished with {c.finish_reason!r}")
+                done.append(Sampled(list(c.token_ids), list(c.logprobs.logprobs), c.finish_reason, c.text))
+            return done
+
+        e = self.env
+        limits = TrajectoryLimits(max_new_tokens=sampling.max_new_tokens, max_turns=int(e["max_turns"]),
+                                  max_total_tokens=min(int(e.get("max_total_tokens") or self.max_model_len),
+                                                       self.max_model_len),
+                                  step_timeout_s=float(e["step_timeout_s"]))
+        cls, kwargs = self._env_cls, dict(e.get("kwargs") or {})
+        delta = TemplateDelta(self._llm.get_tokenizer(), getattr(cls, "tools", None))
+        batch, stats = run_trajectories(shard.prompts, sampling.n, sample, lambda: cls(**kwargs), delta, limits,
+                                        seed=sampling.seed, policy_version=self.version,
+                                        generator_id=self.generator_id)
+        model_tokens = int(batch.model_mask.sum())
+        report = ShardReport(shard.shard_id, self.generator_id, len(batch), model_tokens, time.perf_counter() - t0,
+                             self.version, env=stats.as_dict())
         return report, batch
 
     # ------------------------------------------------------------------ colocated phases

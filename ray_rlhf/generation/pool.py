@@ -108,6 +108,9 @@ class PoolEvents:
     shards_per_member: dict[str, int] = field(default_factory=dict)
     generate_seconds: dict[str, float] = field(default_factory=dict)
     """Seconds each member spent inside its engine on this call's shards."""
+    env: dict[str, float] = field(default_factory=dict)
+    """Multi-turn runs: the environment counts of this call's shards, summed
+    (:class:`~ray_rlhf.generation.trajectory.EnvStats` fields); empty for single-turn runs."""
 
 
 class GeneratorPool:
@@ -142,6 +145,8 @@ class GeneratorPool:
         shard_timeout_s: float | None = None,
         shard_timeout_floor_s: float = 60.0,
         slots: SharedSlots | None = None,
+        turns_per_sample: int = 1,
+        env_timeout_s: float = 0.0,
     ):
         self.actor_cls, self.actor_kwargs, self.bundle = actor_cls, actor_kwargs, bundle
         self.placer: OwnGroups | SharedSlots = slots if slots is not None else OwnGroups(bundle)
@@ -150,6 +155,9 @@ class GeneratorPool:
         self.max_restarts, self.placement_timeout_s = max_restarts, placement_timeout_s
         self.replace_timeout_s = replace_timeout_s
         self.shard_timeout_s, self.shard_timeout_floor_s = shard_timeout_s, shard_timeout_floor_s
+        self.turns_per_sample, self.env_timeout_s = int(turns_per_sample), float(env_timeout_s)
+        """Multi-turn runs: ``env.max_turns`` and ``env.step_timeout_s`` (a shard's automatic deadline
+        covers every turn's tokens and every environment call's time-out); 1 and 0 otherwise."""
         self.seconds_per_token: float | None = None
         """Engine seconds per generated token of the last completed shard (sets the deadlines)."""
         self.restarts = 0
@@ -356,6 +364,8 @@ class GeneratorPool:
                 self.seconds_per_token = report.seconds / report.tokens  # the latest measurement
             events.shards_per_member[gid] = events.shards_per_member.get(gid, 0) + 1
             events.generate_seconds[gid] = events.generate_seconds.get(gid, 0.0) + report.seconds
+            for k, v in (getattr(report, "env", None) or {}).items():
+                events.env[k] = events.env.get(k, 0) + v
             idle.append(gid)
         self.on_queue(0)
         return [done[sid] for sid in sorted(done)], events
@@ -363,13 +373,16 @@ class GeneratorPool:
     def shard_deadline_s(self, shard: PromptShard, sampling: SamplingSpec) -> float:
         """How long a shard may run before its generator counts as hung: ``shard_timeout_s`` if
         set, else 4x the time its token budget takes at the last measured seconds per token, at
-        least ``shard_timeout_floor_s`` (and that floor alone until a shard has been measured)."""
+        least ``shard_timeout_floor_s`` (and that floor alone until a shard has been measured).
+        Multi-turn: the budget is every turn's (``turns_per_sample``), plus each environment
+        call's time-out (the reset and every turn's step, the calls of one turn running together)."""
         if self.shard_timeout_s:
             return self.shard_timeout_s
-        budget = len(shard.prompts) * sampling.n * sampling.max_new_tokens
+        budget = len(shard.prompts) * sampling.n * sampling.max_new_tokens * self.turns_per_sample
+        env_s = (self.turns_per_sample + 1) * self.env_timeout_s
         if self.seconds_per_token is None:
-            return self.shard_timeout_floor_s
-        return max(self.shard_timeout_floor_s, 4 * self.seconds_per_token * budget)
+            return self.shard_timeout_floor_s + env_s
+        return max(self.shard_timeout_floor_s, 4 * self.seconds_per_token * budget) + env_s
 
     def shutdown(self) -> None:
         for gid in list(self.members):

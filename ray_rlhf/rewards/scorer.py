@@ -48,13 +48,16 @@ def _function_specs(functions) -> list[tuple[str, float, str]]:
 
 
 def check_sources(functions, model_path: str | None = None, model_weight: float = 1.0,
-                  remote: Sequence[dict] = (), columns: Sequence[str] = ()) -> list[tuple[str, float, Any]]:
+                  remote: Sequence[dict] = (), columns: Sequence[str] = (),
+                  env_rewards: bool = False) -> list[tuple[str, float, Any]]:
     """Every cheap check of the reward configuration; no weights are loaded, no request is sent.
 
     ``functions``: ``(spec, weight)`` or ``(spec, weight, kind)``; ``remote``: dicts with ``url``,
     ``weight``, ``timeout_s``, ``retries``; ``columns``: the dataset's extra columns (a function
     that needs a column no row has is refused here). Returns ``(name, weight, source)`` for the
-    functions and remote services. Raises :class:`UserError` on the first problem.
+    functions and remote services. Raises :class:`UserError` on the first problem. ``env_rewards``:
+    an environment gives per-turn rewards (``env.name``), so no source at all is allowed (the final
+    reward is then 0).
     """
     resolved: list[tuple[str, float, Any]] = []
     seen: set[str] = set()
@@ -77,7 +80,7 @@ def check_sources(functions, model_path: str | None = None, model_weight: float 
         check_reward_model(model_path)
         if not isinstance(model_weight, (int, float)) or not math.isfinite(model_weight):
             raise UserError(f"reward.model_weight is {model_weight!r}; give a finite number")
-    if not resolved and not model_path:
+    if not resolved and not model_path and not env_rewards:
         raise UserError("no reward source: set reward.functions (e.g. ray_rlhf.rewards.rules:letter_frequency), "
                         "reward.remote and/or reward.model_path")
     return resolved
@@ -96,15 +99,16 @@ class RewardScorer:
         torch_threads: ``torch.set_num_threads`` for this process (None: leave it).
         remote: remote services, dicts with ``url``, ``weight``, ``timeout_s``, ``retries``.
         columns: names of the dataset's extra columns (checked against the functions' signatures).
+        env_rewards: the run's environment gives per-turn rewards (``env.name``): no source is needed.
     """
 
     def __init__(self, functions, model_path: str | None = None, model_weight: float = 1.0, batch_size: int = 32,
                  device: str = "cpu", torch_threads: int | None = None, remote: Sequence[dict] = (),
-                 columns: Sequence[str] = ()):
+                 columns: Sequence[str] = (), env_rewards: bool = False):
         if batch_size <= 0:
             raise UserError(f"reward.batch_size is {batch_size}; give a positive integer")
         # Cheap checks first: no weights are loaded until every source is known to be usable.
-        self.sources = check_sources(functions, model_path, model_weight, remote, columns)
+        self.sources = check_sources(functions, model_path, model_weight, remote, columns, env_rewards)
         self.model_path = str(model_path) if model_path else None
         self.model_weight = float(model_weight)
         self._scored = 0
@@ -129,7 +133,7 @@ class RewardScorer:
         batch = RolloutBatch.concat(batches)
         parts = self._score_texts(batch.prompt, batch.response, batch.columns, batch.keys())
         self._scored += len(batch)
-        total = sum(weight * parts[name] for name, weight, _ in self.sources)
+        total = np.zeros(len(batch)) + sum(weight * parts[name] for name, weight, _ in self.sources)
         scored = batch.with_rewards(np.asarray(total, dtype=np.float64), parts)
         return scored, RolloutSummary.of(scored)
 

@@ -15,7 +15,9 @@ __all__ = ["reward_sources"]
 def reward_sources(cfg: RunConfig) -> dict:
     """The :class:`~ray_rlhf.rewards.scorer.RewardScorer` constructor arguments of a run (all but
     ``columns``): ``functions`` as ``(spec, weight, kind)``, ``model_path``, ``model_weight``,
-    ``batch_size``, and ``remote`` as one dict per service (``RemoteRewardSpec.model_dump()``)."""
+    ``batch_size``, ``remote`` as one dict per service (``RemoteRewardSpec.model_dump()``) and
+    ``env_rewards`` (an environment rewards each turn: no source is required)."""
     rc = cfg.reward
     return dict(functions=[(f.name, f.weight, f.kind) for f in rc.functions], model_path=rc.model_path,
-                model_weight=rc.model_weight, batch_size=rc.batch_size, remote=[r.model_dump() for r in rc.remote])
+                model_weight=rc.model_weight, batch_size=rc.batch_size, remote=[r.model_dump() for r in rc.remote],
+                env_rewards=bool(cfg.env.name))

@@ -37,7 +37,17 @@ def generator_kwargs(cfg: RunConfig, policy_path: str | Path, generator_id: str)
     return dict(model_path=str(policy_path), generator_id=generator_id, max_model_len=g.max_model_len,
                 seed=cfg.seed, gpu_memory_utilization=g.gpu_memory_utilization if g.num_gpus else None,
                 tensor_parallel_size=g.tensor_parallel_size, kv_cache_gib=g.kv_cache_gib,
-                omp_threads_bind=g.omp_threads_bind, sleep_mode=cfg.placement == "colocated")
+                omp_threads_bind=g.omp_threads_bind, sleep_mode=cfg.placement == "colocated", env=env_spec(cfg))
+
+
+def env_spec(cfg: RunConfig) -> dict | None:
+    """The generators' ``env`` argument (plain data): the environment and its limits; None for a
+    single-turn run (``env.name`` empty)."""
+    e = cfg.env
+    if not e.name:
+        return None
+    return dict(name=e.name, kwargs=dict(e.kwargs), max_turns=e.max_turns, step_timeout_s=e.step_timeout_s,
+                max_total_tokens=cfg.rollout.max_total_tokens)
 
 
 def generator_actor(cfg: RunConfig) -> Any:
@@ -117,7 +127,9 @@ class RunActors:
         kwargs = dict(size=g.num, min_size=cfg.pool_min, max_size=cfg.pool_max, on_join=broadcaster.join,
                       max_restarts=g.max_restarts, shard_timeout_s=g.shard_timeout_s,
                       shard_timeout_floor_s=g.shard_timeout_floor_s,
-                      slots=SharedSlots(shared_pg, g.num) if colocated else None)
+                      slots=SharedSlots(shared_pg, g.num) if colocated else None,
+                      turns_per_sample=cfg.env.max_turns if cfg.env.name else 1,
+                      env_timeout_s=cfg.env.step_timeout_s if cfg.env.name else 0.0)
         pool = (GeneratorPool(*args, **kwargs) if faults is None
                 else FaultyPool(*args, plan=faults, reward=reward, **kwargs))
         return cls(learners, reward, broadcaster, pool, capacity, faults,

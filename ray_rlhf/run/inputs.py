@@ -49,6 +49,7 @@ def load_inputs(cfg: RunConfig) -> RunInputs:
     preflight.check_packing(cfg, policy_path)
     prompts = load_prompt_items(cfg, load_tokenizer(policy_path))
     preflight.check_reward(cfg, prompts)
+    preflight.check_env(cfg, prompts)
     checkpoint.check_writable(cfg.output_dir)  # metrics, rollouts and the config are written there
     store = checkpoint.open_store(checkpoint.location(cfg))
     store.check_writable()

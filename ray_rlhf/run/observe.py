@@ -101,7 +101,24 @@ def step_metrics(batch: StepRollouts, stats: LearnerStats, synced: SyncResult, t
         "pool/deaths": len(events.died),
         "pool/requeued_shards": events.requeued_shards,
     })
+    if events.env:  # env.name: multi-turn rollouts
+        row.update(env_metrics(events.env))
     if batch.sampling_rounds is not None:  # rollout.dynamic_sampling
         row["rollout/sampling_rounds"] = batch.sampling_rounds
         row["rollout/discarded_groups"] = batch.discarded_groups
     return row
+
+
+def env_metrics(env: dict[str, float]) -> dict[str, float]:
+    """The ``env/*`` metrics of a step from the summed environment counts of its shards
+    (:class:`~ray_rlhf.generation.trajectory.EnvStats`; defined in docs/metrics.md)."""
+    n = max(env.get("trajectories", 0), 1)
+    return {
+        "env/turns_mean": env.get("turns", 0) / n,
+        "env/tool_calls": env.get("tool_calls", 0),
+        "env/tool_errors": env.get("tool_errors", 0),
+        "env/seconds": env.get("seconds", 0.0),
+        "env/observation_tokens": env.get("observation_tokens", 0),
+        "env/errors": env.get("errors", 0),
+        "env/reward_mean": env.get("reward_sum", 0.0) / n,
+    }

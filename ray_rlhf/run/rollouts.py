@@ -149,7 +149,8 @@ def _merged(a: PoolEvents, b: PoolEvents) -> PoolEvents:
                       shards_per_member={k: a.shards_per_member.get(k, 0) + b.shards_per_member.get(k, 0)
                                          for k in {*a.shards_per_member, *b.shards_per_member}},
                       generate_seconds={k: a.generate_seconds.get(k, 0.0) + b.generate_seconds.get(k, 0.0)
-                                        for k in {*a.generate_seconds, *b.generate_seconds}})
+                                        for k in {*a.generate_seconds, *b.generate_seconds}},
+                      env={k: a.env.get(k, 0) + b.env.get(k, 0) for k in {*a.env, *b.env}})
 
 
 class AsyncRollouts:

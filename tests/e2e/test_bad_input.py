@@ -55,6 +55,26 @@ def raises_in_ray(prompt, response):
         raise KeyError("unexpected token in response")
     return 0.0
 '''
+# Environments the env.* cases point env.name at (written into the subprocess's cwd).
+BAD_ENVS = '''
+class WrongShape:
+    def reset(self, row):
+        return "Use the letter e."
+
+    def step(self, action):
+        return "ok", 1.0  # (observation, reward): done and info missing
+
+
+class BadTools:
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object",
+                                                                             "properties": {"a": {}}}}}]
+
+    def reset(self, row):
+        return None
+
+    def step(self, action):
+        return None, 0.0, True, {}
+'''
 BROKEN_IMPORT = "import package_that_is_not_installed_xyz\n\ndef score(prompt, response):\n    return 0.0\n"
 
 
@@ -240,6 +260,14 @@ CASES: dict[str, Case] = {
         ["placement=colocated", "generators.num=2", "learner.num=2", "generators.num_gpus=0.5", "learner.num_gpus=0.5",
          "generators.num_cpus=0.25", "learner.num_cpus=0.25", "ray.num_gpus=2", "ray.gpu_memory_gib=2"],
         ["placement=colocated does not fit", "per GPU of 2.00 GiB", "AdamW", "generators.gpu_memory_utilization"]),
+    "env_class_not_importable": Case(["env.name=no_such_env_module:Game"],
+                                     ["env.name=no_such_env_module:Game", "cannot import"]),
+    "env_step_wrong_shape": Case(["env.name=bad_envs:WrongShape"], ["bad_envs:WrongShape.step", "a tuple of 2"]),
+    "env_invalid_tool_schema": Case(["env.name=bad_envs:BadTools"], ["bad_envs:BadTools.tools[0] (add)", "'a'"]),
+    "env_max_turns_zero": Case(["env.name=ray_rlhf.envs.letters:LetterGame", "env.max_turns=0"],
+                               ["env.max_turns", "greater than 0"]),
+    "max_total_tokens_below_prompt": Case(["env.name=ray_rlhf.envs.letters:LetterGame", "rollout.max_total_tokens=8"],
+                                          ["rollout.max_total_tokens=8", "longest prompt"]),
     "reward_raises_in_actor": Case(
         ["reward.functions=[{name: 'bad_rewards:raises_in_ray', weight: 1.0}]", *RAY_SMALL],
         ["bad_rewards:raises_in_ray", "raised KeyError", "unexpected token in response"],
@@ -298,6 +326,7 @@ def _run_case(name: str, tmp_path: Path, model_cache: Path, good_run: Path, rewa
     case = CASES[name]
     (tmp_path / "bad_rewards.py").write_text(BAD_REWARDS)
     (tmp_path / "broken_reward.py").write_text(BROKEN_IMPORT)
+    (tmp_path / "bad_envs.py").write_text(BAD_ENVS)
     run = tmp_path / "run"
     shutil.copytree(good_run, run)
     scene = Scene(tmp=tmp_path, run=run, reward_model=reward_model)

@@ -156,6 +156,13 @@ def test_other_config_errors():
         RewardScorer([(f"{FIX}:one", 1.0)], batch_size=0)
 
 
+def test_an_environment_alone_may_reward():
+    """``env.name`` with ``reward.functions=[]``: the environment's per-turn rewards are the only
+    ones; the final reward is 0."""
+    scored, summary = RewardScorer([], env_rewards=True).score(make_batch([{"response": "a"}, {"response": "b"}]))
+    assert scored.reward.tolist() == [0.0, 0.0] and scored.reward_parts == {} and summary.reward_mean == 0.0
+
+
 # -------------------------------------------------------------------------- sample errors
 
 
