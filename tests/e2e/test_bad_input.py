@@ -240,6 +240,11 @@ CASES: dict[str, Case] = {
         ["placement=colocated", "generators.num=2", "learner.num=2", "generators.num_gpus=0.5", "learner.num_gpus=0.5",
          "generators.num_cpus=0.25", "learner.num_cpus=0.25", "ray.num_gpus=2", "ray.gpu_memory_gib=2"],
         ["placement=colocated does not fit", "per GPU of 2.00 GiB", "AdamW", "generators.gpu_memory_utilization"]),
+    "lora_targets_match_no_module": Case(["lora.rank=8", "lora.target_modules=[q_proj, c_attn]"],
+                                         ["lora.target_modules", "c_attn matches no linear module", "q_proj, up_proj, v_proj"]),
+    "lora_adapter_sync_not_available": Case(["lora.rank=8", "lora.sync=adapter"],
+                                            ["lora.sync=adapter", "not implemented", "lora.sync=merged"]),
+    "lora_rank_negative": Case(["lora.rank=-1"], ["'lora.rank'", "greater than or equal to 0"]),
     "reward_raises_in_actor": Case(
         ["reward.functions=[{name: 'bad_rewards:raises_in_ray', weight: 1.0}]", *RAY_SMALL],
         ["bad_rewards:raises_in_ray", "raised KeyError", "unexpected token in response"],
