@@ -314,3 +314,22 @@ def check_preload(cfg: RunConfig) -> None:
         if not Path(lib).is_file():
             raise UserError(f"generators.preload: {lib} does not exist; give the full path of the shared library "
                             "(e.g. /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4) or leave generators.preload empty")
+
+
+def check_lora(cfg: RunConfig, policy_path: str | Path) -> None:
+    """``lora.target_modules`` must each match a linear module of the policy's decoder trunk: the
+    model is built from its config on the meta device (no weights) and the names resolved as the
+    learner resolves them (:func:`ray_rlhf.learning.lora.resolve_targets`)."""
+    if not cfg.lora.rank or cfg.lora.target_modules is None:
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ray_rlhf.learning.lora import resolve_targets
+
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(policy_path)))
+    try:
+        resolve_targets(lm, cfg.lora.target_modules)
+    except ValueError as e:
+        raise UserError(f"{e}; set lora.target_modules to some of them, or leave it empty for all") from None

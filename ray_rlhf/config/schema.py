@@ -25,7 +25,7 @@ from ray_rlhf.config.inputs import (
     RolloutConfig,
 )
 from ray_rlhf.config.operations import CheckpointConfig, FaultsConfig, KillGenerator, LoggingConfig, RayConfig, SyncConfig
-from ray_rlhf.config.training import AlgoConfig, KLConfig, LearnerConfig, PPOConfig
+from ray_rlhf.config.training import AlgoConfig, KLConfig, LearnerConfig, LoraConfig, PPOConfig
 
 __all__ = [
     "RunConfig",
@@ -41,6 +41,7 @@ __all__ = [
     "AlgoConfig",
     "KLConfig",
     "LearnerConfig",
+    "LoraConfig",
     "SyncConfig",
     "CheckpointConfig",
     "LoggingConfig",
@@ -78,6 +79,7 @@ class RunConfig(_Section):
     algo: AlgoConfig = Field(default_factory=AlgoConfig)
     kl: KLConfig = Field(default_factory=KLConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -134,7 +136,24 @@ class RunConfig(_Section):
         if self.checkpoint.resume not in ("auto", "never") and not self.checkpoint.resume.strip():
             raise ValueError("checkpoint.resume must be 'auto', 'never' or a checkpoint directory")
         self._check_algorithm()
+        self._check_lora()
         return self
+
+    def _check_lora(self) -> None:
+        """What LoRA (``lora.rank > 0``) does not run with yet, each naming its keys."""
+        lo, lc = self.lora, self.learner
+        if not lo.rank:
+            return
+        if lo.sync == "adapter":
+            raise ValueError("lora.sync=adapter (adapter-only sync through vLLM's LoRA support) is not implemented yet; "
+                             "set lora.sync=merged (or auto): the learner merges the adapters and syncs full weights")
+        if lc.strategy == "fsdp" and lc.num > 1:
+            raise ValueError("lora.rank > 0 with learner.strategy=fsdp is not supported yet; use learner.strategy=ddp")
+        if lc.compile:
+            raise ValueError("lora.rank > 0 with learner.compile=true is not supported yet; set learner.compile=false")
+        if self.model.critic_path:
+            raise ValueError("lora.rank > 0 adapts the policy only; a separate critic (model.critic_path) is not "
+                             "supported with it yet: unset model.critic_path")
 
     def _check_algorithm(self) -> None:
         """Impossible combinations of the estimator, the loss and the rollout's options."""

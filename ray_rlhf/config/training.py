@@ -206,3 +206,27 @@ class LearnerConfig(_Section):
     max_restarts: int = Field(2, ge=0)
     """Times in a run the learner group is restarted from the newest checkpoint after a rank
     died, before the run gives up."""
+
+
+class LoraConfig(_Section):
+    rank: int = Field(0, ge=0)
+    """LoRA rank r of the policy's adapters (Hu et al. 2021: W + (alpha / r) B A, B (out, r) zero at
+    start, A (r, in)); 0 = off (full fine-tuning). With r > 0 the policy trunk is frozen and only the
+    adapters (and the value head, fully) train; the reference is the same model with the adapters
+    disabled (no second copy of the weights). Built with ``peft``
+    (:mod:`ray_rlhf.learning.lora`)."""
+    alpha: float = Field(16.0, gt=0)
+    """LoRA alpha: the adapters' update is scaled by alpha / rank."""
+    target_modules: list[str] | None = None
+    """Names (or name suffixes, ``peft``'s matching) of the linear modules that get adapters, e.g.
+    ``[q_proj, v_proj]``. Empty: every linear layer of the decoder trunk (attention and MLP
+    projections of any architecture; not the LM head or the value head). A name matching none of the
+    model's linear modules is refused before the run starts, naming the ones it has."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapters' input during the update (0: off; any other value makes the first
+    PPO ratio differ from 1, as the log-probs of pi_old are computed without it)."""
+    sync: Literal["auto", "merged", "adapter"] = "auto"
+    """How the trained policy reaches the generators. ``merged``: the learner merges W + (alpha / r)
+    B A in float32 and sends the full state dict under the base model's names through ``sync.backend``,
+    verified like any sync. ``adapter`` (the adapter tensors only, served by vLLM's LoRA support) is
+    not implemented yet and is refused; ``auto``: ``merged``."""

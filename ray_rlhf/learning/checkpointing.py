@@ -1,10 +1,13 @@
 """The learner's part of a checkpoint: written by rank 0, read by every rank, any world size.
 
 ``policy/`` (the LM in Hugging Face format: safetensors + tokenizer; loads in transformers and
-vLLM), ``value_head.safetensors`` (+ ``critic/``; neither without a critic), ``optimizer.pt``
-(AdamW state: tensors and plain values, read back with ``weights_only=True``), ``rng.safetensors``
-(the minibatch-shuffling and torch RNG states) and ``learner.json`` (version, KL controller, the
-group's size and strategy). Nothing is pickled. Weights are full (unsharded) tensors, so a
+vLLM; with LoRA, the adapters merged in), ``adapter/`` (LoRA only: the adapters as a ``peft``
+adapter folder -- what a resume loads, over the frozen base of ``model.path``),
+``value_head.safetensors`` (+ ``critic/``; neither without a critic), ``optimizer.pt`` (AdamW
+state: tensors and plain values, read back with ``weights_only=True``; with LoRA, the adapters'
+and the value head's only), ``rng.safetensors`` (the minibatch-shuffling and torch RNG states)
+and ``learner.json`` (version, KL controller, the group's size and strategy, ``lora.rank``).
+Nothing is pickled. Weights are full (unsharded) tensors, so a
 checkpoint resumes at any number of ranks; the optimizer state is too, except that FSDP keys it
 by parameter name and DDP / one rank by position: a switch between the two is refused. The names
 are :mod:`ray_rlhf.checkpoint.layout`'s; where and how atomically the part is stored is
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ray_rlhf.checkpoint.layout import CRITIC, LEARNER_STATE, OPTIMIZER, POLICY, RNG, VALUE_HEAD
+from ray_rlhf.checkpoint.layout import ADAPTER, CRITIC, LEARNER_STATE, OPTIMIZER, POLICY, RNG, VALUE_HEAD
 from ray_rlhf.errors import UserError
 from ray_rlhf.learning import parallel
 from ray_rlhf.models.output_head import load_hf_state, read_hf_state, tied_parameter_groups
@@ -40,7 +43,12 @@ def save(learner, d: Path) -> None:
     part = (lambda prefix: {k.removeprefix(prefix): v for k, v in full.items() if k.startswith(prefix)}) if full \
         else None
     lm_state = part("lm.") if full else None
-    learner.model.lm.save_pretrained(d / POLICY, safe_serialization=True, **({"state_dict": lm_state} if full else {}))
+    adapters = learner.adapters
+    if adapters is not None:  # the merged model (loads anywhere), and the adapters alone (what resumes)
+        lm_state = adapters.merged_state()
+        adapters.peft.save_pretrained(d / ADAPTER, safe_serialization=True)
+    learner.model.lm.save_pretrained(d / POLICY, safe_serialization=True,
+                                     **({"state_dict": lm_state} if lm_state is not None else {}))
     if learner.tokenizer is not None:
         learner.tokenizer.save_pretrained(d / POLICY)
     if learner.model.critic is not None:
@@ -52,7 +60,8 @@ def save(learner, d: Path) -> None:
     torch.save(optim, d / OPTIMIZER)
     save_file({"learner": learner.rng.get_state(), "torch": torch.get_rng_state()}, str(d / RNG))
     meta = {"version": learner.version, "kl_ctl": learner.kl_ctl.state_dict(), "world_size": opt.world_size,
-            "strategy": opt.strategy, "optimizer_format": _optimizer_format(learner), "critic": learner.uses_critic}
+            "strategy": opt.strategy, "optimizer_format": _optimizer_format(learner), "critic": learner.uses_critic,
+            "lora_rank": opt.lora.rank}
     (d / LEARNER_STATE).write_text(json.dumps(meta))
 
 
@@ -73,7 +82,16 @@ def load(learner, d: Path) -> None:
         raise UserError(f"checkpoint {d} {'has' if meta.get('critic', True) else 'has no'} value function but this run's "
                         f"algo.estimator={opt.algo.estimator} {'needs' if learner.uses_critic else 'has'} none; resume "
                         "with the estimator it was made with")
-    if learner.sharded:
+    if meta.get("lora_rank", 0) != opt.lora.rank:
+        raise UserError(f"checkpoint {d} was written with lora.rank={meta.get('lora_rank', 0)} but this run has "
+                        f"lora.rank={opt.lora.rank}; resume with the lora.rank it was made with")
+    if learner.adapters is not None:  # the base weights are model.path's, frozen: load the adapters only
+        from peft.utils import load_peft_weights
+
+        learner.adapters.load_adapter_state(load_peft_weights(str(d / ADAPTER), device=str(learner.device)))
+        if learner.model.value_head is not None:
+            learner.model.value_head.load_state_dict(load_file(str(d / VALUE_HEAD)))
+    elif learner.sharded:
         state = {f"lm.{k}": v for k, v in _with_ties(learner.model.lm, read_hf_state(d / POLICY)).items()}
         if learner.model.critic is not None:
             state.update({f"critic.{k}": v for k, v in _with_ties(learner.model.critic, read_hf_state(d / CRITIC)).items()})

@@ -29,6 +29,7 @@ import torch
 from ray_rlhf.learning import parallel
 from ray_rlhf.learning.batch import TensorBatch, micro_batches, partition_rows
 from ray_rlhf.learning.dist import Single, init_group
+from ray_rlhf.learning.lora import Adapters, trainable_parameters
 from ray_rlhf.learning.stats import Stats, UpdateStats, divided, merged, reduce_kinds, summed, with_values
 from ray_rlhf.models.packing import first_fit
 
@@ -110,8 +111,11 @@ class Engine:
     """Model (+ reference), wrapping, micro-batches, AdamW, collectives and weight export of one rank."""
 
     def __init__(self, model: torch.nn.Module, reference: torch.nn.Module | None, options: EngineOptions,
-                 optim: Optimization, device: str = "cpu", seed: int = 0):
+                 optim: Optimization, device: str = "cpu", seed: int = 0, adapters: Adapters | None = None):
+        """``adapters``: the policy LM's LoRA adapters (``lora.rank > 0``): only the parameters that
+        require a gradient (adapters, value head) are optimized, and LoRA's dropout is on in the update."""
         self.model, self.reference, self.options, self.optim, self.device = model, reference, options, optim, device
+        self.adapters = adapters
         if options.gradient_checkpointing:
             model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if options.compile:
@@ -144,7 +148,7 @@ class Engine:
         # fused on CUDA: one kernel over all parameters (the per-tensor loop of foreach AdamW through
         # FSDP2's DTensors costs milliseconds per parameter on the host); same update
         fused = {"fused": True} if torch.device(self.device).type == "cuda" else {}
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.optim.lr,
+        self.optimizer = torch.optim.AdamW(trainable_parameters(self.model), lr=self.optim.lr,
                                            weight_decay=self.optim.weight_decay, **fused)
 
     @property
@@ -212,6 +216,8 @@ class Engine:
         own numbers."""
         o = self.optim
         self.train_model.train(self.options.gradient_checkpointing)  # dropout is off either way (learning.loading)
+        if self.adapters is not None:
+            self.adapters.train_dropout(True)  # lora.dropout: the adapters' own, in the update only
         lengths = prep.batch.lengths
         total, grad_norm, padded, real, steps = None, 0.0, 0.0, 0.0, 0
         for _ in range(o.epochs):
@@ -219,6 +225,8 @@ class Engine:
                 stats, norm, p, r = self._minibatch(prep, mb, lengths, loss)
                 total = stats if total is None else summed(total, stats)
                 grad_norm, padded, real, steps = grad_norm + norm, padded + p, real + r, steps + 1
+        if self.adapters is not None:
+            self.adapters.train_dropout(False)
         if not steps:
             return None, UpdateStats()
         return divided(total, steps), UpdateStats(grad_norm=grad_norm / steps, optimizer_steps=steps,
@@ -240,7 +248,7 @@ class Engine:
             acc = stats if acc is None else merged(acc, stats)
             padded, real_tokens = padded + p, real_tokens + r
         acc, padded, real_tokens = self._reduce(acc, padded, real_tokens)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), self.optim.max_grad_norm)
         self.optimizer.step()
         return acc, float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm), padded, real_tokens
 
@@ -276,7 +284,10 @@ class Engine:
 
     # ---- weights for the generators and checkpoints --------------------------------------------
     def policy_state(self) -> dict[str, torch.Tensor]:
-        """The policy LM's state dict, Hugging Face names (gathered after each step under FSDP)."""
+        """The policy LM's state dict, Hugging Face names (gathered after each step under FSDP;
+        with LoRA adapters, merged into the base weights in float32)."""
+        if self.adapters is not None:
+            return self.adapters.merged_state()
         return self._lm_state if self.sharded else self.model.lm.state_dict()
 
     def refresh_export(self) -> None:

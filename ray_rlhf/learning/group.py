@@ -24,6 +24,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ray_rlhf.config.schema import RunConfig
 from ray_rlhf.learning.learner import Learner, LearnerOptions
+from ray_rlhf.learning.lora import LoraSpec
 from ray_rlhf.learning.stats import LearnerStats
 from ray_rlhf.models.packing_probe import resolve_packing
 
@@ -44,7 +45,16 @@ def learner_options(cfg: RunConfig, rank: int = 0, packing: bool = False) -> Lea
                           shard_reference=lc.shard_reference, overlong=cfg.rollout.overlong,
                           overlong_buffer=cfg.rollout.overlong_buffer,
                           collective_timeout_s=lc.collective_timeout_s,
-                          reserved_cpus=lc.num_cpus, packing=packing)
+                          reserved_cpus=lc.num_cpus, packing=packing, lora=lora_spec(cfg))
+
+
+def lora_spec(cfg: RunConfig) -> LoraSpec:
+    """``lora.*`` for the learner (rank 0: off). ``lora.sync`` resolves to ``merged`` (the config refuses
+    ``adapter``): the learner's exported weights are the merged ones either way."""
+    lo = cfg.lora
+    assert lo.sync in ("auto", "merged") or not lo.rank, "lora.sync=adapter is refused by the config"
+    targets = tuple(lo.target_modules) if lo.target_modules is not None else None
+    return LoraSpec(rank=lo.rank, alpha=lo.alpha, target_modules=targets, dropout=lo.dropout)
 
 
 def learner_kwargs(cfg: RunConfig, policy_path: str | Path, rank: int = 0) -> dict[str, Any]:

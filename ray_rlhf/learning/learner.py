@@ -30,6 +30,7 @@ from ray_rlhf.learning.batch import PreparedBatch, TensorBatch, collate
 from ray_rlhf.learning.dist import free_address
 from ray_rlhf.learning.engine import Engine, EngineOptions, Optimization
 from ray_rlhf.learning.loading import load_causal_lm
+from ray_rlhf.learning.lora import AdapterOffReference, Adapters, LoraSpec
 from ray_rlhf.learning.objectives.ppo import PPOObjective
 from ray_rlhf.learning.stats import LearnerStats, Stats, UpdateStats, combine
 from ray_rlhf.models.policy import PolicyWithValueHead, ReferenceModel
@@ -67,6 +68,8 @@ class LearnerOptions:
     each micro-batch's rows run as one packed sequence (:mod:`ray_rlhf.models.packing`)."""
     reserved_cpus: float = 1.0
     """``learner.num_cpus``: a rank's threads in an asynchronous run when ``torch_threads`` is empty."""
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    """``lora.*``: LoRA adapters on the policy (rank 0: off, full fine-tuning)."""
 
     @property
     def engine(self) -> EngineOptions:
@@ -121,15 +124,19 @@ class Learner:
             self.tokenizer, pad = None, getattr(lm.config, "pad_token_id", None)
         self.pad_id = pad if pad is not None else 0
         critic = load_causal_lm(critic_path, device) if critic_path else None
+        self.adapters = Adapters(lm, opt.lora) if opt.lora.enabled else None
+        """LoRA (``lora.rank > 0``): the policy LM's adapters, injected in place; None: full fine-tuning."""
         model = PolicyWithValueHead(lm, critic, value_head=self.uses_critic).to(device)
-        reference = ReferenceModel(copy.deepcopy(lm)) if self.objective.needs_reference else None
+        reference = None
+        if self.objective.needs_reference:  # LoRA: the policy's own LM with its adapters off (no copy)
+            reference = AdapterOffReference(self.adapters) if self.adapters else ReferenceModel(copy.deepcopy(lm))
         model.packed = opt.packing
         if reference is not None:
             reference.packed = opt.packing
         optim = Optimization(epochs=ppo.epochs, minibatch_size=ppo.minibatch_size, micro_batch_size=ppo.micro_batch_size,
                              micro_batch_tokens=ppo.micro_batch_tokens, lr=ppo.lr, weight_decay=ppo.weight_decay,
                              max_grad_norm=ppo.max_grad_norm)
-        self.engine = Engine(model, reference, opt.engine, optim, device=device, seed=seed)
+        self.engine = Engine(model, reference, opt.engine, optim, device=device, seed=seed, adapters=self.adapters)
         self.weights = WeightSender(self.engine.policy_state)
         """The weight-source side of the broadcast."""
         self.version = 0

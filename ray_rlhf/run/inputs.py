@@ -47,6 +47,7 @@ def load_inputs(cfg: RunConfig) -> RunInputs:
     policy_path = resolve_policy_path(cfg)
     preflight.check_memory_budget(cfg, policy_path)
     preflight.check_packing(cfg, policy_path)
+    preflight.check_lora(cfg, policy_path)
     prompts = load_prompt_items(cfg, load_tokenizer(policy_path))
     preflight.check_reward(cfg, prompts)
     preflight.check_env(cfg, prompts)
