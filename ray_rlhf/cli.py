@@ -4,6 +4,7 @@
 ``ray-rlhf show-config --config tiny [overrides]``      print the resolved config and exit
 ``ray-rlhf make-model tiny OUT_DIR [--kind reward]``    build an offline random-init model
 ``ray-rlhf sft|rm|dpo [--config tiny|FILE.yaml] [key=value ...]``  a stage (docs/pipeline.md)
+``ray-rlhf export [--merge] RUN_DIR OUT_DIR``          the newest checkpoint's model (LoRA: ``--merge`` merges)
 ``ray-rlhf bench [--config my_run.yaml] [overrides] [--quick] [--sweep key=v1,v2]``  benchmark a run's config
 
 A user mistake (:class:`~ray_rlhf.errors.UserError`) prints one line and exits with status 2.
@@ -41,6 +42,14 @@ def _cmd_show_config(args: argparse.Namespace) -> None:
     print(to_yaml(load_config(args.config, args.overrides)), end="")
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from ray_rlhf.checkpoint.export import export_checkpoint
+
+    out, step, part = export_checkpoint(args.run_dir, args.out_dir, merge=args.merge)
+    what = "the merged model" if part == "policy" else "the LoRA adapters (peft folder; --merge for a merged model)"
+    print(f"exported {what} of step {step} to {out}")
+
+
 def _cmd_make_model(args: argparse.Namespace) -> None:
     from ray_rlhf.models.factory import build_causal_lm, build_reward_model
 
@@ -67,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["policy", "reward"], default="policy")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_model)
+
+    p = sub.add_parser("export", help="write a run's newest checkpoint as a Hugging Face model directory")
+    p.add_argument("--merge", action="store_true",
+                   help="LoRA runs: the model with the adapters merged in (default: the adapter folder)")
+    p.add_argument("run_dir", help="the run's output_dir (a path or a store URI)")
+    p.add_argument("out_dir", help="a new directory")
+    p.set_defaults(func=_cmd_export)
 
     for stage, what in (("sft", "supervised fine-tuning"), ("rm", "train a reward model"), ("dpo", "DPO")):
         p = sub.add_parser(stage, help=f"{what} on one learner rank")

@@ -4,9 +4,8 @@ with real Ray and vLLM (two generators), the reward coming only from the environ
 
 One run (~1.5 min here), checked by several tests: the rollout log's multi-turn columns (every
 row: two model turns, the observation between them masked out, the environment's per-turn rewards
-on each turn's last model token), the ``env/*`` metrics, and -- once the learner trains on
-per-turn rewards (the agent-learn branch: masked GAE, token rewards) -- that the environment's
-reward rises.
+on each turn's last model token), the ``env/*`` metrics, and that the environment's reward rises
+(the learner trains on the per-turn rewards with GAE over the model's tokens only).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
-STEPS = 6
+STEPS = 16
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,7 @@ def agent_run(tmp_path_factory, tiny_policy_path):
     cmd = [sys.executable, "-m", "ray_rlhf.train", "--config", "tiny", "env.name=ray_rlhf.envs.letters:LetterGame",
            "env.max_turns=2", "reward.functions=[]", f"steps={STEPS}", "rollout.prompts_per_step=8",
            "rollout.samples_per_prompt=4", "rollout.max_new_tokens=12", "rollout.max_total_tokens=128",
-           "ppo.minibatch_size=32", "ppo.micro_batch_size=32", "generators.shard_prompts=2", "checkpoint.every=100",
+           "ppo.minibatch_size=32", "ppo.micro_batch_size=32", "ppo.lr=0.003", "generators.shard_prompts=2", "checkpoint.every=100",
            "logging.progress_bar=false", "logging.tensorboard=false", "ray.num_cpus=2", f"output_dir={out}",
            f"model.cache_dir={tiny_policy_path.parent}"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -73,8 +72,8 @@ def test_env_metrics_every_step(agent_run):
         assert 0 < row["env/reward_mean"] < 2
 
 
-@pytest.mark.xfail(reason="needs agent-learn: the learner training on per-turn token rewards", strict=False)
 def test_the_environment_reward_rises(agent_run):
     _, metrics = agent_run
     r = [row["env/reward_mean"] for row in metrics]
-    assert np.mean(r[-2:]) > np.mean(r[:2]) + 0.02, r
+    print(f"\nLetterGame env/reward_mean per step: {[round(x, 3) for x in r]}")
+    assert np.mean(r[-8:]) > np.mean(r[:4]) + 0.02, r  # measured: 0.127 -> 0.160 (AMD EPYC)

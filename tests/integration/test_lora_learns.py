@@ -4,7 +4,8 @@
 merged sync verified after every step (``sync.verify`` is on: a sync whose engine read-back differs
 from the learner's merged weights fails the run), the letter-frequency reward. The mean reward of
 the last steps must be above the first steps' and the sampler and the learner must agree on the
-log-probs (the generators computed with the merged adapters). Numbers measured are in docs/lora.md.
+log-probs (the generators computed with the merged adapters). Then the run's last checkpoint goes
+through ``ray-rlhf export`` (merged, and adapters only). Numbers measured are in docs/lora.md.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ pytestmark = pytest.mark.integration
 
 STEPS = 16
 OVERRIDES = ["lora.rank=8", "lora.alpha=32", "algo.estimator=grpo", "ppo.lr=0.02", "ppo.old_logprobs=recompute", f"steps={STEPS}",
-             "checkpoint.every=0", "logging.progress_bar=false", "logging.tensorboard=false", "logging.rollouts=false",
+             f"checkpoint.every={STEPS}", "logging.progress_bar=false", "logging.tensorboard=false", "logging.rollouts=false",
              "ray.num_cpus=2"]
 
 
 @pytest.mark.timeout(300)
-def test_lora_rank_8_learns_the_demo_task(tmp_path, models_dir):
+def test_lora_rank_8_learns_the_demo_task(tmp_path, models_dir, tiny_policy_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "ray_rlhf.train", "--config", "tiny", *OVERRIDES, f"output_dir={out}",
            f"model.cache_dir={models_dir}"]
@@ -40,3 +41,29 @@ def test_lora_rank_8_learns_the_demo_task(tmp_path, models_dir):
           f"max ppo/sampler_logprob_diff {worst_diff:.1e}; kl_ref at the end {rows[-1]['ppo/kl_ref']:.2f}")
     assert last > first + 0.01
     assert worst_diff < 1e-4  # the engines sampled from the learner's merged weights
+
+    # The run's checkpoint through the front door: `ray-rlhf export --merge` writes a model that
+    # transformers loads and that computes what base + the exported adapters compute.
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged_dir, adapter_dir = tmp_path / "merged", tmp_path / "adapter"
+    for extra, target in ((["--merge"], merged_dir), ([], adapter_dir)):
+        exp = subprocess.run([sys.executable, "-m", "ray_rlhf", "export", *extra, str(out), str(target)],
+                             capture_output=True, text=True, timeout=120)
+        assert exp.returncode == 0, exp.stderr[-2000:]
+        assert f"of step {STEPS} to {target}" in exp.stdout
+    assert (merged_dir / "config.json").is_file() and (merged_dir / "tokenizer_config.json").is_file()
+    assert (adapter_dir / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_policy_path, dtype=torch.float32).eval()
+    ids = torch.arange(5, 37).unsqueeze(0)
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, adapter_dir).eval()
+        assert (merged(ids).logits - adapted(ids).logits).abs().max() < 1e-4
+        assert (merged(ids).logits - base_logits).abs().max() > 1e-3  # the training is in it
+    again = subprocess.run([sys.executable, "-m", "ray_rlhf", "export", str(out), str(adapter_dir)],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "not an empty directory" in again.stderr

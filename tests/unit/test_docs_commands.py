@@ -198,6 +198,8 @@ def resolve(cmd: Command) -> list:
 
             assert args.preset in PRESETS, f"{cmd.where}: make-model preset {args.preset!r} (presets: {', '.join(PRESETS)})"
             return []
+        if args.command == "export":
+            return []  # RUN_DIR OUT_DIR: parsed above; tested in tests/integration/test_lora_learns.py
         if args.command in ("sft", "rm", "dpo"):
             from ray_rlhf.stages.command import parse_options
 
