@@ -80,11 +80,10 @@ def test_eval_fraction_holds_out_a_seeded_disjoint_split(tiny_policy_path, data,
 
 
 @pytest.mark.parametrize("stage, steps, key, rises", [("sft", 10, "eval/loss", False),
-                                                      ("rm", 40, "eval/rm/accuracy", True),
-                                                      ("dpo", 20, "eval/rewards/margins", True)])
+                                                      ("rm", 40, "eval/rm/accuracy", True)])
 def test_each_stage_learns_on_held_out_rows(stage, steps, key, rises, tiny_policy_path, data128, tmp_path):
     """The bundled-format letters data (128 rows, a quarter held out): SFT lowers the eval loss, the
-    reward model's eval accuracy ends above 0.8, DPO raises the eval margin and its accuracy."""
+    reward model's eval accuracy ends above 0.8 (DPO: tests/integration/test_dpo_sampling.py)."""
     hist = run_stage(StageOptions(stage=stage, model_path=str(tiny_policy_path), out=str(tmp_path),
                                   data_path=str(data128[0] if stage == "sft" else data128[1]), steps=steps,
                                   batch_size=8, lr=1e-3, eval_fraction=0.25, eval_every=steps // 2))
@@ -94,5 +93,3 @@ def test_each_stage_learns_on_held_out_rows(stage, steps, key, rises, tiny_polic
     assert (last > first) if rises else (last < first), (first, last)
     if stage == "rm":
         assert last > 0.8
-    if stage == "dpo":
-        assert evals[-1]["eval/rewards/accuracies"] > 0.8
