@@ -73,6 +73,16 @@ class StageCheckpoint(_Section):
     """Save ``output_dir/checkpoint.pt`` every this many steps (and at the last step or a SIGTERM)."""
 
 
+class StageLearner(_Section):
+    num: int = Field(1, ge=1)
+    """Learner ranks (DDP over gloo on CPU): 1 runs in the command's own process; more start that
+    many Ray actors (a local Ray, or the cluster of ``RAY_ADDRESS`` under ``ray job submit``) that
+    split every batch between them and sum their gradients -- the same update as one rank. Rank 0
+    writes ``output_dir`` (a path every rank can read, to resume on several nodes)."""
+    num_cpus: float = Field(1.0, gt=0)
+    """Ray CPUs reserved per rank (``learner.num > 1``); each rank runs that many torch threads."""
+
+
 class DPOSection(_Section):
     beta: float = Field(0.1, gt=0)
     """DPO's KL strength (> 0; 0.1 is usual)."""
@@ -97,6 +107,7 @@ class StageConfig(_Section):
     optim: StageOptim = Field(default_factory=StageOptim)
     eval: StageEval = Field(default_factory=StageEval)
     checkpoint: StageCheckpoint = Field(default_factory=StageCheckpoint)
+    learner: StageLearner = Field(default_factory=StageLearner)
     dpo: DPOSection = Field(default_factory=DPOSection)
 
 

@@ -5,6 +5,7 @@ Keys are those of the stage's typed config tree (:class:`~ray_rlhf.config.stage.
 ...), or 0.2's flat names (``model_path``, ``out``, ``lr`` ...). With no key at all the stage runs on
 the offline tiny model and the bundled data. An unknown key or a value of the wrong type is one
 line, exit 2. SIGTERM stops after the current step, with a checkpoint; the same command resumes.
+``learner.num=N`` (N > 1) runs the stage on N ranks as Ray actors (:mod:`ray_rlhf.stages.group`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def to_options(cfg: StageConfig) -> StageOptions:
         micro_batch_size=cfg.optim.micro_batch_size, lr=cfg.optim.lr, max_grad_norm=cfg.optim.max_grad_norm,
         seed=cfg.seed, checkpoint_every=cfg.checkpoint.every, beta=cfg.dpo.beta, loss=cfg.dpo.loss,
         label_smoothing=cfg.dpo.label_smoothing, max_tokens=cfg.data.max_tokens,
-        eval_fraction=cfg.data.eval_fraction, eval_path=cfg.data.eval_path or "", eval_every=cfg.eval.every)
+        eval_fraction=cfg.data.eval_fraction, eval_path=cfg.data.eval_path or "", eval_every=cfg.eval.every,
+        num_ranks=cfg.learner.num, num_cpus=cfg.learner.num_cpus)
 
 
 def parse_options(stage: str, overrides: list[str], config: str | None = None) -> StageConfig:
@@ -67,7 +69,12 @@ def main(stage: str, argv: list[str] | None = None) -> None:
                 shown = " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float))
                 print(f"{stage} step {row['step']}/{opts.steps} {shown}", flush=True)
 
-            run_stage(opts, report=report, should_stop=lambda: stop["now"])
+            if opts.num_ranks > 1:
+                from ray_rlhf.stages.group import run_stage_group
+
+                run_stage_group(opts, report=report, should_stop=lambda: stop["now"])
+            else:
+                run_stage(opts, report=report, should_stop=lambda: stop["now"])
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(f"{stage}: done; model in {Path(opts.out) / 'model'}" if not stop["now"]

@@ -1,4 +1,5 @@
-"""Run one stage -- ``sft``, ``rm`` or ``dpo`` -- on one learner rank, in-process.
+"""Run one stage -- ``sft``, ``rm`` or ``dpo`` -- on one learner rank (in-process), or as one rank of
+several (:mod:`ray_rlhf.stages.group` starts them; every rank runs this same loop).
 
 The stage tokenizes its file once (:func:`examples_to_batches`), then takes ``steps`` optimizer
 steps, each on the next ``batch_size`` examples of a permutation seeded by ``seed`` and the epoch,
@@ -8,7 +9,11 @@ through the learner's :class:`~ray_rlhf.learning.engine.Engine` and the stage's 
 started with the same ``out`` resumes from it and takes exactly the steps the uninterrupted run
 would have. At the end the model is saved in Hugging Face format in ``out/model`` (for ``rm`` a
 ``*ForSequenceClassification`` directory, num_labels=1, that ``reward.model_path`` loads).
-Multi-rank stages are not built yet.
+
+Several ranks (``num_ranks > 1``): each builds the same model and data, joins the ranks' process
+group (DDP, gloo), and takes the same steps; the engine splits each batch's rows between the ranks
+and sums their gradients, so the update is one rank's. Rank 0 alone writes the checkpoint, the
+metrics rows and the model; a stop (SIGTERM) is agreed by all ranks at the end of a step.
 """
 
 from __future__ import annotations
@@ -58,6 +63,10 @@ class StageOptions:
     eval_every: int = 10
     """Evaluate after the first step, every this many steps and after the last one (``eval/<metric>``
     in that step's metrics)."""
+    num_ranks: int = 1
+    """``learner.num``: ranks that train together (DDP)."""
+    num_cpus: float = 1.0
+    """``learner.num_cpus``: Ray CPUs (and torch threads) per rank when ``num_ranks > 1``."""
 
 
 def _ids(tokenizer, prompt, completion: str | None, max_tokens: int) -> tuple[list[int], list[int]]:
@@ -84,8 +93,9 @@ def examples_to_batches(opts: StageOptions, tokenizer, path: str | None = None):
             torch.tensor([e.margin for e in prefs]))
 
 
-def build(opts: StageOptions):
-    """(engine, objective, prepared training set, prepared eval set or None, tokenizer) of the stage."""
+def build(opts: StageOptions, rank: int = 0, address: tuple[str, int] | None = None):
+    """(engine, objective, prepared training set, prepared eval set or None, tokenizer) of the stage;
+    with several ranks, the engine has joined their process group at ``address`` (rank 0's store)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from ray_rlhf.learning.loading import disable_dropout, load_causal_lm
@@ -113,18 +123,31 @@ def build(opts: StageOptions):
         if lm.config.pad_token_id is None:
             lm.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         disable_dropout(lm)
-        engine = Engine(PairScorer(lm), None, EngineOptions(), optim, seed=opts.seed)
+        engine = _joined(Engine(PairScorer(lm), None, _engine_options(opts, rank), optim, seed=opts.seed), address)
         train, held = split(RMPairs(*data), None if held is None else RMPairs(*held), opts)
         return engine, RMObjective(), train, held, tokenizer
     lm = load_causal_lm(opts.model_path, "cpu")
     reference = ReferenceModel(copy.deepcopy(lm)) if opts.stage == "dpo" else None
-    engine = Engine(PolicyWithValueHead(lm, value_head=False), reference, EngineOptions(), optim, seed=opts.seed)
+    engine = _joined(Engine(PolicyWithValueHead(lm, value_head=False), reference, _engine_options(opts, rank), optim,
+                            seed=opts.seed), address)
     if opts.stage == "sft":
         return (engine, SFTObjective(), *split(data, held, opts), tokenizer)
     obj = DPOObjective(opts.beta, opts.loss, opts.label_smoothing)
     train = obj.reference(data[0], data[1], engine)  # reference log-probs once per example
     return (engine, obj, *split(train, None if held is None else obj.reference(held[0], held[1], engine), opts),
             tokenizer)
+
+
+def _engine_options(opts: StageOptions, rank: int) -> EngineOptions:
+    return EngineOptions(rank=rank, world_size=opts.num_ranks, strategy="ddp")
+
+
+def _joined(engine: Engine, address: tuple[str, int] | None) -> Engine:
+    if engine.options.world_size > 1:
+        if address is None:
+            raise ValueError("several stage ranks need rank 0's address to join their process group")
+        engine.join_group(*address)
+    return engine
 
 
 def _rows(dataset) -> int:
@@ -151,13 +174,17 @@ def evaluate(obj, held, engine) -> dict:
     return {"eval/loss": out} if isinstance(out, float) else {f"eval/{k}": v for k, v in out.metrics().items()}
 
 
-def run_stage(opts: StageOptions, stop_after: int | None = None, report=None, should_stop=None) -> list[dict]:
+def run_stage(opts: StageOptions, stop_after: int | None = None, report=None, should_stop=None, rank: int = 0,
+              address: tuple[str, int] | None = None) -> list[dict]:
     """Train (resuming from ``out/checkpoint.pt`` if there); one metrics dict per step. With
     ``stop_after``, stop (after checkpointing) once that many steps are done; ``should_stop()``
-    true (SIGTERM) does the same after the current step. ``report(row)`` gets each step's metrics."""
+    true (SIGTERM) does the same after the current step. ``report(row)`` gets each step's metrics.
+    ``rank``/``address``: this process's rank of ``opts.num_ranks`` and rank 0's store."""
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    engine, obj, dataset, held, tokenizer = build(opts)
+    writer = rank == 0
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+    engine, obj, dataset, held, tokenizer = build(opts, rank, address)
     n = _rows(dataset)
     ckpt, step = out / "checkpoint.pt", 0
     if ckpt.exists():
@@ -180,15 +207,19 @@ def run_stage(opts: StageOptions, stop_after: int | None = None, report=None, sh
             history[-1].update(evaluate(obj, held, engine))
         if report is not None:
             report(history[-1])
-        if should_stop is not None and should_stop():
+        stop = should_stop is not None and should_stop()
+        if opts.num_ranks > 1:  # every rank stops at the same step, or the others hang in a collective
+            stop = bool(engine.comm.all_reduce_max(torch.tensor([float(stop)])).item())
+        if stop:
             stop_after = step
-        if step % opts.checkpoint_every == 0 or step == opts.steps or step == stop_after:
+        if writer and (step % opts.checkpoint_every == 0 or step == opts.steps or step == stop_after):
             tmp = out / "checkpoint.pt.tmp"
             torch.save({"model": engine.model.state_dict(), "optimizer": engine.optimizer.state_dict(),
                         "engine_rng": engine.rng.get_state(), "step": step}, tmp)
             os.replace(tmp, ckpt)
         if stop_after is not None and step >= stop_after:
             return history
-    engine.model.lm.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
+    if writer:
+        engine.model.lm.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
     return history

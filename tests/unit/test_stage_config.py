@@ -57,7 +57,8 @@ def test_every_key_reaches_the_runner(tmp_path, monkeypatch):
               "model.init_seed": 2, "model.cache_dir": str(tmp_path / "c"), "data.path": "/d2",
               "data.eval_fraction": 0.5, "data.eval_path": "/e2", "data.max_tokens": 9, "optim.lr": 0.3,
               "optim.batch_size": 3, "optim.micro_batch_size": 1, "optim.max_grad_norm": 0.5, "eval.every": 4,
-              "checkpoint.every": 6, "dpo.beta": 0.7, "dpo.loss": "ipo", "dpo.label_smoothing": 0.2}
+              "checkpoint.every": 6, "dpo.beta": 0.7, "dpo.loss": "ipo", "dpo.label_smoothing": 0.2,
+              "learner.num": 2, "learner.num_cpus": 0.5}
     assert set(values) == set(_keys())
     base = dict(model_path="model.path=/m", data="data.path=/d")
     built = []
