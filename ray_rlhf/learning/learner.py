@@ -137,7 +137,8 @@ class Learner:
                              micro_batch_tokens=ppo.micro_batch_tokens, lr=ppo.lr, weight_decay=ppo.weight_decay,
                              max_grad_norm=ppo.max_grad_norm)
         self.engine = Engine(model, reference, opt.engine, optim, device=device, seed=seed, adapters=self.adapters)
-        self.weights = WeightSender(self.engine.policy_state)
+        adapter_sync = self.adapters is not None and opt.lora.sync == "adapter"
+        self.weights = WeightSender(self.engine.policy_state, self.adapters.payload if adapter_sync else None)
         """The weight-source side of the broadcast."""
         self.version = 0
         """Policy version: 0 = initial weights, +1 per update."""
