@@ -176,7 +176,9 @@ class Generator:
         """Sleep/wake phases (``placement=colocated``); None: the engine never sleeps."""
         adapter_dir = tempfile.mkdtemp(prefix=f"ray-rlhf-lora-{generator_id}-") if max_lora_rank else None
         self._engine = engine = VllmEngine(self._llm, self.tensor_parallel_size, self.phases, adapter_dir)
-        names = set(engine.read_back()) if self.tensor_parallel_size == 1 else None
+        # Adapter sync loads no full weights (and vLLM's LoRA-wrapped logits head cannot be probed
+        # outside a batch): no names to check payloads against.
+        names = set(engine.read_back()) if self.tensor_parallel_size == 1 and not max_lora_rank else None
         self.weights = WeightReceiver(engine, generator_id, names)
         """The weight-sink side of the broadcast: loads, group membership, read-back checksums.
         The broadcaster runs its methods in this actor (:func:`ray_rlhf.sync.remote.call`); in a
