@@ -197,3 +197,25 @@ def test_payload_is_plain_data_that_pickles(adapters):
     q = pickle.loads(pickle.dumps(p))
     assert isinstance(q, AdapterPayload) and q.checksum() == p.checksum()
     assert torch.equal(q.probe_logprobs, p.probe_logprobs)
+
+
+def test_adapter_sync_is_refused_where_vllm_serves_no_lora_for_the_architecture(tmp_path):
+    from ray_rlhf.preflight import check_adapter_sync, vllm_serves_lora
+
+    if vllm_serves_lora("LlamaForCausalLM") is None:
+        pytest.skip("vLLM's source is not installed here")
+    # read from vLLM 0.32's source: GPT-2's class has no SupportsLoRA; Phi-3's inherits Llama's
+    assert [vllm_serves_lora(a) for a in ("LlamaForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
+                                          "GPT2LMHeadModel", "NoSuchArch")] == [True, True, True, False, None]
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    adapter = load_config("tiny", ["lora.rank=8", "lora.sync=adapter"])
+    with pytest.raises(UserError, match="lora.sync=adapter: vLLM cannot serve LoRA adapters for GPT2LMHeadModel .* "
+                                        "set lora.sync=merged"):
+        check_adapter_sync(adapter, gpt2)
+    check_adapter_sync(load_config("tiny", ["lora.rank=8"]), gpt2)  # merged: any architecture
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    check_adapter_sync(adapter, llama)
