@@ -39,6 +39,14 @@ crashes on Gemma 2 when the tied ``lm_head.weight`` is in the payload (and leave
 the meta device) and leaves a tied head stale when it is not. It drops the alias where vLLM has no
 such parameter, reloads, and :func:`refresh_logits_head` re-packs the head from its current weight.
 
+Adapters (``lora.sync=adapter``): the engine runs with vLLM's LoRA support and its base weights
+never change; :meth:`VllmEngine.load_adapter` writes each version's adapters as a PEFT folder and
+serves them under a new adapter id (vLLM serves a known id from its cache, without reading the
+folder), :meth:`VllmEngine.adapter_read_back` reads that folder again and
+:meth:`VllmEngine.probe_logprobs` asks the engine for prompt log-probs under the adapter: the
+receiver compares both with the learner's (:mod:`ray_rlhf.sync.adapter`). The packed-kernel
+read-back above is not used then (vLLM's LoRA-wrapped logits head cannot be probed outside a batch).
+
 Limits: tensor_parallel_size 1 (each rank holds shards otherwise), dense models (MoE expert
 stacks are not mapped back), unquantised weights, vLLM module names equal to HF names apart from
 the fusions above (models with a ``hf_to_vllm_mapper`` rename are not mapped back). On GPU the
