@@ -333,3 +333,65 @@ def check_lora(cfg: RunConfig, policy_path: str | Path) -> None:
         resolve_targets(lm, cfg.lora.target_modules)
     except ValueError as e:
         raise UserError(f"{e}; set lora.target_modules to some of them, or leave it empty for all") from None
+
+
+def vllm_serves_lora(architecture: str) -> bool | None:
+    """Whether vLLM's model class for ``architecture`` (a ``config.json`` ``architectures`` entry)
+    implements ``SupportsLoRA``, read from vLLM's source without importing it (``import vllm`` takes
+    seconds): the registry's ``"Arch": ("module", "Class")`` entry, then the class's bases, following
+    a base defined in the same module or imported from another model module. None: unknown (vLLM not
+    installed, or its source not laid out this way): the engine decides at start."""
+    import ast
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    models = Path(spec.submodule_search_locations[0]) / "model_executor" / "models"
+    try:
+        registry = (models / "registry.py").read_text()
+    except OSError:
+        return None
+    entry = re.search(rf'^\s*"{re.escape(architecture)}": \("(\w+)", "(\w+)"\)', registry, re.M)
+    if entry is None:
+        return None
+    module, cls = entry.groups()
+    for _ in range(4):  # a few levels of inheritance (Phi3ForCausalLM -> LlamaForCausalLM)
+        try:
+            tree = ast.parse((models / f"{module}.py").read_text())
+        except (OSError, SyntaxError):
+            return None
+        node = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls), None)
+        if node is None:
+            return None
+        bases = [b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases]
+        if "SupportsLoRA" in bases:
+            return True
+        imported = {a.asname or a.name: n.module.rsplit(".", 1)[-1] for n in tree.body
+                    if isinstance(n, ast.ImportFrom) and n.module for a in n.names}
+        local = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+        nxt = next((b for b in bases if b.endswith("ForCausalLM") or b.endswith("LMHeadModel")), None)
+        if nxt is None:
+            return False
+        module = module if nxt in local else imported.get(nxt)
+        if module is None:
+            return None
+        cls = nxt
+    return None
+
+
+def check_adapter_sync(cfg: RunConfig, policy_path: str | Path) -> None:
+    """``lora.sync=adapter`` needs an engine that serves LoRA for the policy's architecture
+    (:func:`vllm_serves_lora`); refused with one line where vLLM's model class has no LoRA support."""
+    if cfg.engine_max_lora_rank is None:
+        return
+    try:
+        archs = json.loads(Path(policy_path, "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return
+    for arch in archs:
+        if vllm_serves_lora(arch) is False:
+            raise UserError(f"lora.sync=adapter: vLLM cannot serve LoRA adapters for {arch} (its model class does not "
+                            f"implement SupportsLoRA); set lora.sync=merged (the learner merges the adapters and "
+                            "syncs full weights)")

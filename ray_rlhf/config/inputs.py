@@ -127,6 +127,10 @@ class GeneratorsConfig(_Section):
     """vLLM tensor parallelism inside one generator."""
     kv_cache_gib: float = Field(1.0, gt=0)
     """vLLM KV-cache size on CPU (GiB, VLLM_CPU_KVCACHE_SPACE)."""
+    max_lora_rank: int | None = Field(None, ge=1)
+    """``lora.sync=adapter``: the largest adapter rank the engines serve (vLLM's ``max_lora_rank``:
+    one of 1, 8, 16, 32, 64, 128, 256, 320, 512). Empty: ``lora.rank`` rounded up to the next of
+    them. A ``lora.rank`` above it is refused before the run starts. Unused without adapter sync."""
     omp_threads_bind: str = Field("nobind", pattern=r"^(nobind|auto|\d+(-\d+)?(,\d+(-\d+)?)*)$")
     """CPU engines' cores: ``nobind`` (the OS spreads the engines over the cores), ``auto`` (vLLM's
     own binding) or a core list such as ``"1"`` or ``"2-3"`` that every generator process is pinned

@@ -25,7 +25,15 @@ from ray_rlhf.config.inputs import (
     RolloutConfig,
 )
 from ray_rlhf.config.operations import CheckpointConfig, FaultsConfig, KillGenerator, LoggingConfig, RayConfig, SyncConfig
-from ray_rlhf.config.training import AlgoConfig, KLConfig, LearnerConfig, LoraConfig, PPOConfig
+from ray_rlhf.config.training import (
+    VLLM_LORA_RANKS,
+    AlgoConfig,
+    KLConfig,
+    LearnerConfig,
+    LoraConfig,
+    PPOConfig,
+    engine_lora_rank,
+)
 
 __all__ = [
     "RunConfig",
@@ -144,9 +152,8 @@ class RunConfig(_Section):
         lo, lc = self.lora, self.learner
         if not lo.rank:
             return
-        if lo.sync == "adapter":
-            raise ValueError("lora.sync=adapter (adapter-only sync through vLLM's LoRA support) is not implemented yet; "
-                             "set lora.sync=merged (or auto): the learner merges the adapters and syncs full weights")
+        if lo.resolved_sync == "adapter":
+            self._check_adapter_sync()
         if lc.strategy == "fsdp" and lc.num > 1:
             raise ValueError("lora.rank > 0 with learner.strategy=fsdp is not supported yet; use learner.strategy=ddp")
         if lc.compile:
@@ -154,6 +161,31 @@ class RunConfig(_Section):
         if self.model.critic_path:
             raise ValueError("lora.rank > 0 adapts the policy only; a separate critic (model.critic_path) is not "
                              "supported with it yet: unset model.critic_path")
+
+    def _check_adapter_sync(self) -> None:
+        """``lora.sync=adapter``: the engines' ``max_lora_rank`` serves ``lora.rank``; object store only."""
+        lo, g = self.lora, self.generators
+        ranks = ", ".join(map(str, VLLM_LORA_RANKS))
+        if g.max_lora_rank is not None and g.max_lora_rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"generators.max_lora_rank={g.max_lora_rank} is not one vLLM accepts ({ranks}); "
+                             f"set one of them (or leave it empty: lora.rank rounded up)")
+        engine = self.engine_max_lora_rank
+        if lo.rank > engine:
+            raise ValueError(f"lora.rank={lo.rank} is larger than the engines' max_lora_rank={engine} "
+                             f"(generators.max_lora_rank), so vLLM cannot serve the adapters; set "
+                             f"generators.max_lora_rank to {engine_lora_rank(lo.rank)} or more (one of {ranks}), "
+                             f"or lower lora.rank, or set lora.sync=merged")
+        if self.sync.backend != "object_store":
+            raise ValueError("lora.sync=adapter sends the adapters with their config through the object store; "
+                             "set sync.backend=object_store (or lora.sync=merged)")
+
+    @property
+    def engine_max_lora_rank(self) -> int | None:
+        """The generators' vLLM ``max_lora_rank`` (``lora.sync=adapter``; ``generators.max_lora_rank`` or
+        ``lora.rank`` rounded up to what vLLM accepts); None: the engines run without LoRA."""
+        if not self.lora.rank or self.lora.resolved_sync != "adapter":
+            return None
+        return self.generators.max_lora_rank or engine_lora_rank(self.lora.rank)
 
     def _check_algorithm(self) -> None:
         """Impossible combinations of the estimator, the loss and the rollout's options."""

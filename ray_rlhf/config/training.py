@@ -228,5 +228,24 @@ class LoraConfig(_Section):
     sync: Literal["auto", "merged", "adapter"] = "auto"
     """How the trained policy reaches the generators. ``merged``: the learner merges W + (alpha / r)
     B A in float32 and sends the full state dict under the base model's names through ``sync.backend``,
-    verified like any sync. ``adapter`` (the adapter tensors only, served by vLLM's LoRA support) is
-    not implemented yet and is refused; ``auto``: ``merged``."""
+    verified like any sync. ``adapter``: the learner sends the adapter tensors alone (and their rank,
+    alpha and target modules); each generator's vLLM engine, started with LoRA
+    (``generators.max_lora_rank``), serves them as a new adapter, verified by a read-back checksum and
+    a log-prob probe (:mod:`ray_rlhf.sync.adapter`); needs ``sync.backend=object_store``. ``auto``:
+    ``merged`` (docs/lora.md says why)."""
+
+    @property
+    def resolved_sync(self) -> str:
+        """``sync`` resolved: ``merged`` or ``adapter`` (``auto``: ``merged``)."""
+        return "adapter" if self.sync == "adapter" else "merged"
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ``max_lora_rank`` values vLLM 0.32 accepts (``vllm.config.lora.MaxLoRARanks``; a unit test
+checks this copy against the installed vLLM)."""
+
+
+def engine_lora_rank(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that serves adapters of ``rank``; the largest
+    (512) when ``rank`` is above every one (the config refuses that)."""
+    return next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])

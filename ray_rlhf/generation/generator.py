@@ -35,6 +35,7 @@ import hashlib
 import logging
 import os
 import resource
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,10 @@ class Generator:
         env: multi-turn rollouts (``env.name`` set): ``name``, ``kwargs``, ``max_turns``,
             ``step_timeout_s`` and ``max_total_tokens`` (plain data, :func:`ray_rlhf.run.actors.env_spec`);
             None: single-turn completions.
+        max_lora_rank: ``lora.sync=adapter``: start the engine with LoRA (``enable_lora``, this
+            ``max_lora_rank``, one adapter at a time); each sync's adapters are then served as a new
+            adapter (:meth:`~ray_rlhf.generation.vllm_engine.VllmEngine.load_adapter`) for all later
+            generation. None: no LoRA (full or merged weights are loaded instead).
     """
 
     def __init__(
@@ -132,6 +137,7 @@ class Generator:
         omp_threads_bind: str = "nobind",
         sleep_mode: bool = False,
         env: dict | None = None,
+        max_lora_rank: int | None = None,
     ):
         if not Path(model_path, "config.json").is_file():
             raise UserError(f"model directory {model_path} has no config.json; check model.path or build the model first")
@@ -159,6 +165,8 @@ class Generator:
             kwargs["distributed_executor_backend"] = "uni"
         if gpu_memory_utilization is not None:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if max_lora_rank:  # lora.sync=adapter: the learner's adapters are served with vLLM's LoRA support
+            kwargs.update(enable_lora=True, max_lora_rank=int(max_lora_rank), max_loras=1)
         real_sleep = sleep_mode and sleep_mode_available()
         if real_sleep:
             kwargs["enable_sleep_mode"] = True
@@ -166,8 +174,11 @@ class Generator:
         self._llm = vllm.LLM(**kwargs)
         self.phases = EngineSleep(self._llm, real=real_sleep, name=generator_id) if sleep_mode else None
         """Sleep/wake phases (``placement=colocated``); None: the engine never sleeps."""
-        engine = VllmEngine(self._llm, self.tensor_parallel_size, self.phases)
-        names = set(engine.read_back()) if self.tensor_parallel_size == 1 else None
+        adapter_dir = tempfile.mkdtemp(prefix=f"ray-rlhf-lora-{generator_id}-") if max_lora_rank else None
+        self._engine = engine = VllmEngine(self._llm, self.tensor_parallel_size, self.phases, adapter_dir)
+        # Adapter sync loads no full weights (and vLLM's LoRA-wrapped logits head cannot be probed
+        # outside a batch): no names to check payloads against.
+        names = set(engine.read_back()) if self.tensor_parallel_size == 1 and not max_lora_rank else None
         self.weights = WeightReceiver(engine, generator_id, names)
         """The weight-sink side of the broadcast: loads, group membership, read-back checksums.
         The broadcaster runs its methods in this actor (:func:`ray_rlhf.sync.remote.call`); in a
@@ -234,7 +245,7 @@ class Generator:
             for p in prompts
         ]
         outs = self._llm.generate([TokensPrompt(prompt_token_ids=list(p.prompt_ids)) for p in prompts], params,
-                                  use_tqdm=False)
+                                  use_tqdm=False, lora_request=self._engine.lora_request)
         completions = [(p, j, c) for p, out in zip(prompts, outs)
                        for j, c in enumerate(sorted(out.outputs, key=lambda c: c.index))]
         for p, j, c in completions:  # vLLM: "stop" = EOS sampled, "length" = max_tokens (or context) used up
@@ -281,7 +292,7 @@ class Generator:
                                      top_p=sampling.top_p, seed=r.seed, logprobs=0, flat_logprobs=True,
                                      ignore_eos=sampling.ignore_eos) for r in requests]
             outs = self._llm.generate([TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests], params,
-                                      use_tqdm=False)
+                                      use_tqdm=False, lora_request=self._engine.lora_request)
             done = []
             for out in outs:
                 c = out.outputs[0]
@@ -364,6 +375,7 @@ class Generator:
         if llm is None:
             return
         self.weights.leave_group()
+        self._engine.close()
         self._llm = None
         try:
             llm.llm_engine.engine_core.shutdown()

@@ -39,6 +39,14 @@ crashes on Gemma 2 when the tied ``lm_head.weight`` is in the payload (and leave
 the meta device) and leaves a tied head stale when it is not. It drops the alias where vLLM has no
 such parameter, reloads, and :func:`refresh_logits_head` re-packs the head from its current weight.
 
+Adapters (``lora.sync=adapter``): the engine runs with vLLM's LoRA support and its base weights
+never change; :meth:`VllmEngine.load_adapter` writes each version's adapters as a PEFT folder and
+serves them under a new adapter id (vLLM serves a known id from its cache, without reading the
+folder), :meth:`VllmEngine.adapter_read_back` reads that folder again and
+:meth:`VllmEngine.probe_logprobs` asks the engine for prompt log-probs under the adapter: the
+receiver compares both with the learner's (:mod:`ray_rlhf.sync.adapter`). The packed-kernel
+read-back above is not used then (vLLM's LoRA-wrapped logits head cannot be probed outside a batch).
+
 Limits: tensor_parallel_size 1 (each rank holds shards otherwise), dense models (MoE expert
 stacks are not mapped back), unquantised weights, vLLM module names equal to HF names apart from
 the fusions above (models with a ``hf_to_vllm_mapper`` rename are not mapped back). On GPU the
@@ -47,6 +55,9 @@ weights are not repacked and are read directly. Probing costs about one forward 
 """
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 import torch
 
@@ -250,11 +261,18 @@ class VllmEngine:
     config refuses ``sync.verify`` there).
     """
 
-    def __init__(self, llm, tensor_parallel_size: int = 1, phases: EngineSleep | None = None):
+    def __init__(self, llm, tensor_parallel_size: int = 1, phases: EngineSleep | None = None,
+                 adapter_dir: str | Path | None = None):
         self.llm = llm
         self.tensor_parallel_size = int(tensor_parallel_size)
         self.phases = phases
         """The engine's sleep/wake phases (``placement=colocated``): loads are refused while asleep."""
+        self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
+        """``lora.sync=adapter``: where each version's adapter folder is written (the engine was
+        started with ``enable_lora``); None: no LoRA."""
+        self.lora_request = None
+        """The ``vllm.lora.request.LoRARequest`` of the adapter every later generation uses; None: the base model."""
+        self._last_id = 0
 
     def reload(self, weights) -> None:
         """One ``reload_weights`` call in the worker (never a second ``model.load_weights`` on CPU:
@@ -266,6 +284,61 @@ class VllmEngine:
             self.phases.record("load")
         self.llm.collective_rpc(reload_hf_weights, kwargs={"weights": weights})
         self.llm.reset_prefix_cache()
+
+    def load_adapter(self, payload, version: int) -> None:
+        """``lora.sync=adapter``: write ``payload`` (an :class:`~ray_rlhf.sync.adapter.AdapterPayload`)
+        as a PEFT folder, load it into the engine as a NEW adapter (a fresh int id: vLLM serves a
+        known id from its cache without reading the folder) and use it for all later generation;
+        the previous adapter is removed from the engine and its folder deleted."""
+        from vllm.lora.request import LoRARequest
+
+        from ray_rlhf.sync.adapter import write_peft_dir
+
+        if self.adapter_dir is None:
+            raise RuntimeError("load_adapter: the engine was started without LoRA (lora.sync=adapter sets max_lora_rank)")
+        if self.phases is not None:
+            self.phases.check_awake("load")
+            self.phases.record("load")
+        lora_id = self._adapter_id()
+        path = write_peft_dir(payload, self.adapter_dir / f"v{version}-id{lora_id}")
+        request = LoRARequest(f"policy-v{version}", lora_id, str(path))
+        if not self.llm.llm_engine.add_lora(request):
+            raise RuntimeError(f"vLLM did not load adapter {path}")
+        old, self.lora_request = self.lora_request, request
+        if old is not None and old.lora_int_id != lora_id:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+        if old is not None and old.lora_path != str(path):
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+
+    def _adapter_id(self) -> int:
+        """A new vLLM adapter id per load (1, 2, ...)."""
+        self._last_id += 1
+        return self._last_id
+
+    def adapter_read_back(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, config) of the folder the current adapter was loaded from, read again."""
+        from ray_rlhf.sync.adapter import read_peft_dir
+
+        if self.lora_request is None:
+            return {}, {"r": 0, "lora_alpha": 0.0, "target_modules": []}
+        return read_peft_dir(self.lora_request.lora_path)
+
+    def probe_logprobs(self, token_ids: tuple[int, ...]) -> torch.Tensor:
+        """The engine's log-prob of each token of ``token_ids`` after the first, given the ones
+        before it, under the current adapter (vLLM ``prompt_logprobs``, temperature 1). Shape: (T - 1,)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        ids = list(token_ids)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, lora_request=self.lora_request,
+                                use_tqdm=False)[0]
+        return torch.tensor([out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))], dtype=torch.float32)
+
+    def close(self) -> None:
+        """Delete the adapter folders (the engine is being shut down)."""
+        if self.adapter_dir is not None:
+            shutil.rmtree(self.adapter_dir, ignore_errors=True)
 
     def read_back(self, part: int = 0, parts: int = 1) -> dict[str, torch.Tensor]:
         """The weights the engine computes with (:func:`engine_hf_state_dict`): all of them, or the

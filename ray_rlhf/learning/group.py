@@ -49,12 +49,11 @@ def learner_options(cfg: RunConfig, rank: int = 0, packing: bool = False) -> Lea
 
 
 def lora_spec(cfg: RunConfig) -> LoraSpec:
-    """``lora.*`` for the learner (rank 0: off). ``lora.sync`` resolves to ``merged`` (the config refuses
-    ``adapter``): the learner's exported weights are the merged ones either way."""
+    """``lora.*`` for the learner (rank 0: off); ``lora.sync`` resolved (``merged``: the learner
+    exports merged full weights; ``adapter``: the adapters alone)."""
     lo = cfg.lora
-    assert lo.sync in ("auto", "merged") or not lo.rank, "lora.sync=adapter is refused by the config"
     targets = tuple(lo.target_modules) if lo.target_modules is not None else None
-    return LoraSpec(rank=lo.rank, alpha=lo.alpha, target_modules=targets, dropout=lo.dropout)
+    return LoraSpec(rank=lo.rank, alpha=lo.alpha, target_modules=targets, dropout=lo.dropout, sync=lo.resolved_sync)
 
 
 def learner_kwargs(cfg: RunConfig, policy_path: str | Path, rank: int = 0) -> dict[str, Any]:

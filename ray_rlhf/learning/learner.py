@@ -35,6 +35,7 @@ from ray_rlhf.learning.objectives.ppo import PPOObjective
 from ray_rlhf.learning.stats import LearnerStats, Stats, UpdateStats, combine
 from ray_rlhf.models.policy import PolicyWithValueHead, ReferenceModel
 from ray_rlhf.records import RolloutBatch
+from ray_rlhf.sync.checksum import state_dict_checksum
 from ray_rlhf.sync.sender import WeightSender
 
 
@@ -137,7 +138,8 @@ class Learner:
                              micro_batch_tokens=ppo.micro_batch_tokens, lr=ppo.lr, weight_decay=ppo.weight_decay,
                              max_grad_norm=ppo.max_grad_norm)
         self.engine = Engine(model, reference, opt.engine, optim, device=device, seed=seed, adapters=self.adapters)
-        self.weights = WeightSender(self.engine.policy_state)
+        adapter_sync = self.adapters is not None and opt.lora.sync == "adapter"
+        self.weights = WeightSender(self.engine.policy_state, self.adapters.payload if adapter_sync else None)
         """The weight-source side of the broadcast."""
         self.version = 0
         """Policy version: 0 = initial weights, +1 per update."""
@@ -209,13 +211,13 @@ class Learner:
     # ---- weights for the generators (the WeightSource surface; see ray_rlhf.sync) ---------------
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The policy LM's weights under Hugging Face checkpoint names, as CPU tensors (value head
-        excluded): what the generators load."""
-        return self.weights.export()
+        excluded; LoRA: merged), whatever ``lora.sync`` sends."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.engine.policy_state().items()}
 
     def weights_checksum(self, names: tuple[str, ...] | None = None) -> str:
         """:func:`~ray_rlhf.sync.checksum.state_dict_checksum` of :meth:`hf_state_dict` (only
         ``names``, if given)."""
-        return self.weights.checksum(names)
+        return state_dict_checksum(self.engine.policy_state(), names)
 
     def ping(self) -> int:
         return self.version

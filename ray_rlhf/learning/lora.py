@@ -13,7 +13,9 @@ adapted model starts equal to the base model. :class:`Adapters` owns that for on
   ``W`` replaced by ``W + (alpha / r) B A`` computed in float32, under the base model's Hugging Face
   names (no ``base_model.model.``, ``.base_layer`` or ``lora_`` keys), the other tensors as they are;
 * :meth:`Adapters.adapter_state` / :meth:`Adapters.load_adapter_state`: the adapters alone, for
-  checkpoints (peft's own key names, adapter name removed).
+  checkpoints (peft's own key names, adapter name removed);
+* :meth:`Adapters.payload`: the adapters, their config and a probe of the adapted policy's
+  log-probs: what ``lora.sync=adapter`` sends (:mod:`ray_rlhf.sync.adapter`).
 
 Nothing here imports Ray or vLLM.
 """
@@ -29,6 +31,7 @@ from torch import nn
 from ray_rlhf.algo.token_logprobs import token_logprobs_and_entropy
 from ray_rlhf.models.output_head import output_logits
 from ray_rlhf.models.policy import response_states, sequence_inputs
+from ray_rlhf.sync.adapter import AdapterPayload, probe_token_ids
 
 ADAPTER = "default"
 """peft's adapter name (one adapter per policy)."""
@@ -43,6 +46,9 @@ class LoraSpec:
     target_modules: tuple[str, ...] | None = None
     """Names or suffixes of the adapted linear modules; None: every linear layer of the decoder trunk."""
     dropout: float = 0.0
+    sync: str = "merged"
+    """``lora.sync`` resolved: ``merged`` (the learner exports merged full weights) or ``adapter``
+    (it exports the adapters alone, :meth:`Adapters.payload`)."""
 
     @property
     def enabled(self) -> bool:
@@ -140,6 +146,26 @@ class Adapters:
         from peft import get_peft_model_state_dict
 
         return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.peft, adapter_name=ADAPTER).items()}
+
+    @torch.no_grad()
+    def payload(self) -> AdapterPayload:
+        """What ``lora.sync=adapter`` sends: :meth:`adapter_state`, the adapters' config and the probe
+        (:func:`~ray_rlhf.sync.adapter.probe_token_ids` and the adapted policy's log-probs of them,
+        float32, dropout off; Shape: (T - 1,))."""
+        config = self.lm.config.get_text_config() if hasattr(self.lm.config, "get_text_config") else self.lm.config
+        ids = probe_token_ids(int(config.vocab_size))
+        dropout = [layer.lora_dropout.training for layer in self.layers().values()]
+        self.train_dropout(False)
+        try:
+            x = torch.tensor([ids], device=next(self.lm.parameters()).device)
+            logits = self.lm(input_ids=x).logits[0, :-1].float()
+        finally:
+            for layer, on in zip(self.layers().values(), dropout):
+                layer.lora_dropout.train(on)
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, x[0, 1:, None])[:, 0].cpu()
+        targets = tuple(sorted({n.rsplit(".", 1)[-1] for n in self.targets}))
+        tensors = {k: v.clone() for k, v in self.adapter_state().items()}  # copies: the payload is a snapshot
+        return AdapterPayload(tensors, self.spec.rank, float(self.spec.alpha), targets, ids, logprobs)
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore :meth:`adapter_state` (every adapter tensor must be present)."""

@@ -37,7 +37,8 @@ def generator_kwargs(cfg: RunConfig, policy_path: str | Path, generator_id: str)
     return dict(model_path=str(policy_path), generator_id=generator_id, max_model_len=g.max_model_len,
                 seed=cfg.seed, gpu_memory_utilization=g.gpu_memory_utilization if g.num_gpus else None,
                 tensor_parallel_size=g.tensor_parallel_size, kv_cache_gib=g.kv_cache_gib,
-                omp_threads_bind=g.omp_threads_bind, sleep_mode=cfg.placement == "colocated", env=env_spec(cfg))
+                omp_threads_bind=g.omp_threads_bind, sleep_mode=cfg.placement == "colocated", env=env_spec(cfg),
+                max_lora_rank=cfg.engine_max_lora_rank)
 
 
 def env_spec(cfg: RunConfig) -> dict | None:
@@ -119,7 +120,8 @@ class RunActors:
         ray.get(reward.ping.remote())  # surface construction errors before the generators start
         broadcaster = WeightBroadcaster(learners.source, cfg.sync.backend, cfg.sync.verify,
                                         group_backend="nccl" if cfg.learner.device == "cuda" else "gloo",
-                                        verify_parts=cfg.sync.verify_parts)
+                                        verify_parts=cfg.sync.verify_parts,
+                                        adapter=cfg.engine_max_lora_rank is not None)
         g = cfg.generators
         bundle = {"CPU": g.num_cpus, **({"GPU": g.num_gpus} if g.num_gpus else {})}
         capacity = False if colocated else request_capacity(bundle, cfg.pool_max)

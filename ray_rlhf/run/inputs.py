@@ -48,6 +48,7 @@ def load_inputs(cfg: RunConfig) -> RunInputs:
     preflight.check_memory_budget(cfg, policy_path)
     preflight.check_packing(cfg, policy_path)
     preflight.check_lora(cfg, policy_path)
+    preflight.check_adapter_sync(cfg, policy_path)
     prompts = load_prompt_items(cfg, load_tokenizer(policy_path))
     preflight.check_reward(cfg, prompts)
     preflight.check_env(cfg, prompts)

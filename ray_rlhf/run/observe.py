@@ -101,6 +101,8 @@ def step_metrics(batch: StepRollouts, stats: LearnerStats, synced: SyncResult, t
         "pool/deaths": len(events.died),
         "pool/requeued_shards": events.requeued_shards,
     })
+    if load.probe_max_diff is not None:  # lora.sync=adapter with sync.verify
+        row["sync/probe_logprob_diff"] = load.probe_max_diff
     if events.env:  # env.name: multi-turn rollouts
         row.update(env_metrics(events.env))
     if batch.sampling_rounds is not None:  # rollout.dynamic_sampling

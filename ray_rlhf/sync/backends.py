@@ -42,7 +42,8 @@ class ObjectStoreBackend:
         ref = ref if ref is not None else call(self.source, WeightSender.export)
         reports = ray.get([call(g, WeightReceiver.load, version, ref, record_checksum) for g in members.values()])
         nbytes = reports[0].bytes if reports else 0
-        return SyncResult(version, self.name, nbytes, time.perf_counter() - t0, len(members))
+        return SyncResult(version, self.name, nbytes, time.perf_counter() - t0, len(members),
+                          payload=reports[0].payload if reports else "full")
 
     def close(self, members: Mapping[str, Any]) -> None:
         pass

@@ -35,6 +35,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from ray_rlhf.sync.adapter import LOGPROB_ATOL
 from ray_rlhf.sync.backends import CollectiveBackend, ObjectStoreBackend
 from ray_rlhf.sync.receiver import WeightReceiver
 from ray_rlhf.sync.remote import call
@@ -57,7 +58,9 @@ def compare_checksums(version: int, learner_checksum: str, sinks: list[SinkInfo]
       transport corrupted or lost one), and every tensor its ENGINE reads back equals the one it
       received (else the engine load failed);
     - at version 0 (weights loaded from the model directory): its engine's full read-back
-      checksum equals the learner's.
+      checksum equals the learner's;
+    - adapter sync (``lora.sync=adapter``): its engine's probe log-probs equal the learner's and
+      moved when the learner's did (:func:`check_probe`).
     """
     for info, engine in zip(sinks, engines, strict=True):
         gid = info.generator_id
@@ -67,6 +70,7 @@ def compare_checksums(version: int, learner_checksum: str, sinks: list[SinkInfo]
             if engine.checksum != learner_checksum:
                 raise WeightSyncError(f"generator {gid} engine weights checksum {engine.checksum} != learner checksum "
                                       f"{learner_checksum} at version 0: it did not load the learner's initial model")
+            check_probe(gid, version, engine)
             continue
         if info.received_checksum != learner_checksum:
             raise WeightSyncError(
@@ -78,6 +82,21 @@ def compare_checksums(version: int, learner_checksum: str, sinks: list[SinkInfo]
                 f"generator {gid} engine computes with {len(engine.mismatched)} tensor(s) other than the ones it "
                 f"received at version {version} ({', '.join(engine.mismatched[:3])}): the engine load failed"
             )
+        check_probe(gid, version, engine)
+
+
+def check_probe(gid: str, version: int, engine: EngineChecksum) -> None:
+    """Adapter sync: the engine's probe log-probs moved with the learner's and equal them within
+    :data:`~ray_rlhf.sync.adapter.LOGPROB_ATOL` (no-op for a full-weights sync)."""
+    if engine.probe_max_diff is None:
+        return
+    if engine.probe_unchanged:
+        raise WeightSyncError(f"generator {gid}: the adapter changed at version {version} but the engine's output did not "
+                              "(its probe log-probs equal the previous version's): the engine serves a stale adapter")
+    if not engine.probe_max_diff <= LOGPROB_ATOL:
+        raise WeightSyncError(f"generator {gid}: engine log-probs of the probe tokens differ from the learner's by "
+                              f"{engine.probe_max_diff:.2e} (> {LOGPROB_ATOL:g}) under adapter version {version}: the engine "
+                              "does not compute with the learner's adapters (wrong adapter or scaling)")
 
 
 class WeightBroadcaster:
@@ -90,10 +109,17 @@ class WeightBroadcaster:
         verify: read every engine's weights back and compare checksums after each sync.
         group_backend: ``"gloo"`` (CPU) or ``"nccl"`` (GPU) for the collective backend.
         ping_timeout_s: how long a member may take to answer before it counts as lost.
+        verify_parts: the engine read-back in this many rotating parts (``sync.verify_parts``).
+        adapter: ``lora.sync=adapter`` (the learner's export is an
+            :class:`~ray_rlhf.sync.adapter.AdapterPayload`; object store only).
     """
 
     def __init__(self, source: Any, backend: str = "object_store", verify: bool = True,
-                 group_backend: str = "gloo", ping_timeout_s: float = 60.0, verify_parts: int = 1):
+                 group_backend: str = "gloo", ping_timeout_s: float = 60.0, verify_parts: int = 1,
+                 adapter: bool = False):
+        if adapter and backend != "object_store":
+            raise ValueError("lora.sync=adapter sends the adapters with their config through the object store; "
+                             "set sync.backend=object_store")
         if backend == "object_store":
             self.backend: ObjectStoreBackend | CollectiveBackend = ObjectStoreBackend(source)
         elif backend == "collective":
@@ -105,6 +131,9 @@ class WeightBroadcaster:
         self.verify_parts = verify_parts
         """Engine read-back in this many rotating parts (``sync.verify_parts``)."""
         self.ping_timeout_s = ping_timeout_s
+        self.adapter = adapter
+        """``lora.sync=adapter``: the learner sends its LoRA adapters only; generators start with the
+        base model and load the adapters of the current version (version 0 too) when they join."""
         self.version = 0
         """The version every member holds after the last :meth:`publish` (0: initial weights)."""
         self._initial = ObjectStoreBackend(source)  # joins, restores, staged versions: no group needed
@@ -138,7 +167,7 @@ class WeightBroadcaster:
         Raises ``RayActorError`` if one of them dies meanwhile (the pool drops it and retries).
         """
         ref, checksum = self._staged.get(self.version, (None, None))
-        if self.version:
+        if self.version or self.adapter:
             self._initial.send(self.version, members, self.verify_weights, ref=ref)
         self._verified(SyncResult(self.version, "join", 0, 0.0, len(members)), members, checksum)
 
@@ -208,7 +237,9 @@ class WeightBroadcaster:
                       + [call(g, WeightReceiver.status) for g in handles])
         full = ray.get(learner_checksum if learner_checksum is not None else call(self.source, WeightSender.checksum))
         compare_checksums(result.version, full, got[len(handles):], got[: len(handles)])
-        self.last = dataclasses.replace(result, checksum=full, verify_seconds=time.perf_counter() - t0)
+        probes = [e.probe_max_diff for e in got[: len(handles)] if e.probe_max_diff is not None]
+        self.last = dataclasses.replace(result, checksum=full, verify_seconds=time.perf_counter() - t0,
+                                        probe_max_diff=max(probes) if probes else None)
         return self.last
 
     @staticmethod

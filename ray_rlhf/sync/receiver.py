@@ -15,12 +15,13 @@ from typing import Protocol
 
 import torch
 
+from ray_rlhf.sync.adapter import AdapterPayload, adapter_checksum, probe_check
 from ray_rlhf.sync.checksum import IGNORED_SUFFIXES, named_tensors, state_dict_checksum, tensor_bytes, tensor_digests
 from ray_rlhf.sync.types import EngineChecksum, GroupInfo, LoadReport, SinkInfo, WeightSyncError
 
 
 class Engine(Protocol):
-    """The two engine operations a weight load needs."""
+    """The two engine operations a weight load needs (and three more for adapter loads)."""
 
     def reload(self, weights: list[tuple[str, torch.Tensor]]) -> None:
         """Load a full Hugging Face-named state dict in one call."""
@@ -28,6 +29,15 @@ class Engine(Protocol):
     def read_back(self, part: int = 0, parts: int = 1) -> dict[str, torch.Tensor]:
         """The weights the engine computes with, in Hugging Face naming (with ``parts > 1``: the
         cheap tensors and one rotating ``part`` of the expensive ones)."""
+
+    def load_adapter(self, payload: AdapterPayload, version: int) -> None:
+        """``lora.sync=adapter``: serve ``payload`` as a new adapter for all later generation."""
+
+    def adapter_read_back(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, config) of the adapter the engine loaded last, read again from where it loaded them."""
+
+    def probe_logprobs(self, token_ids: tuple[int, ...]) -> torch.Tensor:
+        """The engine's log-prob of each token after the first under its current adapter. Shape: (T - 1,)."""
 
 
 class WeightReceiver:
@@ -49,9 +59,16 @@ class WeightReceiver:
         self.received_digests: dict[str, str] = {}
         """Per-tensor digests of the last load (what the engine must read back)."""
         self._group = None  # CollectiveReceiver while in a group
+        self.adapter: AdapterPayload | None = None
+        """``lora.sync=adapter``: the adapters last loaded (their probe is what the verify compares)."""
+        self._probes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        """Adapter sync: version -> (engine, learner) probe log-probs at its verify (two newest kept)."""
 
     def load(self, version: int, weights, record_checksum: bool = True) -> LoadReport:
-        """Load a full state dict (mapping or (name, tensor) pairs) as ``version``."""
+        """Load a full state dict (mapping or (name, tensor) pairs) as ``version``, or an
+        :class:`~ray_rlhf.sync.adapter.AdapterPayload` (``lora.sync=adapter``) as a new adapter."""
+        if isinstance(weights, AdapterPayload):
+            return self._load_adapter(version, weights, record_checksum)
         pairs = [(n, t) for n, t in named_tensors(weights) if not n.endswith(IGNORED_SUFFIXES)]
         if self.expected_names is not None:
             got = {n for n, _ in pairs}
@@ -68,6 +85,16 @@ class WeightReceiver:
         seconds = time.perf_counter() - t0
         self.version = int(version)
         return LoadReport(self.version, tensor_bytes(pairs), seconds, self.received_checksum)
+
+    def _load_adapter(self, version: int, payload: AdapterPayload, record_checksum: bool) -> LoadReport:
+        config = payload.peft_config()
+        self.received_checksum = adapter_checksum(payload.tensors, config) if record_checksum else ""
+        self.received_digests = _adapter_digests(payload.tensors, config) if record_checksum else {}
+        t0 = time.perf_counter()
+        self.engine.load_adapter(payload, int(version))
+        seconds = time.perf_counter() - t0
+        self.adapter, self.version = payload, int(version)
+        return LoadReport(self.version, payload.nbytes, seconds, self.received_checksum, payload="adapter")
 
     def join_group(self, info: GroupInfo, rank: int) -> None:
         from ray_rlhf.sync.collective import CollectiveReceiver
@@ -88,7 +115,10 @@ class WeightReceiver:
 
     def engine_checksum(self, part: int = 0, parts: int = 1) -> EngineChecksum:
         """Checksum of the engine's read-back weights (all of them, or ``part`` of ``parts``) and
-        the names it covers: equal to the learner's over those names iff they loaded exactly."""
+        the names it covers: equal to the learner's over those names iff they loaded exactly.
+        Adapter sync: the adapter folder the engine loaded, read again, and the probe check."""
+        if self.adapter is not None:
+            return self._adapter_checksum()
         state = self.engine.read_back(part, parts)
         mismatched = ()
         if self.received_digests:
@@ -96,5 +126,32 @@ class WeightReceiver:
             mismatched = tuple(sorted(n for n, d in got.items() if self.received_digests.get(n) != d))
         return EngineChecksum(tuple(sorted(state)), state_dict_checksum(state), mismatched)
 
+    def _adapter_checksum(self) -> EngineChecksum:
+        """Read-back (tensors + config, as :func:`~ray_rlhf.sync.adapter.adapter_checksum`) and the
+        probe log-probs of the adapter the engine serves, against the learner's."""
+        tensors, config = self.engine.adapter_read_back()
+        mismatched = ()
+        if self.received_digests:
+            got = _adapter_digests(tensors, config)
+            names = set(got) | set(self.received_digests)
+            mismatched = tuple(sorted(n for n in names if self.received_digests.get(n) != got.get(n)))
+        engine = self.engine.probe_logprobs(self.adapter.probe_ids)
+        learner = self.adapter.probe_logprobs
+        older = [v for v in self._probes if v < self.version]
+        prev = self._probes[max(older)] if older else (None, None)
+        check = probe_check(engine, learner, *prev)
+        self._probes[self.version] = (engine, learner)
+        for v in sorted(self._probes)[:-2]:
+            del self._probes[v]
+        return EngineChecksum((), adapter_checksum(tensors, config), mismatched, probe_max_diff=check.max_diff,
+                              probe_unchanged=check.unchanged)
+
     def status(self) -> SinkInfo:
         return SinkInfo(self.generator_id, self.version, self.received_checksum)
+
+
+def _adapter_digests(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, str]:
+    """Per-tensor digests of an adapter, its config as one more entry (``config``)."""
+    digests = tensor_digests(tensors)
+    digests["config"] = adapter_checksum({}, config)
+    return digests

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from ray_rlhf.sync.adapter import AdapterPayload
 from ray_rlhf.sync.checksum import state_dict_checksum
 from ray_rlhf.sync.collective import CollectiveSender
 from ray_rlhf.sync.types import GroupInfo, SyncResult
@@ -25,17 +26,25 @@ class WeightSender:
     weights are always the current ones.
     """
 
-    def __init__(self, state_dict: Callable[[], dict[str, torch.Tensor]]):
+    def __init__(self, state_dict: Callable[[], dict[str, torch.Tensor]],
+                 adapter: Callable[[], AdapterPayload] | None = None):
         self._state_dict = state_dict
+        self._adapter = adapter
+        """``lora.sync=adapter``: returns the current adapters (and probe); what :meth:`export` sends."""
         self._collective: CollectiveSender | None = None
 
-    def export(self) -> dict[str, torch.Tensor]:
-        """Detached CPU copies of the current weights (what the object-store backend ships)."""
+    def export(self) -> dict[str, torch.Tensor] | AdapterPayload:
+        """Detached CPU copies of the current weights (what the object-store backend ships), or
+        with ``adapter``: the current :class:`~ray_rlhf.sync.adapter.AdapterPayload`."""
+        if self._adapter is not None:
+            return self._adapter()
         return {k: v.detach().to("cpu", copy=True) for k, v in self._state_dict().items()}
 
     def checksum(self, names: tuple[str, ...] | None = None) -> str:
         """:func:`~ray_rlhf.sync.checksum.state_dict_checksum` of the current weights (only
-        ``names``, if given)."""
+        ``names``, if given); with ``adapter``: the adapters' :func:`~ray_rlhf.sync.adapter.adapter_checksum`."""
+        if self._adapter is not None:
+            return self._adapter().checksum()
         return state_dict_checksum(self._state_dict(), names)
 
     def group_open(self, world_size: int, backend: str = "gloo", timeout_s: float = 300.0) -> GroupInfo:

@@ -32,6 +32,11 @@ class SyncResult:
     num_generators: int
     checksum: str = ""
     """The learner's checksum, matched by every generator's engine; empty when verify was off."""
+    payload: str = "full"
+    """``"full"``: the whole state dict (``lora.sync=merged`` too); ``"adapter"``: the LoRA adapters
+    only (``lora.sync=adapter``); ``bytes`` counts that payload."""
+    probe_max_diff: float | None = None
+    """Adapter sync with verify: the largest |engine - learner| probe log-prob over the generators."""
     verify_seconds: float = 0.0
     """Wall time of the verify step (engine read-back + hashing on every generator)."""
     lost: tuple[str, ...] = field(default_factory=tuple)
@@ -48,6 +53,8 @@ class LoadReport:
     """Time inside the engine's ``reload_weights``."""
     received_checksum: str = ""
     """Checksum of the tensors as they arrived (before the engine saw them); empty when not asked."""
+    payload: str = "full"
+    """``"full"`` or ``"adapter"`` (:attr:`SyncResult.payload`)."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,11 @@ class EngineChecksum:
     mismatched: tuple[str, ...] = ()
     """Empty when every read-back tensor equals the received one (or nothing was received yet:
     the engine holds the weights it loaded from the model directory)."""
+    probe_max_diff: float | None = None
+    """Adapter sync (``lora.sync=adapter``): max |engine - learner| log-prob of the probe tokens
+    under the adapter the engine now serves (:mod:`ray_rlhf.sync.adapter`); None for full weights."""
+    probe_unchanged: bool = False
+    """Adapter sync: the learner's probe log-probs moved since the last version, the engine's did not."""
 
 
 @dataclass(frozen=True)

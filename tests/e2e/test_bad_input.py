@@ -270,8 +270,9 @@ CASES: dict[str, Case] = {
                                           ["rollout.max_total_tokens=8", "longest prompt"]),
     "lora_targets_match_no_module": Case(["lora.rank=8", "lora.target_modules=[q_proj, c_attn]"],
                                          ["lora.target_modules", "c_attn matches no linear module", "q_proj, up_proj, v_proj"]),
-    "lora_adapter_sync_not_available": Case(["lora.rank=8", "lora.sync=adapter"],
-                                            ["lora.sync=adapter", "not implemented", "lora.sync=merged"]),
+    "lora_rank_above_engine_max_lora_rank": Case(["lora.rank=16", "lora.sync=adapter", "generators.max_lora_rank=8"],
+                                                 ["lora.rank=16", "max_lora_rank=8",
+                                                  "set generators.max_lora_rank to 16 or more"]),
     "lora_rank_negative": Case(["lora.rank=-1"], ["'lora.rank'", "greater than or equal to 0"]),
     "reward_raises_in_actor": Case(
         ["reward.functions=[{name: 'bad_rewards:raises_in_ray', weight: 1.0}]", *RAY_SMALL],

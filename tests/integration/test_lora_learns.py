@@ -1,11 +1,14 @@
 """LoRA (rank 8) learns the demo task through the whole loop and the real command line.
 
-``python -m ray_rlhf.train --config tiny lora.rank=8 ...`` as a subprocess: 2 vLLM generators, the
-merged sync verified after every step (``sync.verify`` is on: a sync whose engine read-back differs
-from the learner's merged weights fails the run), the letter-frequency reward. The mean reward of
-the last steps must be above the first steps' and the sampler and the learner must agree on the
-log-probs (the generators computed with the merged adapters). Then the run's last checkpoint goes
-through ``ray-rlhf export`` (merged, and adapters only). Numbers measured are in docs/lora.md.
+``python -m ray_rlhf.train --config tiny lora.rank=8 lora.sync=adapter ...`` as a subprocess: 2 vLLM
+generators serving the adapters through vLLM's LoRA support, the adapter sync verified after every
+step (``sync.verify`` is on: a sync whose adapter folder differs from the learner's adapters, or whose
+engine probe log-probs differ from the learner's, fails the run), the letter-frequency reward. The
+mean reward of the last steps must be above the first steps', the sampler and the learner must agree
+on the log-probs (the generators computed with the learner's adapters) and every sync must have
+moved the adapters only. (The merged sync runs through a real engine in test_lora_sync.py.) Then the
+run's last checkpoint goes through ``ray-rlhf export`` (merged, and adapters only). Numbers measured
+are in docs/lora.md.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import pytest
 pytestmark = pytest.mark.integration
 
 STEPS = 16
-OVERRIDES = ["lora.rank=8", "lora.alpha=32", "algo.estimator=grpo", "ppo.lr=0.02", "ppo.old_logprobs=recompute", f"steps={STEPS}",
+OVERRIDES = ["lora.rank=8", "lora.alpha=32", "lora.sync=adapter", "algo.estimator=grpo", "ppo.lr=0.02",
+             "ppo.old_logprobs=recompute", f"steps={STEPS}",
              f"checkpoint.every={STEPS}", "logging.progress_bar=false", "logging.tensorboard=false", "logging.rollouts=false",
              "ray.num_cpus=2"]
 
@@ -40,7 +44,10 @@ def test_lora_rank_8_learns_the_demo_task(tmp_path, models_dir, tiny_policy_path
     print(f"\nLoRA rank 8: reward/mean {first:.3f} (first 4 steps) -> {last:.3f} (last 4); "
           f"max ppo/sampler_logprob_diff {worst_diff:.1e}; kl_ref at the end {rows[-1]['ppo/kl_ref']:.2f}")
     assert last > first + 0.01
-    assert worst_diff < 1e-4  # the engines sampled from the learner's merged weights
+    assert worst_diff < 1e-4  # the engines sampled from the learner's adapters
+    # adapter sync: 2 layers x 7 projections x (A (8, in) + B (out, 8)) fp32 = 311,296 bytes, not 7.3 MB
+    assert {r["sync/bytes"] for r in rows} == {311296}
+    assert all(r["sync/verified"] == 1.0 and r["sync/probe_logprob_diff"] < 1e-4 for r in rows)
 
     # The run's checkpoint through the front door: `ray-rlhf export --merge` writes a model that
     # transformers loads and that computes what base + the exported adapters compute.
