@@ -209,3 +209,16 @@ def test_agent_loading_errors_name_the_key():
     with pytest.raises(UserError, match="cannot be called as rollout"):
         load_agent(f"{__name__}:raises", {"letter": "a"})
     assert load_agent(f"{__name__}:two_turns", {"letter": "a"}) is two_turns
+
+
+def test_the_bundled_letter_agent_through_the_endpoint(tok):
+    """``env.agent=ray_rlhf.envs.openai_agents:letter_rollout``: two completions per rollout, the
+    reward is the mean share of the named letters in the replies."""
+    from ray_rlhf.envs.openai_agents import letter_rollout
+
+    engine = FakeEngine(tok, reply=" eee aaa")
+    batch, stats, _ = asyncio.run(run_agent_rollouts([item(tok)], 2, engine, letter_rollout, TemplateDelta(tok),
+                                                     LIMITS, {"letters": "e"}))
+    assert batch.turn_count.tolist() == [2, 2] and stats.errors == 0
+    reply = engine.tok.decode(engine.tok(" eee aaa", add_special_tokens=False)["input_ids"])
+    assert stats.reward_sum == pytest.approx(2 * reply.count("e") / len(reply))
