@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import numbers
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -56,6 +57,8 @@ class BatchingSampler:
         self.pending: list[tuple[TurnRequest, asyncio.Future]] = []
         self.batch_sizes: list[int] = []
         self.busy_seconds = 0.0
+        self.error: BaseException | None = None
+        """The first exception the engine raised (the shard fails with it: not the agents' fault)."""
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
@@ -81,8 +84,9 @@ class BatchingSampler:
             t0 = time.perf_counter()
             try:
                 outs = await loop.run_in_executor(None, self.sampler, [r for r, _ in batch])
-            except Exception as e:  # noqa: BLE001 - handed to every waiting request
+            except Exception as e:  # noqa: BLE001 - handed to every waiting request, raised after the shard
                 outs = [e] * len(batch)
+                self.error = self.error or e
             self.busy_seconds += time.perf_counter() - t0
             self.batch_sizes.append(len(batch))
             for (_, fut), out in zip(batch, outs):
@@ -121,7 +125,7 @@ class ChatEndpoint:
     async def start(self) -> int:
         from aiohttp import web
 
-        app = web.Application()
+        app = web.Application(client_max_size=256 * 2**20)  # whole conversations in every request
         app.router.add_post("/s/{sid}/v1/chat/completions", self._completions)
         app.router.add_get("/s/{sid}/v1/models", self._models)
         app.router.add_get("/v1/models", self._models)
@@ -242,7 +246,7 @@ async def run_agent_rollouts(items: Sequence[PromptItem], n: int, sampler: Sampl
         finally:
             endpoint.sessions.pop(sid, None)
             await client.close()
-        if error is None and not isinstance(reward, (int, float)):
+        if error is None and not isinstance(reward, numbers.Real):
             error = f"returned {type(reward).__name__} {reward!r:.60}; return the reward as a number"
         session.close(reward, error)
         if error is not None:
@@ -254,6 +258,8 @@ async def run_agent_rollouts(items: Sequence[PromptItem], n: int, sampler: Sampl
     finally:
         await endpoint.stop()
         await batcher.aclose()
+    if batcher.error is not None:
+        raise batcher.error
     columns = list(items[0].columns) if items else []
     batch, stats = sessions_to_batch(sessions, columns, policy_version, generator_id)
     stats.seconds = max(0.0, time.perf_counter() - t0 - batcher.busy_seconds)

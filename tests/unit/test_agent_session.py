@@ -222,3 +222,11 @@ def test_the_bundled_letter_agent_through_the_endpoint(tok):
     assert batch.turn_count.tolist() == [2, 2] and stats.errors == 0
     reply = engine.tok.decode(engine.tok(" eee aaa", add_special_tokens=False)["input_ids"])
     assert stats.reward_sum == pytest.approx(2 * reply.count("e") / len(reply))
+
+
+def test_an_engine_failure_fails_the_shard_not_the_agents(tok):
+    def broken(requests):
+        raise RuntimeError("engine broke")
+
+    with pytest.raises(RuntimeError, match="engine broke"):
+        asyncio.run(run_agent_rollouts([item(tok)], 2, broken, two_turns, TemplateDelta(tok), LIMITS))
