@@ -24,13 +24,25 @@ QWEN_LIKE = (
 LIMITS = TrajectoryLimits(max_new_tokens=8, max_turns=3, max_total_tokens=200, step_timeout_s=5.0)
 
 
-@pytest.fixture(scope="module", params=[None, QWEN_LIKE], ids=["fallback", "qwen-like"])
-def tok(request):
+@pytest.fixture(scope="module")
+def trained():
     from ray_rlhf.models.factory import train_tokenizer
 
-    tok = train_tokenizer(512)
-    tok.chat_template = request.param
-    return tok
+    return train_tokenizer(512)
+
+
+@pytest.fixture(params=[None, QWEN_LIKE], ids=["fallback", "qwen-like"])
+def tok(trained, request):
+    """The tiny tokenizer with no chat template (the fallback one) or a Qwen-like one."""
+    trained.chat_template = request.param
+    return trained
+
+
+@pytest.fixture
+def qtok(trained):
+    """The endpoint tests: one template is enough (the session tests cover both)."""
+    trained.chat_template = QWEN_LIKE
+    return trained
 
 
 class FakeEngine:
@@ -171,11 +183,11 @@ async def edits_history(client, row):
     return -2.0
 
 
-def test_the_openai_client_against_the_endpoint(tok):
+def test_the_openai_client_against_the_endpoint(qtok):
     """Real ``openai.AsyncOpenAI`` clients over 127.0.0.1, a fake engine: 2 prompts x 3 rollouts of a
     two-turn agent, batched into the engine; faulty agents end only their trajectory."""
-    d, engine = TemplateDelta(tok), FakeEngine(tok)
-    items = [item(tok, 0), item(tok, 1, "Water is")]
+    d, engine = TemplateDelta(qtok), FakeEngine(qtok)
+    items = [item(qtok, 0), item(qtok, 1, "Water is")]
     batch, stats, batcher = asyncio.run(run_agent_rollouts(items, 3, engine, two_turns, d, LIMITS,
                                                            {"letter": "a"}, seed=1))
     assert len(batch) == 6 and list(batch.prompt_index) == [0, 0, 0, 1, 1, 1]
@@ -188,15 +200,15 @@ def test_the_openai_client_against_the_endpoint(tok):
 
     async def run(agent, timeout_s=5.0):
         limits = TrajectoryLimits(8, 3, 200, timeout_s)
-        return await run_agent_rollouts(items[:1], 2, FakeEngine(tok), agent, d, limits)
+        return await run_agent_rollouts(items[:1], 2, FakeEngine(qtok), agent, d, limits)
 
     for agent, finish in ((raises, "env_error"), (hangs, "env_error"), (edits_history, "stop")):
         batch, stats, _ = asyncio.run(run(agent, 0.3 if agent is hangs else 5.0))
         assert set(batch.finish_reason) == {finish}, agent.__name__
         assert stats.errors == (2 if finish == "env_error" else 0)
+        if agent is hangs:  # no completion: the dataset's prompt, an empty response
+            assert batch.response_lengths.tolist() == [0, 0]
     assert batch.token_reward.sum() == 2.0  # edits_history saw the 400 with its message
-    batch, _, _ = asyncio.run(run(hangs, 0.3))
-    assert batch.response_lengths.tolist() == [0, 0]  # no completion: the dataset's prompt, an empty response
 
 
 def test_agent_loading_errors_name_the_key():
@@ -211,22 +223,22 @@ def test_agent_loading_errors_name_the_key():
     assert load_agent(f"{__name__}:two_turns", {"letter": "a"}) is two_turns
 
 
-def test_the_bundled_letter_agent_through_the_endpoint(tok):
+def test_the_bundled_letter_agent_through_the_endpoint(qtok):
     """``env.agent=ray_rlhf.envs.openai_agents:letter_rollout``: two completions per rollout, the
     reward is the mean share of the named letters in the replies."""
     from ray_rlhf.envs.openai_agents import letter_rollout
 
-    engine = FakeEngine(tok, reply=" eee aaa")
-    batch, stats, _ = asyncio.run(run_agent_rollouts([item(tok)], 2, engine, letter_rollout, TemplateDelta(tok),
+    engine = FakeEngine(qtok, reply=" eee aaa")
+    batch, stats, _ = asyncio.run(run_agent_rollouts([item(qtok)], 2, engine, letter_rollout, TemplateDelta(qtok),
                                                      LIMITS, {"letters": "e"}))
     assert batch.turn_count.tolist() == [2, 2] and stats.errors == 0
-    reply = engine.tok.decode(engine.tok(" eee aaa", add_special_tokens=False)["input_ids"])
+    reply = engine.tok.decode(engine.qtok(" eee aaa", add_special_tokens=False)["input_ids"])
     assert stats.reward_sum == pytest.approx(2 * reply.count("e") / len(reply))
 
 
-def test_an_engine_failure_fails_the_shard_not_the_agents(tok):
+def test_an_engine_failure_fails_the_shard_not_the_agents(qtok):
     def broken(requests):
         raise RuntimeError("engine broke")
 
     with pytest.raises(RuntimeError, match="engine broke"):
-        asyncio.run(run_agent_rollouts([item(tok)], 2, broken, two_turns, TemplateDelta(tok), LIMITS))
+        asyncio.run(run_agent_rollouts([item(qtok)], 2, broken, two_turns, TemplateDelta(qtok), LIMITS))
