@@ -232,7 +232,7 @@ def test_the_bundled_letter_agent_through_the_endpoint(qtok):
     batch, stats, _ = asyncio.run(run_agent_rollouts([item(qtok)], 2, engine, letter_rollout, TemplateDelta(qtok),
                                                      LIMITS, {"letters": "e"}))
     assert batch.turn_count.tolist() == [2, 2] and stats.errors == 0
-    reply = engine.tok.decode(engine.qtok(" eee aaa", add_special_tokens=False)["input_ids"])
+    reply = engine.tok.decode(engine.tok(" eee aaa", add_special_tokens=False)["input_ids"])
     assert stats.reward_sum == pytest.approx(2 * reply.count("e") / len(reply))
 
 
