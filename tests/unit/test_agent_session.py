@@ -189,7 +189,7 @@ def test_the_openai_client_against_the_endpoint(qtok):
     d, engine = TemplateDelta(qtok), FakeEngine(qtok)
     items = [item(qtok, 0), item(qtok, 1, "Water is")]
     batch, stats, batcher = asyncio.run(run_agent_rollouts(items, 3, engine, two_turns, d, LIMITS,
-                                                           {"letter": "a"}, seed=1))
+                                                           {"letter": "a"}, seed=1, window_s=0.05))
     assert len(batch) == 6 and list(batch.prompt_index) == [0, 0, 0, 1, 1, 1]
     assert batch.turn_count.tolist() == [2] * 6 and set(batch.finish_reason) == {"stop"}
     assert max(batcher.batch_sizes) > 1 and len(engine.calls) < 12  # concurrent rollouts share engine calls
@@ -203,7 +203,7 @@ def test_the_openai_client_against_the_endpoint(qtok):
         return await run_agent_rollouts(items[:1], 2, FakeEngine(qtok), agent, d, limits)
 
     for agent, finish in ((raises, "env_error"), (hangs, "env_error"), (edits_history, "stop")):
-        batch, stats, _ = asyncio.run(run(agent, 0.3 if agent is hangs else 5.0))
+        batch, stats, _ = asyncio.run(run(agent, 0.5 if agent is hangs else 5.0))
         assert set(batch.finish_reason) == {finish}, agent.__name__
         assert stats.errors == (2 if finish == "env_error" else 0)
         if agent is hangs:  # no completion: the dataset's prompt, an empty response
