@@ -26,16 +26,19 @@ other than a number, or took longer than ``env.step_timeout_s`` between two requ
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ray_rlhf.envs.tools import parse_hermes
 from ray_rlhf.generation.trajectory import EnvStats, Sampled, TemplateDelta, TrajectoryLimits, TurnRequest, turn_seed
 from ray_rlhf.records import PromptItem, RolloutBatch
 
-__all__ = ["Session", "SessionError", "message_key", "sessions_to_batch"]
+__all__ = ["Session", "SessionError", "message_key", "response_message", "sessions_to_batch"]
 
 
 class SessionError(Exception):
@@ -64,17 +67,52 @@ def _content(content: Any) -> str:
     raise SessionError(f"message content of type {type(content).__name__}; send a string or text parts")
 
 
+def _tool_calls(calls: Any) -> list[dict]:
+    """OpenAI ``tool_calls`` as the chat templates read them: ``{"type": "function", "function":
+    {"name", "arguments": <dict>}}`` (``arguments`` parsed from its JSON string; ids dropped)."""
+    out = []
+    for c in calls if isinstance(calls, list) else []:
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise SessionError("a tool call needs {'type': 'function', 'function': {'name', 'arguments'}}")
+        args = fn.get("arguments") or {}
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                raise SessionError(f"tool call {fn['name']!r}: arguments are not JSON") from None
+        out.append({"type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
 def message_key(message: Any) -> dict:
     """A request message reduced to what the chat template reads: ``{"role", "content"}`` (and
-    ``name`` / ``tool_call_id`` when given). Extra fields the OpenAI client adds to a returned
-    message (``refusal``, ``tool_calls: None``, ...) are dropped."""
+    ``name`` / ``tool_call_id`` / ``tool_calls`` when given). Extra fields the OpenAI client adds to
+    a returned message (``refusal``, ``tool_calls: None``, call ids ...) are dropped."""
     if not isinstance(message, dict) or "role" not in message:
         raise SessionError("every message needs a 'role' and a 'content'")
     out = {"role": str(message["role"]), "content": _content(message.get("content"))}
     for extra in ("name", "tool_call_id"):
         if message.get(extra) is not None:
             out[extra] = str(message[extra])
+    if message.get("tool_calls"):
+        out["tool_calls"] = _tool_calls(message["tool_calls"])
     return out
+
+
+def response_message(text: str, turn: int) -> tuple[dict, bool]:
+    """The assistant message returned for a completion's ``text``, and whether it calls tools: the
+    Hermes / Qwen ``<tool_call>{json}</tool_call>`` blocks
+    (:func:`~ray_rlhf.envs.tools.parse_hermes`) become OpenAI ``tool_calls`` (ids ``call_<turn>_<k>``)
+    and the rest of the text its ``content`` (None when empty). A malformed block is left in the
+    content as text."""
+    parsed = parse_hermes(text)
+    if not parsed.calls or parsed.errors:
+        return {"role": "assistant", "content": text}, False
+    rest = re.sub(r"<tool_call>.*?</tool_call>", "", text, flags=re.DOTALL).strip()
+    calls = [{"id": f"call_{turn}_{k}", "type": "function",
+              "function": {"name": c.name, "arguments": json.dumps(c.arguments)}} for k, c in enumerate(parsed.calls)]
+    return {"role": "assistant", "content": rest or None, "tool_calls": calls}, True
 
 
 @dataclass
@@ -100,6 +138,8 @@ class Session:
     observation_tokens: int = 0
     finish: str | None = None
     """Set once the trajectory is over (a limit reached, or :meth:`close`)."""
+    tools: list[dict] | None = None
+    """The first request's ``tools`` (rendered by the chat template; calls parsed from completions)."""
     busy: bool = False
     """A request of this session is with the engine (a second one at the same time is refused)."""
     idle_since: float = field(default_factory=time.monotonic)
@@ -110,10 +150,12 @@ class Session:
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.ids)
 
-    def prepare(self, messages: Sequence[Any], max_tokens: int | None = None) -> TurnRequest:
+    def prepare(self, messages: Sequence[Any], max_tokens: int | None = None, tools: Any = None) -> TurnRequest:
         """The engine request for a chat-completion request with ``messages`` (appending the new
         messages' ids), or a :class:`SessionError`. ``max_tokens``: the request's cap (further capped
-        by ``rollout.max_new_tokens`` and the room left under ``rollout.max_total_tokens``)."""
+        by ``rollout.max_new_tokens`` and the room left under ``rollout.max_total_tokens``).
+        ``tools``: the request's JSON-schema tools, passed to the chat template; the same in every
+        request of a rollout."""
         if self.finish is not None:
             raise SessionError(f"this rollout's trajectory has ended ({self.finish}); no further completions",
                                code=self.finish)
@@ -123,11 +165,16 @@ class Session:
         if not isinstance(messages, (list, tuple)) or not messages:
             raise SessionError("'messages' must be a non-empty list")
         msgs = [message_key(m) for m in messages]
+        tools = list(tools) if tools else None
+        if self.messages and tools != self.tools:
+            raise SessionError("'tools' must stay the same in every request of a rollout")
         if self.turns >= self.limits.max_turns:
             self.finish = "max_turns"
             raise SessionError(f"env.max_turns={self.limits.max_turns} completions per rollout reached",
                                code="max_turns", finish="max_turns")
         if not self.messages:
+            if tools:
+                self.tools, self.delta = tools, TemplateDelta(self.delta.tokenizer, tools)
             text = self.delta.render(msgs, add_generation_prompt=True)
             special = self.delta.template is not None  # the fallback template renders no BOS
             ids = list(self.delta.tokenizer(text, add_special_tokens=special)["input_ids"])
@@ -163,19 +210,22 @@ class Session:
         return TurnRequest(self.prompt_ids + self.ids, max(1, min(cap, room)),
                            turn_seed(self.seed, self.item.index, self.sample, self.turns))
 
-    def record(self, request: TurnRequest, out: Sampled) -> str:
-        """Append a completion as sampled; returns the finish reason the agent is told (``stop`` or
-        ``length``)."""
+    def record(self, request: TurnRequest, out: Sampled) -> tuple[dict, str]:
+        """Append a completion as sampled; returns the assistant message and the finish reason the
+        agent is told (``stop``, ``length``, or ``tool_calls`` when the request declared ``tools``
+        and the text holds calls, :func:`response_message`)."""
         if len(out.logprobs) != len(out.token_ids):
             raise RuntimeError(f"sampler returned {len(out.logprobs)} log-probs for {len(out.token_ids)} tokens")
         self.busy, self.idle_since = False, time.monotonic()
         self._append(list(out.token_ids), [1] * len(out.token_ids), [float(x) for x in out.logprobs], out.text)
-        self.messages = [*self.messages, {"role": "assistant", "content": out.text}]
+        message, calls = response_message(out.text, self.turns) if self.tools else ({"role": "assistant",
+                                                                                   "content": out.text}, False)
+        self.messages = [*self.messages, message_key(message)]
         self.turns += 1
         self.last_finish = out.finish_reason
         if out.finish_reason == "length" and self.length >= self.limits.max_total_tokens:
             self.finish = "max_total_tokens"
-        return out.finish_reason
+        return message, "tool_calls" if calls and out.finish_reason == "stop" else out.finish_reason
 
     def release(self) -> None:
         """The engine failed on this session's request: it may send another."""

@@ -6,11 +6,13 @@ With ``env.agent=module:function`` set, a shard's rollouts are ``await rollout(c
 serves on 127.0.0.1 for the shard (``http://127.0.0.1:PORT/s/<session>/v1``):
 
 * ``POST /s/<session>/v1/chat/completions``: ``messages``, ``max_tokens`` / ``max_completion_tokens``
-  (capped by ``rollout.max_new_tokens`` and the room under ``rollout.max_total_tokens``), ``stop``;
-  ``n`` must be 1, ``stream`` false, no ``tools``. The run's sampling (``rollout.temperature``,
-  ``top_p``, the per-turn seed) always applies: a request's ``temperature`` / ``top_p`` / ``seed``
-  are ignored, because the learner's importance ratios assume the distribution the run samples
-  from. The answer is OpenAI's ``chat.completion`` object with ``usage``.
+  (capped by ``rollout.max_new_tokens`` and the room under ``rollout.max_total_tokens``), ``stop``,
+  ``tools`` (passed to the chat template; Hermes / Qwen ``<tool_call>`` blocks in a completion come
+  back as OpenAI ``tool_calls``, finish reason ``tool_calls``); ``n`` must be 1, ``stream`` false.
+  The run's sampling (``rollout.temperature``, ``top_p``, the per-turn seed) always applies: a
+  request's ``temperature`` / ``top_p`` / ``seed`` are ignored, because the learner's importance
+  ratios assume the distribution the run samples from. The answer is OpenAI's ``chat.completion``
+  object with ``usage``.
 * ``GET /s/<session>/v1/models`` (and ``/v1/models``): one model, ``policy``.
 
 Each session is one trajectory, token in and token out (:class:`~ray_rlhf.generation.agent_session.Session`):
@@ -165,14 +167,12 @@ class ChatEndpoint:
             return _error(400, "stream=true is not supported; request whole completions")
         if int(body.get("n") or 1) != 1:
             return _error(400, "n must be 1: each rollout samples one completion per request")
-        if body.get("tools"):
-            return _error(400, "tools= is not supported by the training endpoint yet; describe the tools in the "
-                               "messages, or use an environment (env.name) with ray_rlhf.envs.tools.ToolEnv")
         stop = body.get("stop")
         stop = (stop,) if isinstance(stop, str) else tuple(str(s) for s in stop or ())
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         try:
-            turn = session.prepare(body.get("messages"), None if max_tokens is None else int(max_tokens))
+            turn = session.prepare(body.get("messages"), None if max_tokens is None else int(max_tokens),
+                                   body.get("tools"))
         except SessionError as e:
             return _error(e.status, str(e), e.code)
         except (TypeError, ValueError) as e:
@@ -184,13 +184,13 @@ class ChatEndpoint:
             raise
         if self.sessions.get(sid) is not session:  # the rollout ended (timed out) meanwhile
             return _error(409, "the rollout ended while this completion was generated", "session_closed")
-        finish = session.record(turn, out)
+        message, finish = session.record(turn, out)
         usage = {"prompt_tokens": len(turn.prompt_ids), "completion_tokens": len(out.token_ids),
                  "total_tokens": len(turn.prompt_ids) + len(out.token_ids)}
         return web.json_response({
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": str(body.get("model") or MODEL_NAME),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+            "choices": [{"index": 0, "message": message,
                          "finish_reason": finish, "logprobs": None}],
             "usage": usage,
         })

@@ -78,7 +78,7 @@ def test_two_turns_are_sampled_ids_plus_the_observation_delta(tok):
     assert req.prompt_ids == tok(text0, add_special_tokens=tok.chat_template is None)["input_ids"]
     assert req.max_tokens == 8 and s.prompt_text == text0
     out = engine([req])[0]
-    assert s.record(req, out) == "stop"
+    assert s.record(req, out) == ({"role": "assistant", "content": out.text}, "stop")
     # the client sends back the assistant message as returned (with the extra fields it adds)
     second = [*first, {"role": "assistant", "content": out.text, "refusal": None, "tool_calls": None},
               {"role": "user", "content": [{"type": "text", "text": "Now say a."}]}]
@@ -242,3 +242,45 @@ def test_an_engine_failure_fails_the_shard_not_the_agents(qtok):
 
     with pytest.raises(RuntimeError, match="engine broke"):
         asyncio.run(run_agent_rollouts([item(qtok)], 2, broken, two_turns, TemplateDelta(qtok), LIMITS))
+
+
+ADD = [{"type": "function", "function": {"name": "add", "description": "a + b", "parameters": {
+    "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}}}]
+
+
+async def calculator(client, row):
+    """OpenAI function calling: the model calls ``add``, the agent runs it, the model answers."""
+    import json
+
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    r = await client.chat.completions.create(model="any", messages=messages, tools=ADD)
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "add"
+    result = sum(json.loads(call.function.arguments).values())
+    messages += [r.choices[0].message, {"role": "tool", "tool_call_id": call.id, "content": str(result)}]
+    r2 = await client.chat.completions.create(model="any", messages=messages, tools=ADD)
+    return float("5" in (r2.choices[0].message.content or ""))
+
+
+def test_tool_calls_through_the_openai_client(qtok):
+    """A completion holding a Hermes ``<tool_call>`` comes back as OpenAI ``tool_calls``; the agent's
+    ``tool`` message is appended as the template's delta; the ids stay as sampled."""
+
+    class Calls(FakeEngine):
+        def __call__(self, requests):
+            self.reply = ('<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>' if not self.calls
+                          else " 5")
+            return super().__call__(requests)
+
+    engine = Calls(qtok)
+    d = TemplateDelta(qtok)
+    limits = TrajectoryLimits(max_new_tokens=64, max_turns=3, max_total_tokens=400, step_timeout_s=5.0)
+    batch, stats, _ = asyncio.run(run_agent_rollouts([item(qtok)], 1, engine, calculator, d, limits, window_s=0.05))
+    assert batch.finish_reason.tolist() == ["stop"] and stats.reward_sum == 1.0 and batch.turn_count.tolist() == [2]
+    (first,), (second,) = engine.calls
+    call_ids = qtok('<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>',
+                    add_special_tokens=False)["input_ids"]
+    _, obs = TemplateDelta(qtok, ADD).delta_ids("assistant", [{"role": "tool", "tool_call_id": "call_0_0",
+                                                                "content": "5"}])
+    assert second.prompt_ids == first.prompt_ids + call_ids + obs  # the call's ids as sampled, then the result
+
