@@ -284,3 +284,11 @@ def test_tool_calls_through_the_openai_client(qtok):
                                                                 "content": "5"}])
     assert second.prompt_ids == first.prompt_ids + call_ids + obs  # the call's ids as sampled, then the result
 
+
+
+def test_an_environment_and_an_agent_exclude_each_other():
+    from ray_rlhf.config import RunConfig
+
+    with pytest.raises(ValueError, match="are both set"):
+        RunConfig(env={"name": "ray_rlhf.envs.letters:LetterGame", "agent": "my_agents:rollout"})
+    assert RunConfig(env={"agent": "my_agents:rollout"}).env.multi_turn
