@@ -150,18 +150,17 @@ def test_an_openai_client_agent_on_the_real_engine(run):
         assert lps == pytest.approx(lps1 + [0.0] * len(obs) + lps2) and all(lp < 0 for lp in lps1 + lps2)
         assert batch.token_reward[r_off[i]:r_off[i + 1]][:-1].sum() == 0  # the reward on the last token only
         assert len(out1) <= 10  # the request's max_tokens
-    # rendered incrementally == the whole conversation rendered at once (text), for one rollout
-    first, second = next(iter(TRANSCRIPTS.values()))
-    row = next(i for i in range(len(batch)) if batch.response[i].startswith(first.choices[0].message.content))
-    whole = delta.render([{"role": "system", "content": "You answer in short sentences."},
-                          {"role": "user", "content": PROMPTS[int(batch.prompt_index[row])]},
-                          {"role": "assistant", "content": first.choices[0].message.content},
-                          {"role": "user", "content": "Say it again with more e."},
-                          {"role": "assistant", "content": second.choices[0].message.content}],
-                         add_generation_prompt=False)
-    # The tiny template renders an assistant message as "assistant: <content>" while its generation
-    # prompt is "assistant:" (the model samples the space, or not): that one space aside, the same text.
-    norm = lambda t: t.replace("assistant: ", "assistant:")  # noqa: E731
-    assert norm(whole) == norm(batch.prompt[row] + batch.response[row] + "\n")
+    # rendered incrementally == the whole conversation rendered at once (text), for every rollout
+    for (index, _), (first, second) in TRANSCRIPTS.items():
+        c1, c2 = first.choices[0].message.content, second.choices[0].message.content
+        row = next(i for i in range(len(batch)) if int(batch.prompt_index[i]) == index
+                   and batch.response[i].startswith(c1) and batch.response[i].endswith(c2))
+        whole = delta.render([{"role": "system", "content": "You answer in short sentences."},
+                              {"role": "user", "content": PROMPTS[index]}, {"role": "assistant", "content": c1},
+                              {"role": "user", "content": "Say it again with more e."},
+                              {"role": "assistant", "content": c2}], add_generation_prompt=False)
+        # The tiny template renders an assistant message as "assistant: <content>" while its generation
+        # prompt is "assistant:" (the model samples a space, or not): that one space aside, the same text.
+        assert whole.replace("assistant: ", "assistant:") == batch.prompt[row] + batch.response[row] + "\n"
+        assert first.usage.prompt_tokens == len(batch.prompt_ids[p_off[row]:p_off[row + 1]])
     assert report.env["trajectories"] == 6 and report.env["turns"] == 12 and report.env["errors"] == 0
-    assert first.usage.prompt_tokens == len(batch.prompt_ids[p_off[row]:p_off[row + 1]])
