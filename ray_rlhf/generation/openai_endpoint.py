@@ -236,6 +236,7 @@ async def run_agent_rollouts(items: Sequence[PromptItem], n: int, sampler: Sampl
         endpoint.sessions[sid] = session
         client = AsyncOpenAI(base_url=endpoint.base_url(sid), api_key="ray-rlhf", max_retries=0, http_client=http)
         row = {**session.item.columns, "prompt": session.item.text, "prompt_index": session.item.index}
+
         async def call():  # a call that fails at once (e.g. its arguments) fails inside the task
             return await rollout(client, row, **(kwargs or {}))
 
