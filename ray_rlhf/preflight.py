@@ -96,7 +96,8 @@ def check_reward(cfg: RunConfig, prompts: list[PromptItem] | None = None) -> Non
 
 
 def check_env(cfg: RunConfig, prompts: list[PromptItem]) -> None:
-    """Multi-turn runs (``env.name``): import the environment class, build one with ``env.kwargs``,
+    """Multi-turn runs (``env.name``; ``env.agent``: import the agent function and check it takes
+    ``(client, row, **env.kwargs)``): import the environment class, build one with ``env.kwargs``,
     check its tool schemas, and probe it once -- ``reset`` with the first prompt's row, ``step`` with a
     short reply -- so that a class that cannot be imported or a ``step`` that answers in the wrong
     shape is one line before Ray and vLLM start (an exception or a time-out in the probe is left to
@@ -104,16 +105,19 @@ def check_env(cfg: RunConfig, prompts: list[PromptItem]) -> None:
     the longest prompt."""
     import asyncio
 
-    from ray_rlhf.envs.base import check_step, check_tools, load_env_class
+    from ray_rlhf.envs.base import check_step, check_tools, load_agent, load_env_class
     from ray_rlhf.generation.trajectory import call_env
 
     e, r = cfg.env, cfg.rollout
-    if not e.name:
+    if not e.multi_turn:
         return
     longest = max((len(p.prompt_ids) for p in prompts), default=0)
     if r.max_total_tokens is not None and r.max_total_tokens <= longest:
         raise UserError(f"rollout.max_total_tokens={r.max_total_tokens} leaves no room for a turn after the longest "
                         f"prompt ({longest} tokens); raise it above {longest}")
+    if e.agent:
+        load_agent(e.agent, e.kwargs)
+        return
     cls = load_env_class(e.name)
     try:
         env = cls(**e.kwargs)

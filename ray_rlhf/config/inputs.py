@@ -102,14 +102,26 @@ class EnvConfig(_Section):
     turn by turn: each trajectory gets its own instance, ``reset`` with the prompt row's columns,
     then ``step`` with each model turn's text. Empty: single-turn rollouts (no environment). Bundled:
     ``ray_rlhf.envs.letters:LetterGame``; tools: a subclass of ``ray_rlhf.envs.tools:ToolEnv``."""
+    agent: str | None = None
+    """``module:function`` of an agent written against the OpenAI client, ``async def rollout(client,
+    row) -> reward`` (instead of ``env.name``): each rollout gets an ``openai.AsyncOpenAI`` client
+    whose chat completions the generator serves and records token in, token out
+    (:mod:`ray_rlhf.generation.openai_endpoint`); the returned reward lands on the last model token."""
     kwargs: dict = Field(default_factory=dict)
-    """Keyword arguments of the environment's constructor (plain YAML values)."""
+    """Keyword arguments of the environment's constructor, or of the ``env.agent`` function's
+    calls (plain YAML values)."""
     max_turns: int = Field(4, gt=0)
     """Most model turns per trajectory; one that reaches it without the environment saying ``done``
-    ends with finish reason ``max_turns``."""
+    ends with finish reason ``max_turns`` (an agent's next request is refused)."""
     step_timeout_s: float = Field(30.0, gt=0)
-    """Seconds one ``reset`` or ``step`` call may take; past it (or when it raises) the trajectory
+    """Seconds one ``reset`` or ``step`` call may take (an ``env.agent``: its own time before a request,
+    between a completion and its next request, after its last); past it (or when it raises) the trajectory
     ends with finish reason ``env_error`` (a log line and the ``env/errors`` metric) and the run goes on."""
+
+    @property
+    def multi_turn(self) -> bool:
+        """An environment or an agent answers the model: rollouts are trajectories."""
+        return bool(self.name or self.agent)
 
 
 class GeneratorsConfig(_Section):

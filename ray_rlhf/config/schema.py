@@ -137,6 +137,9 @@ class RunConfig(_Section):
         if r.max_total_tokens is not None and r.max_total_tokens > g.max_model_len:
             raise ValueError(f"rollout.max_total_tokens={r.max_total_tokens} exceeds generators.max_model_len="
                              f"{g.max_model_len}; raise generators.max_model_len or lower rollout.max_total_tokens")
+        if self.env.name and self.env.agent:
+            raise ValueError(f"env.name={self.env.name} and env.agent={self.env.agent} are both set; an environment "
+                             "or an OpenAI-client agent answers the model, not both: keep one")
         for key, events in self.faults:
             for event in events:
                 if event.step > self.steps:

@@ -27,7 +27,7 @@ from typing import Any
 
 from ray_rlhf.errors import UserError
 
-__all__ = ["Env", "StepResult", "as_messages", "check_step", "check_tools", "load_env_class"]
+__all__ = ["Env", "StepResult", "as_messages", "check_step", "check_tools", "import_attr", "load_agent", "load_env_class"]
 
 
 @dataclass(frozen=True)
@@ -60,22 +60,45 @@ class Env:
         raise NotImplementedError
 
 
-def load_env_class(name: str) -> type:
-    """The class named ``module:Class``; a :class:`UserError` naming ``env.name`` and the fix."""
+def import_attr(name: str, key: str, form: str, example: str) -> Any:
+    """The attribute named ``module:attr``; a :class:`UserError` naming the config ``key`` and the fix."""
     module_name, sep, attr = str(name).partition(":")
     if not sep or not module_name or not attr:
-        raise UserError(f"env.name={name!r}: expected 'module:Class', e.g. ray_rlhf.envs.letters:LetterGame")
+        raise UserError(f"{key}={name!r}: expected '{form}', e.g. {example}")
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
-        raise UserError(f"env.name={name}: cannot import module {module_name!r} ({type(e).__name__}: {e}); "
+        raise UserError(f"{key}={name}: cannot import module {module_name!r} ({type(e).__name__}: {e}); "
                         "check the name and that the module is on PYTHONPATH") from None
-    cls = getattr(module, attr, None)
-    if cls is None:
-        raise UserError(f"env.name={name}: module {module_name!r} has no attribute {attr!r}")
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise UserError(f"{key}={name}: module {module_name!r} has no attribute {attr!r}")
+    return obj
+
+
+def load_env_class(name: str) -> type:
+    """The class named ``module:Class``; a :class:`UserError` naming ``env.name`` and the fix."""
+    cls = import_attr(name, "env.name", "module:Class", "ray_rlhf.envs.letters:LetterGame")
     if not inspect.isclass(cls) or not callable(getattr(cls, "step", None)) or not callable(getattr(cls, "reset", None)):
         raise UserError(f"env.name={name} is not a class with reset(row) and step(action) methods")
     return cls
+
+
+def load_agent(name: str, kwargs: dict | None = None) -> Any:
+    """The agent named ``module:function`` (``env.agent``): an ``async def rollout(client, row,
+    **kwargs) -> reward`` written against the OpenAI client; a :class:`UserError` naming
+    ``env.agent`` and the fix when it cannot be imported, is not an async function, or does not
+    take ``(client, row)`` and ``kwargs``."""
+    fn = import_attr(name, "env.agent", "module:function", "my_agents:rollout")
+    if not inspect.iscoroutinefunction(fn):
+        raise UserError(f"env.agent={name} is not an async function; define it as "
+                        "`async def rollout(client, row) -> float`")
+    try:
+        inspect.signature(fn).bind(None, {}, **(kwargs or {}))
+    except TypeError as e:
+        raise UserError(f"env.agent={name} cannot be called as rollout(client, row, **env.kwargs) ({e}); define it as "
+                        "`async def rollout(client, row, **kwargs) -> float`") from None
+    return fn
 
 
 def check_step(env: Any, result: Any) -> StepResult:

@@ -42,9 +42,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ray_rlhf.envs.base import load_env_class
+from ray_rlhf.envs.base import load_agent, load_env_class
 from ray_rlhf.errors import UserError
-from ray_rlhf.generation.trajectory import Sampled, TemplateDelta, TrajectoryLimits, TurnRequest, run_trajectories
+from ray_rlhf.generation.trajectory import (
+    Sampled,
+    Sampler,
+    TemplateDelta,
+    TrajectoryLimits,
+    TurnRequest,
+    run_trajectories,
+)
 from ray_rlhf.generation.vllm_engine import EngineSleep, VllmEngine, sleep_mode_available
 from ray_rlhf.records import FINISH_REASONS, PromptShard, RolloutBatch, SamplingSpec
 from ray_rlhf.sync.receiver import WeightReceiver
@@ -114,9 +121,9 @@ class Generator:
             (:meth:`sleep`, :meth:`wake_up`; vLLM's ``enable_sleep_mode`` where the platform has it,
             :func:`~ray_rlhf.generation.vllm_engine.sleep_mode_available`; on CPU the phases are
             enforced and recorded but no memory is released).
-        env: multi-turn rollouts (``env.name`` set): ``name``, ``kwargs``, ``max_turns``,
-            ``step_timeout_s`` and ``max_total_tokens`` (plain data, :func:`ray_rlhf.run.actors.env_spec`);
-            None: single-turn completions.
+        env: multi-turn rollouts (``env.name`` or ``env.agent`` set): ``name`` or ``agent``, ``kwargs``,
+            ``max_turns``, ``step_timeout_s`` and ``max_total_tokens`` (plain data,
+            :func:`ray_rlhf.run.actors.env_spec`); None: single-turn completions.
         max_lora_rank: ``lora.sync=adapter``: start the engine with LoRA (``enable_lora``, this
             ``max_lora_rank``, one adapter at a time); each sync's adapters are then served as a new
             adapter (:meth:`~ray_rlhf.generation.vllm_engine.VllmEngine.load_adapter`) for all later
@@ -145,7 +152,8 @@ class Generator:
         self.max_model_len = int(max_model_len)
         self.tensor_parallel_size = int(tensor_parallel_size)
         self.env = dict(env) if env else None
-        self._env_cls = load_env_class(self.env["name"]) if self.env else None
+        self._env_cls = load_env_class(self.env["name"]) if self.env and self.env.get("name") else None
+        self._agent = load_agent(self.env["agent"]) if self.env and self.env.get("agent") else None
         self._bind_cpus(omp_threads_bind)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(kv_cache_gib)))  # vLLM parses whole GiB
@@ -236,7 +244,7 @@ class Generator:
         prompts = list(shard.prompts)
         if any(not p.prompt_ids for p in prompts):
             raise ValueError(f"{self.generator_id}: shard {shard.shard_id} holds a prompt without token ids")
-        if self._env_cls is not None:
+        if self._env_cls is not None or self._agent is not None:
             return self._generate_trajectories(shard, sampling, t0)
         params = [
             SamplingParams(n=sampling.n, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
@@ -279,18 +287,15 @@ class Generator:
                              self.version)
         return report, batch
 
-    def _generate_trajectories(self, shard: PromptShard, sampling: SamplingSpec,
-                               t0: float) -> tuple[ShardReport, RolloutBatch]:
-        """Multi-turn: ``sampling.n`` trajectories of every prompt with the environment
-        (:func:`~ray_rlhf.generation.trajectory.run_trajectories`), every turn of every live
-        trajectory in one engine call."""
+    def _turn_sampler(self, sampling: SamplingSpec) -> Sampler:
+        """One turn of every request in one engine call, with the run's sampling settings."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         def sample(requests: list[TurnRequest]) -> list[Sampled]:
             params = [SamplingParams(n=1, max_tokens=r.max_tokens, temperature=sampling.temperature,
                                      top_p=sampling.top_p, seed=r.seed, logprobs=0, flat_logprobs=True,
-                                     ignore_eos=sampling.ignore_eos) for r in requests]
+                                     ignore_eos=sampling.ignore_eos, stop=list(r.stop) or None) for r in requests]
             outs = self._llm.generate([TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests], params,
                                       use_tqdm=False, lora_request=self._engine.lora_request)
             done = []
@@ -301,16 +306,42 @@ class Generator:
                 done.append(Sampled(list(c.token_ids), list(c.logprobs.logprobs), c.finish_reason, c.text))
             return done
 
+        return sample
+
+    def _limits(self, sampling: SamplingSpec) -> TrajectoryLimits:
         e = self.env
-        limits = TrajectoryLimits(max_new_tokens=sampling.max_new_tokens, max_turns=int(e["max_turns"]),
-                                  max_total_tokens=min(int(e.get("max_total_tokens") or self.max_model_len),
-                                                       self.max_model_len),
-                                  step_timeout_s=float(e["step_timeout_s"]))
-        cls, kwargs = self._env_cls, dict(e.get("kwargs") or {})
-        delta = TemplateDelta(self._llm.get_tokenizer(), getattr(cls, "tools", None))
-        batch, stats = run_trajectories(shard.prompts, sampling.n, sample, lambda: cls(**kwargs), delta, limits,
-                                        seed=sampling.seed, policy_version=self.version,
-                                        generator_id=self.generator_id)
+        return TrajectoryLimits(max_new_tokens=sampling.max_new_tokens, max_turns=int(e["max_turns"]),
+                                max_total_tokens=min(int(e.get("max_total_tokens") or self.max_model_len),
+                                                     self.max_model_len),
+                                step_timeout_s=float(e["step_timeout_s"]))
+
+    def _generate_trajectories(self, shard: PromptShard, sampling: SamplingSpec,
+                               t0: float) -> tuple[ShardReport, RolloutBatch]:
+        """Multi-turn: ``sampling.n`` trajectories of every prompt with the environment
+        (:func:`~ray_rlhf.generation.trajectory.run_trajectories`), every turn of every live
+        trajectory in one engine call; or, with ``env.agent``, ``sampling.n`` rollouts of the agent
+        against this generator's chat-completions endpoint
+        (:func:`~ray_rlhf.generation.openai_endpoint.run_agent_rollouts`)."""
+        e = self.env
+        limits, kwargs = self._limits(sampling), dict(e.get("kwargs") or {})
+        if self._agent is not None:
+            import asyncio
+
+            from ray_rlhf.generation.openai_endpoint import run_agent_rollouts
+
+            delta = TemplateDelta(self._llm.get_tokenizer())
+            batch, stats, batcher = asyncio.run(run_agent_rollouts(
+                shard.prompts, sampling.n, self._turn_sampler(sampling), self._agent, delta, limits, kwargs,
+                seed=sampling.seed, policy_version=self.version, generator_id=self.generator_id))
+            log.info("%s: shard %d, %d agent rollouts, %d engine calls of %.1f requests on average",
+                     self.generator_id, shard.shard_id, len(batch), len(batcher.batch_sizes),
+                     sum(batcher.batch_sizes) / max(len(batcher.batch_sizes), 1))
+        else:
+            cls = self._env_cls
+            delta = TemplateDelta(self._llm.get_tokenizer(), getattr(cls, "tools", None))
+            batch, stats = run_trajectories(shard.prompts, sampling.n, self._turn_sampler(sampling),
+                                            lambda: cls(**kwargs), delta, limits, seed=sampling.seed,
+                                            policy_version=self.version, generator_id=self.generator_id)
         model_tokens = int(batch.model_mask.sum())
         report = ShardReport(shard.shard_id, self.generator_id, len(batch), model_tokens, time.perf_counter() - t0,
                              self.version, env=stats.as_dict())

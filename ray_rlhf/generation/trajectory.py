@@ -60,6 +60,8 @@ class TurnRequest(NamedTuple):
     prompt_ids: list[int]
     max_tokens: int
     seed: int | None
+    stop: tuple[str, ...] = ()
+    """Stop strings (an OpenAI-client agent's ``stop``); none for environments."""
 
 
 class Sampled(NamedTuple):

@@ -20,4 +20,4 @@ def reward_sources(cfg: RunConfig) -> dict:
     rc = cfg.reward
     return dict(functions=[(f.name, f.weight, f.kind) for f in rc.functions], model_path=rc.model_path,
                 model_weight=rc.model_weight, batch_size=rc.batch_size, remote=[r.model_dump() for r in rc.remote],
-                env_rewards=bool(cfg.env.name))
+                env_rewards=cfg.env.multi_turn)

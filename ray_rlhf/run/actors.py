@@ -43,12 +43,12 @@ def generator_kwargs(cfg: RunConfig, policy_path: str | Path, generator_id: str)
 
 def env_spec(cfg: RunConfig) -> dict | None:
     """The generators' ``env`` argument (plain data): the environment and its limits; None for a
-    single-turn run (``env.name`` empty)."""
+    single-turn run (``env.name`` and ``env.agent`` empty)."""
     e = cfg.env
-    if not e.name:
+    if not e.multi_turn:
         return None
-    return dict(name=e.name, kwargs=dict(e.kwargs), max_turns=e.max_turns, step_timeout_s=e.step_timeout_s,
-                max_total_tokens=cfg.rollout.max_total_tokens)
+    return dict(name=e.name, agent=e.agent, kwargs=dict(e.kwargs), max_turns=e.max_turns,
+                step_timeout_s=e.step_timeout_s, max_total_tokens=cfg.rollout.max_total_tokens)
 
 
 def generator_actor(cfg: RunConfig) -> Any:
@@ -130,8 +130,8 @@ class RunActors:
                       max_restarts=g.max_restarts, shard_timeout_s=g.shard_timeout_s,
                       shard_timeout_floor_s=g.shard_timeout_floor_s,
                       slots=SharedSlots(shared_pg, g.num) if colocated else None,
-                      turns_per_sample=cfg.env.max_turns if cfg.env.name else 1,
-                      env_timeout_s=cfg.env.step_timeout_s if cfg.env.name else 0.0)
+                      turns_per_sample=cfg.env.max_turns if cfg.env.multi_turn else 1,
+                      env_timeout_s=cfg.env.step_timeout_s if cfg.env.multi_turn else 0.0)
         pool = (GeneratorPool(*args, **kwargs) if faults is None
                 else FaultyPool(*args, plan=faults, reward=reward, **kwargs))
         return cls(learners, reward, broadcaster, pool, capacity, faults,

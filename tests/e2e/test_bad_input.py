@@ -74,6 +74,10 @@ class BadTools:
 
     def step(self, action):
         return None, 0.0, True, {}
+
+
+def sync_rollout(client, row):  # env.agent needs `async def`
+    return 0.0
 '''
 BROKEN_IMPORT = "import package_that_is_not_installed_xyz\n\ndef score(prompt, response):\n    return 0.0\n"
 
@@ -264,6 +268,9 @@ CASES: dict[str, Case] = {
                                      ["env.name=no_such_env_module:Game", "cannot import"]),
     "env_step_wrong_shape": Case(["env.name=bad_envs:WrongShape"], ["bad_envs:WrongShape.step", "a tuple of 2"]),
     "env_invalid_tool_schema": Case(["env.name=bad_envs:BadTools"], ["bad_envs:BadTools.tools[0] (add)", "'a'"]),
+    "agent_not_importable": Case(["env.agent=no_such_agent_module:rollout"],
+                                 ["env.agent=no_such_agent_module:rollout", "cannot import"]),
+    "agent_not_async": Case(["env.agent=bad_envs:sync_rollout"], ["env.agent=bad_envs:sync_rollout", "async def"]),
     "env_max_turns_zero": Case(["env.name=ray_rlhf.envs.letters:LetterGame", "env.max_turns=0"],
                                ["env.max_turns", "greater than 0"]),
     "max_total_tokens_below_prompt": Case(["env.name=ray_rlhf.envs.letters:LetterGame", "rollout.max_total_tokens=8"],

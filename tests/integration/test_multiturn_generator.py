@@ -93,3 +93,74 @@ def test_every_trajectory_is_prompt_plus_sampled_and_observation_ids(run):
     assert report.env["observation_tokens"] == int((batch.loss_mask == 0).sum())
     assert report.env["reward_sum"] == pytest.approx(float(batch.token_reward.sum()), abs=1e-4)
     assert (batch.prompt_lengths + batch.response_lengths <= 150).all()
+
+
+TRANSCRIPTS: dict[tuple[int, str], list] = {}
+"""(prompt index, the rollout's base_url) -> what the agent sent and got back, for the checks."""
+
+
+async def two_turn_agent(client, row):
+    """An agent written against the OpenAI client, unaware of training."""
+    messages = [{"role": "system", "content": "You answer in short sentences."},
+                {"role": "user", "content": row["prompt"]}]
+    first = await client.chat.completions.create(model="policy", messages=messages, max_tokens=10)
+    messages += [first.choices[0].message, {"role": "user", "content": "Say it again with more e."}]
+    second = await client.chat.completions.create(model="policy", messages=messages, stop=["zzz"])
+    TRANSCRIPTS[(row["prompt_index"], str(client.base_url))] = [first, second]
+    text = second.choices[0].message.content or ""
+    return text.count("e") / max(len(text), 1)
+
+
+def test_an_openai_client_agent_on_the_real_engine(run):
+    """``env.agent``: rollouts of an agent using ``openai.AsyncOpenAI`` against the generator's
+    endpoint on 127.0.0.1. Every row is the first request rendered once + exactly the ids the engine
+    sampled + the template delta of the new message; the mask covers the sampled ids; a log-prob per
+    sampled id; the pieces add up to the whole conversation rendered at once."""
+    gen, tok, _, _, calls = run
+    calls.clear()
+    gen._agent, env_cls, env = two_turn_agent, gen._env_cls, gen.env
+    gen._env_cls, gen.env = None, {**env, "kwargs": {}}
+    try:
+        report, batch = gen.generate(PromptShard(1, tuple(PromptItem(i, t, tuple(tok(t).input_ids), {"answer": "x"})
+                                                           for i, t in enumerate(PROMPTS[:2]))),
+                                     SamplingSpec(n=3, max_new_tokens=12, seed=7))
+    finally:
+        gen._agent, gen._env_cls, gen.env = None, env_cls, env
+    delta = TemplateDelta(tok)
+    sampled = {(tuple(ids), seed): (out, lps) for call in calls for ids, out, lps, seed, _ in call}
+    assert len(batch) == 6 and len(TRANSCRIPTS) == 6 and len(calls) < 12  # concurrent rollouts share engine calls
+    assert set(batch.finish_reason.tolist()) <= {"stop", "length"} and (batch.turn_count == 2).all()
+    p_off, r_off = batch.prompt_offsets, batch.response_offsets
+    for i in range(len(batch)):
+        prompt = batch.prompt_ids[p_off[i]:p_off[i + 1]].tolist()
+        ids = batch.response_ids[r_off[i]:r_off[i + 1]].tolist()
+        mask = batch.loss_mask[r_off[i]:r_off[i + 1]].tolist()
+        lps = batch.sampler_logprobs[r_off[i]:r_off[i + 1]].tolist()
+        messages = [{"role": "system", "content": "You answer in short sentences."},
+                    {"role": "user", "content": PROMPTS[int(batch.prompt_index[i])]}]
+        text0 = delta.render(messages, add_generation_prompt=True)
+        assert prompt == tok(text0, add_special_tokens=delta.template is not None)["input_ids"]
+        index, sample = int(batch.prompt_index[i]), int(batch.sample_index[i])
+        out1, lps1 = sampled[(tuple(prompt), turn_seed(7, index, sample, 0))]  # token in: exactly these ids
+        _, obs = delta.delta_ids("assistant", [{"role": "user", "content": "Say it again with more e."}],
+                                 ended_on_eos=out1[-1] == tok.eos_token_id)
+        out2, lps2 = sampled[(tuple(prompt + out1 + obs), turn_seed(7, index, sample, 1))]
+        assert ids == out1 + obs + out2, f"row {i}: assembled ids differ from sampled + observation ids"
+        assert mask == [1] * len(out1) + [0] * len(obs) + [1] * len(out2)
+        assert lps == pytest.approx(lps1 + [0.0] * len(obs) + lps2) and all(lp < 0 for lp in lps1 + lps2)
+        assert batch.token_reward[r_off[i]:r_off[i + 1]][:-1].sum() == 0  # the reward on the last token only
+        assert len(out1) <= 10  # the request's max_tokens
+    # rendered incrementally == the whole conversation rendered at once (text), for every rollout
+    for (index, _), (first, second) in TRANSCRIPTS.items():
+        c1, c2 = first.choices[0].message.content, second.choices[0].message.content
+        row = next(i for i in range(len(batch)) if int(batch.prompt_index[i]) == index
+                   and batch.response[i].startswith(c1) and batch.response[i].endswith(c2))
+        whole = delta.render([{"role": "system", "content": "You answer in short sentences."},
+                              {"role": "user", "content": PROMPTS[index]}, {"role": "assistant", "content": c1},
+                              {"role": "user", "content": "Say it again with more e."},
+                              {"role": "assistant", "content": c2}], add_generation_prompt=False)
+        # The tiny template renders an assistant message as "assistant: <content>" while its generation
+        # prompt is "assistant:" (the model samples a space, or not): that one space aside, the same text.
+        assert whole.replace("assistant: ", "assistant:") == batch.prompt[row] + batch.response[row] + "\n"
+        assert first.usage.prompt_tokens == len(batch.prompt_ids[p_off[row]:p_off[row + 1]])
+    assert report.env["trajectories"] == 6 and report.env["turns"] == 12 and report.env["errors"] == 0
