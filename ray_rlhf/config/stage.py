@@ -81,6 +81,16 @@ class StageLearner(_Section):
     writes ``output_dir`` (a path every rank can read, to resume on several nodes)."""
     num_cpus: float = Field(1.0, gt=0)
     """Ray CPUs reserved per rank (``learner.num > 1``); each rank runs that many torch threads."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """How several ranks hold the model: ``ddp`` (each a full copy, gradients summed) or ``fsdp``
+    (FSDP2: parameters, gradients and AdamW state sharded over the ranks; the checkpoint and the
+    final model are gathered whole by every rank and written by rank 0). One rank: no difference."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where each rank trains: ``cuda`` puts each rank on a GPU of its own (one GPU reserved per rank
+    with ``learner.num > 1``; NCCL between ranks); refused with one line where no GPU is visible."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype: ``bfloat16`` runs forward and backward under bf16 autocast (FSDP2: bf16
+    parameters in compute, float32 gradient reduction); weights, gradients and AdamW stay float32."""
 
 
 class DPOSection(_Section):

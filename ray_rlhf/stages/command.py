@@ -5,7 +5,9 @@ Keys are those of the stage's typed config tree (:class:`~ray_rlhf.config.stage.
 ...), or 0.2's flat names (``model_path``, ``out``, ``lr`` ...). With no key at all the stage runs on
 the offline tiny model and the bundled data. An unknown key or a value of the wrong type is one
 line, exit 2. SIGTERM stops after the current step, with a checkpoint; the same command resumes.
-``learner.num=N`` (N > 1) runs the stage on N ranks as Ray actors (:mod:`ray_rlhf.stages.group`).
+``learner.num=N`` (N > 1) runs the stage on N ranks as Ray actors (:mod:`ray_rlhf.stages.group`),
+``learner.strategy=fsdp`` shards them (FSDP2), ``learner.device=cuda`` / ``learner.dtype=bfloat16``
+train on GPUs / in bf16 autocast.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 from pathlib import Path
 
 from ray_rlhf.config.stage import BUNDLED_DATA, StageConfig, load_stage_config
+from ray_rlhf.errors import UserError
 from ray_rlhf.stages.runner import StageOptions, run_stage
 
 
@@ -45,7 +48,8 @@ def to_options(cfg: StageConfig) -> StageOptions:
         seed=cfg.seed, checkpoint_every=cfg.checkpoint.every, beta=cfg.dpo.beta, loss=cfg.dpo.loss,
         label_smoothing=cfg.dpo.label_smoothing, max_tokens=cfg.data.max_tokens,
         eval_fraction=cfg.data.eval_fraction, eval_path=cfg.data.eval_path or "", eval_every=cfg.eval.every,
-        num_ranks=cfg.learner.num, num_cpus=cfg.learner.num_cpus)
+        num_ranks=cfg.learner.num, num_cpus=cfg.learner.num_cpus, strategy=cfg.learner.strategy,
+        device=cfg.learner.device, dtype=cfg.learner.dtype)
 
 
 def parse_options(stage: str, overrides: list[str], config: str | None = None) -> StageConfig:
@@ -55,8 +59,22 @@ def parse_options(stage: str, overrides: list[str], config: str | None = None) -
     return load_stage_config(stage, config, overrides)
 
 
+def check_device(cfg: StageConfig) -> None:
+    """``learner.device=cuda`` in the command's own process (one rank) needs a GPU it can see; with
+    several ranks the Ray cluster's GPUs are counted when the ranks start (:mod:`ray_rlhf.stages.group`)."""
+    if cfg.learner.device != "cuda" or cfg.learner.num > 1:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(f"learner.device=cuda but this process sees no CUDA GPU (torch {torch.__version__}, "
+                        "torch.cuda.is_available() is False); run on a GPU node or set learner.device=cpu")
+
+
 def main(stage: str, argv: list[str] | None = None) -> None:
-    opts = to_options(parse_options(stage, list(sys.argv[1:] if argv is None else argv)))
+    cfg = parse_options(stage, list(sys.argv[1:] if argv is None else argv))
+    check_device(cfg)  # before the model is built or loaded
+    opts = to_options(cfg)
     stop = {"now": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     try:

@@ -31,6 +31,21 @@ def test_sft_stopped_and_resumed_equals_uninterrupted(tiny_policy_path, data, tm
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_bfloat16_compute_trains_close_to_float32(tiny_policy_path, data, tmp_path):
+    """``learner.dtype=bfloat16``: the same steps under bf16 autocast; the step-1 loss within bf16's
+    round-off of float32's (not bit-equal: the autocast is on), the loss falls, the weights stay float32."""
+    kw = dict(stage="sft", model_path=str(tiny_policy_path), data_path=str(data[0]), steps=3, batch_size=8,
+              micro_batch_size=8, checkpoint_every=100)
+    f32 = run_stage(StageOptions(out=str(tmp_path / "f32"), **kw))
+    bf16 = run_stage(StageOptions(out=str(tmp_path / "bf16"), dtype="bfloat16", **kw))
+    a, b = f32[0]["sft/loss"], bf16[0]["sft/loss"]
+    print(f"\nstep-1 SFT loss float32 {a:.6f} bfloat16 {b:.6f}; last {f32[-1]['sft/loss']:.4f} {bf16[-1]['sft/loss']:.4f}")
+    assert a != b and b == pytest.approx(a, rel=2e-2)
+    assert bf16[-1]["sft/loss"] < bf16[0]["sft/loss"]
+    state = torch.load(tmp_path / "bf16" / "checkpoint.pt", weights_only=True)["model"]
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
+
+
 def test_rm_output_is_a_sequence_classifier(tiny_policy_path, data, tmp_path):
     hist = run_stage(StageOptions(stage="rm", model_path=str(tiny_policy_path), data_path=str(data[1]),
                                   out=str(tmp_path), steps=2, batch_size=8))
