@@ -33,12 +33,18 @@ CASES = {
     "sft_without_response": ("sft", [{"prompt": "x"}], [], "has no 'response'"),
     "dpo_beta_zero": ("dpo", [{"prompt": "x", "chosen": "c", "rejected": "r"}], ["dpo.beta=0"], "dpo.beta=0"),
     "unknown_key": ("sft", [{"prompt": "x", "response": "y"}], ["bogus=1"], "unknown sft option"),
+    "cuda_without_gpu": ("sft", [{"prompt": "x", "response": "y"}], ["learner.device=cuda"], "sees no CUDA GPU"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_stage_input_is_one_line_exit_2(case, tiny_policy_path, tmp_path):
     stage, rows, extra, match = CASES[case]
+    if case == "cuda_without_gpu":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
     data = jsonl(tmp_path / "d.jsonl", rows)
     proc = run(stage, [f"model_path={tiny_policy_path}", f"data.path={data}", f"out={tmp_path / 'out'}", *extra], tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
