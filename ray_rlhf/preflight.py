@@ -324,7 +324,15 @@ def check_lora(cfg: RunConfig, policy_path: str | Path) -> None:
     """``lora.target_modules`` must each match a linear module of the policy's decoder trunk: the
     model is built from its config on the meta device (no weights) and the names resolved as the
     learner resolves them (:func:`ray_rlhf.learning.lora.resolve_targets`)."""
-    if not cfg.lora.rank or cfg.lora.target_modules is None:
+    if cfg.lora.rank:
+        check_lora_targets(policy_path, cfg.lora.target_modules)
+
+
+def check_lora_targets(policy_path: str | Path, targets) -> None:
+    """Each of ``targets`` (None: all) matches a linear module of the causal LM at ``policy_path``,
+    resolved on the meta device (no weights) as the learner resolves them; else one line naming the
+    model's linear modules (also the SFT and DPO stages' check)."""
+    if targets is None:
         return
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -334,7 +342,7 @@ def check_lora(cfg: RunConfig, policy_path: str | Path) -> None:
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(policy_path)))
     try:
-        resolve_targets(lm, cfg.lora.target_modules)
+        resolve_targets(lm, targets)
     except ValueError as e:
         raise UserError(f"{e}; set lora.target_modules to some of them, or leave it empty for all") from None
 

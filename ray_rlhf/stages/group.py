@@ -53,7 +53,8 @@ class StageRank:
         self.stop.set()
 
 
-def _connect() -> None:
+def connect() -> None:
+    """Ray: already connected, the cluster of ``RAY_ADDRESS``, or a local one."""
     import ray
 
     from ray_rlhf.run.cluster import check_reachable, local_runtime_env
@@ -79,7 +80,7 @@ def run_stage_group(opts: StageOptions, report: Callable[[dict], None] | None = 
 
     from ray_rlhf.errors import UserError
 
-    _connect()
+    connect()
     n, cpus, gpus = opts.num_ranks, opts.num_cpus, int(opts.device == "cuda")
     have = ray.cluster_resources().get("GPU", 0)
     if gpus and have < n:

@@ -74,6 +74,11 @@ class StageOptions:
     """``learner.device``: ``cpu`` or ``cuda`` (each rank on its own GPU)."""
     dtype: str = "float32"
     """``learner.dtype``: ``float32`` or ``bfloat16`` (autocast compute)."""
+    lora_rank: int = 0
+    """``lora.rank`` (sft, dpo): adapters of this rank on the frozen policy; 0 = full fine-tuning."""
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] | None = None
+    lora_dropout: float = 0.0
 
 
 def _ids(tokenizer, prompt, completion: str | None, max_tokens: int) -> tuple[list[int], list[int]]:
@@ -106,6 +111,7 @@ def build(opts: StageOptions, rank: int = 0, address: tuple[str, int] | None = N
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from ray_rlhf.learning.loading import disable_dropout, load_causal_lm
+    from ray_rlhf.learning.lora import AdapterOffReference, Adapters, LoraSpec
     from ray_rlhf.learning.objectives.dpo import DPOObjective
     from ray_rlhf.learning.objectives.rm import PairScorer, RMObjective, RMPairs
     from ray_rlhf.learning.objectives.sft import SFTObjective
@@ -135,9 +141,14 @@ def build(opts: StageOptions, rank: int = 0, address: tuple[str, int] | None = N
         train, held = split(RMPairs(*data), None if held is None else RMPairs(*held), opts)
         return engine, RMObjective(), train, held, tokenizer
     lm = load_causal_lm(opts.model_path, opts.device)
-    reference = ReferenceModel(copy.deepcopy(lm)) if opts.stage == "dpo" else None
+    adapters = None
+    if opts.lora_rank:  # the trunk frozen, adapters injected in place; DPO's reference: adapters off
+        adapters = Adapters(lm, LoraSpec(opts.lora_rank, opts.lora_alpha, opts.lora_targets, opts.lora_dropout))
+    reference = None
+    if opts.stage == "dpo":
+        reference = AdapterOffReference(adapters) if adapters else ReferenceModel(copy.deepcopy(lm))
     engine = _joined(Engine(PolicyWithValueHead(lm, value_head=False), reference, _engine_options(opts, rank), optim,
-                            device=opts.device, seed=opts.seed), address)
+                            device=opts.device, seed=opts.seed, adapters=adapters), address)
     if opts.stage == "sft":
         return (engine, SFTObjective(), *split(data, held, opts), tokenizer)
     obj = DPOObjective(opts.beta, opts.loss, opts.label_smoothing)
@@ -227,6 +238,9 @@ def run_stage(opts: StageOptions, stop_after: int | None = None, report=None, sh
     full = parallel.full_state_dict(engine.model, opts.num_ranks, opts.strategy) if engine.sharded else None
     if writer:
         lm_state = {k.removeprefix("lm."): v for k, v in full.items() if k.startswith("lm.")} if full else None
+        if engine.adapters is not None:  # the merged model (loads anywhere), and the adapters alone
+            lm_state = engine.adapters.merged_state()
+            engine.adapters.peft.save_pretrained(out / "adapter", safe_serialization=True)
         engine.model.lm.save_pretrained(out / "model", **({"state_dict": lm_state} if lm_state else {}))
         tokenizer.save_pretrained(out / "model")
     return history

@@ -71,8 +71,27 @@ def test_rm_through_the_cli_writes_a_sequence_classifier(rm_out):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "rm step 2/2" in proc.stdout
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     cfg = json.loads((out / "model" / "config.json").read_text())
     assert cfg["architectures"][0].endswith("ForSequenceClassification")
+
+
+def test_the_same_command_with_more_steps_resumes_and_keeps_the_metrics(rm_out, tiny_policy_path, tmp_path):
+    """``ray-rlhf rm ... steps=3`` on the 2-step run's output: resumes from its checkpoint, takes one
+    step, and metrics.jsonl holds rows 1-3 with the first two unchanged."""
+    import shutil
+
+    _, out = rm_out
+    again = tmp_path / "rm"
+    shutil.copytree(out, again)
+    before = (again / "metrics.jsonl").read_text().splitlines()
+    prefs = next(out.parent.glob("data/*prefs*"))
+    proc = run("rm", [f"model_path={tiny_policy_path}", f"data.path={prefs}", f"out={again}", "steps=3", "batch_size=8"],
+               tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "rm step 3/3" in proc.stdout and "rm step 1/3" not in proc.stdout
+    rows = (again / "metrics.jsonl").read_text().splitlines()
+    assert rows[:2] == before and [json.loads(r)["step"] for r in rows] == [1, 2, 3]
 
 
 def test_the_rm_output_scores_a_ppo_run_through_the_cli(rm_out, tiny_policy_path, tmp_path):

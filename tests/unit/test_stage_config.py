@@ -44,6 +44,8 @@ def test_a_yaml_file_then_overrides(tmp_path):
     (["steps=many"], "steps='many'"),
     (["learner.strategy=zero3"], "learner.strategy='zero3'"),
     (["learner.dtype=float16"], "learner.dtype='float16'"),
+    (["lora.rank=-1"], "lora.rank=-1"),
+    (["lora.rank=8", "learner.num=2", "learner.strategy=fsdp"], "not supported for the stages yet"),
     (["--config", "nope"], "neither a stage preset"),
 ])
 def test_bad_keys_are_one_line(args, match):
@@ -61,7 +63,8 @@ def test_every_key_reaches_the_runner(tmp_path, monkeypatch):
               "optim.batch_size": 3, "optim.micro_batch_size": 1, "optim.max_grad_norm": 0.5, "eval.every": 4,
               "checkpoint.every": 6, "dpo.beta": 0.7, "dpo.loss": "ipo", "dpo.label_smoothing": 0.2,
               "learner.num": 2, "learner.num_cpus": 0.5, "learner.strategy": "fsdp", "learner.device": "cuda",
-              "learner.dtype": "bfloat16"}
+              "learner.dtype": "bfloat16", "lora.rank": 8, "lora.alpha": 8.0, "lora.target_modules": ["q_proj"],
+              "lora.dropout": 0.1}
     assert set(values) == set(_keys())
     base = dict(model_path="model.path=/m", data="data.path=/d")
     built = []
@@ -96,3 +99,9 @@ def test_cuda_without_a_gpu_is_one_line_before_anything_is_built():
         check_device(parse_options("sft", ["learner.device=cuda"]))
     assert "\n" not in str(e.value) and "learner.device=cpu" in str(e.value)
     check_device(parse_options("sft", ["learner.device=cuda", "learner.num=2"]))  # counted when the ranks start
+
+
+def test_lora_for_rm_is_refused_in_one_line():
+    with pytest.raises(UserError, match="lora.rank > 0 is not supported for rm yet") as e:
+        parse_options("rm", ["lora.rank=8"])
+    assert "\n" not in str(e.value)
