@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from ray_rlhf.envs.base import load_agent, load_env_class
+from ray_rlhf.envs.remote import env_pool_for
 from ray_rlhf.errors import UserError
 from ray_rlhf.generation.trajectory import (
     Sampled,
@@ -339,9 +340,15 @@ class Generator:
         else:
             cls = self._env_cls
             delta = TemplateDelta(self._llm.get_tokenizer(), getattr(cls, "tools", None))
-            batch, stats = run_trajectories(shard.prompts, sampling.n, self._turn_sampler(sampling),
-                                            lambda: cls(**kwargs), delta, limits, seed=sampling.seed,
-                                            policy_version=self.version, generator_id=self.generator_id)
+            self._env_pool = env_pool_for(getattr(self, "_env_pool", None), e)  # env.num_cpus > 0: env actors
+            try:
+                batch, stats = run_trajectories(shard.prompts, sampling.n, self._turn_sampler(sampling),
+                                                self._env_pool.make if self._env_pool else lambda: cls(**kwargs),
+                                                delta, limits, seed=sampling.seed,
+                                                policy_version=self.version, generator_id=self.generator_id)
+            finally:
+                if self._env_pool:
+                    self._env_pool.release()
         model_tokens = int(batch.model_mask.sum())
         report = ShardReport(shard.shard_id, self.generator_id, len(batch), model_tokens, time.perf_counter() - t0,
                              self.version, env=stats.as_dict())

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ray_rlhf.envs.base import load_env_class
 from ray_rlhf.envs.letters import LetterGame
 from ray_rlhf.generation.trajectory import TemplateDelta, turn_seed
 from ray_rlhf.records import PromptItem, PromptShard, SamplingSpec
@@ -164,3 +165,58 @@ def test_an_openai_client_agent_on_the_real_engine(run):
         assert whole.replace("assistant: ", "assistant:") == batch.prompt[row] + batch.response[row] + "\n"
         assert first.usage.prompt_tokens == len(batch.prompt_ids[p_off[row]:p_off[row + 1]])
     assert report.env["trajectories"] == 6 and report.env["turns"] == 12 and report.env["errors"] == 0
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for the environment actors (``env.num_cpus``); the engine stays in this process."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _with_env(gen, tok, env: dict, prompts=PROMPTS, n: int = 3, shard_id: int = 2):
+    """One shard generated with ``gen.env`` set to ``env`` (restored after)."""
+    old, old_cls = gen.env, gen._env_cls
+    gen.env = env
+    gen._env_cls = load_env_class(env["name"])
+    try:
+        items = tuple(PromptItem(i, t, tuple(tok(t).input_ids), {"answer": str(i)}) for i, t in enumerate(prompts))
+        return gen.generate(PromptShard(shard_id, items), SamplingSpec(n=n, max_new_tokens=12, seed=7))
+    finally:
+        gen.env, gen._env_cls = old, old_cls
+
+
+def test_environments_in_actors_of_their_own_equal_in_process(run, local_ray):
+    """``env.num_cpus=0.1``: the same LetterGame trajectories as in the generator's process (same
+    seeds, same engine), the environments living in two env-host actors."""
+    gen, tok, report, batch, _ = run
+    report2, batch2 = _with_env(gen, tok, {**ENV, "num_cpus": 0.1, "num_actors": 2})
+    pool = gen._env_pool
+    assert pool is not None and pool.started == 2 and all(h is not None for h in pool.hosts)
+    for name in ("prompt_ids", "response_ids", "loss_mask", "token_reward", "sampler_logprobs", "finish_reason"):
+        assert getattr(batch2, name).tolist() == getattr(batch, name).tolist(), name
+    assert report2.env["errors"] == 0 and report2.env["turns"] == report.env["turns"]
+    held = local_ray.get([h.close.remote([]) for h in pool.hosts])
+    assert held == [0, 0]  # the shard's instances were dropped when it ended
+
+
+def test_a_dead_environment_actor_ends_only_its_trajectories(run, local_ray, tmp_path):
+    """The host that runs the first ``step`` dies (``os._exit``): its trajectories (every other one,
+    round robin over two hosts) end with ``env_error``, the others complete; the pool starts a new
+    host for the next shard."""
+    gen, tok, _, _, _ = run
+    env = {**ENV, "name": "tests.integration.dying_env:LetterGameDiesOnce",
+           "kwargs": {"turns": 3, "marker": str(tmp_path / "died")}, "num_cpus": 0.1, "num_actors": 2}
+    report, batch = _with_env(gen, tok, env, shard_id=3)
+    errors = [i for i, r in enumerate(batch.finish_reason.tolist()) if r == "env_error"]
+    assert (tmp_path / "died").exists() and len(errors) == 6 and len({i % 2 for i in errors}) == 1
+    assert report.env["errors"] == 6 and all(batch.turn_count[i] == 1 for i in errors)
+    others = [r for i, r in enumerate(batch.finish_reason.tolist()) if i not in errors]
+    assert set(others) <= {"stop", "length", "max_total_tokens"}
+    pool = gen._env_pool
+    assert pool.hosts.count(None) == 1  # the dead host is forgotten...
+    report, batch = _with_env(gen, tok, env, prompts=PROMPTS[:1], n=2, shard_id=4)
+    assert pool.started == 3 and report.env["errors"] == 0  # ...and replaced for the next shard
