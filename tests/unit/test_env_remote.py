@@ -62,3 +62,15 @@ def test_env_actors_are_for_environments_not_agents():
     with pytest.raises(ValueError, match="env.num_cpus=1.0 runs environments"):
         RunConfig(env={"agent": "my_agents:rollout", "num_cpus": 1})
     assert RunConfig(env={"name": "ray_rlhf.envs.letters:LetterGame", "num_cpus": 0.1}).env.num_cpus == 0.1
+
+
+def test_env_actors_count_in_the_local_cpu_check(monkeypatch):
+    """``env.num_cpus`` x ``env.num_actors`` per generator is part of what a local Ray must hold."""
+    from ray_rlhf.config import load_config
+    from ray_rlhf.preflight import check_local_capacity
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    base = ["env.name=ray_rlhf.envs.letters:LetterGame", "ray.num_cpus=3", "generators.num=2", "generators.num_cpus=0.5"]
+    check_local_capacity(load_config("tiny", [*base, "env.num_cpus=0.5"]))
+    with pytest.raises(UserError, match=r"\+ env actors 2 x 2 x 0.5\) but this local Ray has 3"):
+        check_local_capacity(load_config("tiny", [*base, "env.num_cpus=0.5", "env.num_actors=2"]))
