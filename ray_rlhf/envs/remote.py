@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
+import logging
 import threading
 import uuid
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from typing import Any
 from ray_rlhf.envs.base import StepResult, check_step, load_env_class
 
 __all__ = ["EnvHost", "EnvHostPool", "RemoteEnv", "env_pool_for"]
+
+log = logging.getLogger(__name__)
 
 
 def _in_daemon_thread(fn: Callable, arg: Any) -> concurrent.futures.Future:
@@ -132,6 +135,19 @@ class EnvHostPool:
             self.hosts[slot] = ray.remote(num_cpus=self.num_cpus, max_restarts=0)(EnvHost).remote(self.name, self.kwargs)
             self.started += 1
         return self.hosts[slot]
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        """Start the missing hosts and wait until they answer (at most ``timeout_s``), so that an
+        actor's start-up does not count against ``env.step_timeout_s``. Hosts not up by then (no room
+        in the cluster) are left starting: their trajectories' calls time out (``env_error``)."""
+        import ray
+
+        new = [self._host(slot) for slot in range(self.num_actors) if self.hosts[slot] is None]
+        if new:
+            _, pending = ray.wait([h.close.remote([]) for h in new], num_returns=len(new), timeout=timeout_s)
+            if pending:
+                log.warning("%d of %d environment actors (env.num_cpus=%g) not up after %.0f s; is there room "
+                            "in the cluster?", len(pending), len(new), self.num_cpus, timeout_s)
 
     def make(self) -> RemoteEnv:
         slot = self._next % self.num_actors

@@ -341,6 +341,8 @@ class Generator:
             cls = self._env_cls
             delta = TemplateDelta(self._llm.get_tokenizer(), getattr(cls, "tools", None))
             self._env_pool = env_pool_for(getattr(self, "_env_pool", None), e)  # env.num_cpus > 0: env actors
+            if self._env_pool:
+                self._env_pool.start()
             try:
                 batch, stats = run_trajectories(shard.prompts, sampling.n, self._turn_sampler(sampling),
                                                 self._env_pool.make if self._env_pool else lambda: cls(**kwargs),
