@@ -127,6 +127,9 @@ class EnvHostPool:
         self.started = 0
         """Hosts started so far (replacements of dead ones included)."""
         self._next = 0
+        # The proxies' class is named after the environment's, so that the trajectory code's warnings
+        # ("environment LetterGame failed at turn 2 ...") name the user's class, not this wrapper.
+        self._proxy = type(name.rpartition(":")[2] or "RemoteEnv", (RemoteEnv,), {"__module__": name.partition(":")[0]})
 
     def _host(self, slot: int) -> Any:
         if self.hosts[slot] is None:
@@ -154,7 +157,7 @@ class EnvHostPool:
         self._next += 1
         key = uuid.uuid4().hex
         self.keys[slot].append(key)
-        return RemoteEnv(self, slot, self._host(slot), key)
+        return self._proxy(self, slot, self._host(slot), key)
 
     def lost(self, slot: int, host: Any) -> None:
         """``host`` died: forget it (a new one is started when ``slot`` is next used)."""

@@ -206,14 +206,16 @@ def test_environments_in_actors_of_their_own_equal_in_process(run, local_ray):
     assert held == [0, 0]  # the shard's instances were dropped when it ended
 
 
-def test_a_dead_environment_actor_ends_only_its_trajectories(run, local_ray, tmp_path):
+def test_a_dead_environment_actor_ends_only_its_trajectories(run, local_ray, tmp_path, caplog):
     """The host that runs the first ``step`` dies (``os._exit``): its trajectories (every other one,
     round robin over two hosts) end with ``env_error``, the others complete; the pool starts a new
     host for the next shard."""
     gen, tok, _, _, _ = run
     env = {**ENV, "name": "tests.integration.dying_env:LetterGameDiesOnce",
            "kwargs": {"turns": 3, "marker": str(tmp_path / "died")}, "num_cpus": 0.1, "num_actors": 2}
-    report, batch = _with_env(gen, tok, env, shard_id=3)
+    with caplog.at_level("WARNING", logger="ray_rlhf.generation.trajectory"):
+        report, batch = _with_env(gen, tok, env, shard_id=3)
+    assert "environment LetterGameDiesOnce failed at turn 1" in caplog.text and "Actor" in caplog.text
     errors = [i for i, r in enumerate(batch.finish_reason.tolist()) if r == "env_error"]
     assert (tmp_path / "died").exists() and len(errors) == 6 and len({i % 2 for i in errors}) == 1
     assert report.env["errors"] == 6 and all(batch.turn_count[i] == 1 for i in errors)

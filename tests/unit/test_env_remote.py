@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from ray_rlhf.envs.letters import LetterGame
-from ray_rlhf.envs.remote import EnvHost, EnvHostPool, env_pool_for
+from ray_rlhf.envs.remote import EnvHost, EnvHostPool, RemoteEnv, env_pool_for
 from ray_rlhf.errors import UserError
 
 
@@ -53,6 +53,7 @@ def test_the_pool_follows_the_env_spec():
     pool = env_pool_for(None, spec)
     assert isinstance(pool, EnvHostPool) and pool.num_actors == 2 and pool.started == 0  # hosts start on first use
     assert env_pool_for(pool, dict(spec)) is pool
+    assert pool._proxy.__name__ == "LetterGame" and issubclass(pool._proxy, RemoteEnv)  # warnings name the class
     assert env_pool_for(pool, {**spec, "num_actors": 3}) is not pool
 
 
