@@ -294,3 +294,15 @@ def test_a_tool_call_sampled_by_the_real_engine(run):
         assert re.fullmatch(ANSWER_REGEX, answer)
         expect = float(str(a + b) in answer)
         assert batch.token_reward[r_off[i]:r_off[i + 1]].tolist() == [0.0] * (len(ids) - 1) + [expect]
+
+
+def test_a_hung_step_in_an_environment_actor_times_out(run, local_ray):
+    """``env.step_timeout_s`` holds for environments in actors: a ``step`` that hangs (prompt 0) ends
+    its trajectories with ``env_error``; the others, in the same actor, complete."""
+    gen, tok, _, _, _ = run
+    env = {**ENV, "name": "tests.integration.hanging_env:LetterGameHangs", "step_timeout_s": 1.5,
+           "num_cpus": 0.1, "num_actors": 1}
+    report, batch = _with_env(gen, tok, env, n=1, shard_id=6)
+    reasons = batch.finish_reason.tolist()
+    assert reasons[0] == "env_error" and report.env["errors"] == 1
+    assert set(reasons[1:]) <= {"stop", "length", "max_total_tokens"}
