@@ -12,23 +12,25 @@ sees :class:`RemoteEnv` objects with the same ``reset(row)`` / ``step(action)`` 
   run goes on, and the pool starts a new host in its place for the next shard.
 
 Instances are dropped from their host when the shard ends (:meth:`EnvHostPool.release`). The hosts
-are the generator's children: they end with it.
+are the generator's children: they end with it. The generator gets each shard's ``make_env`` from
+:meth:`EnvMakers.shard` (in-process instances when ``env.num_cpus`` is empty or 0).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import inspect
 import logging
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ray_rlhf.envs.base import StepResult, check_step, load_env_class
 
-__all__ = ["EnvHost", "EnvHostPool", "RemoteEnv", "env_pool_for"]
+__all__ = ["EnvHost", "EnvHostPool", "EnvMakers", "RemoteEnv", "env_pool_for"]
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +181,29 @@ class EnvHostPool:
             if host is not None:
                 ray.kill(host)
         self.hosts = [None] * self.num_actors
+
+
+class EnvMakers:
+    """A generator's ``make_env`` per shard: new instances in its own process, or (``env.num_cpus``
+    > 0) :class:`RemoteEnv` objects on its :class:`EnvHostPool`, kept from shard to shard."""
+
+    def __init__(self):
+        self.pool: EnvHostPool | None = None
+
+    @contextlib.contextmanager
+    def shard(self, env: dict, cls: type) -> Iterator[Callable[[], Any]]:
+        """``make_env`` for one shard of the ``env`` spec (``cls``: the loaded ``env.name``); the
+        pool's hosts are up before it is handed out, and the shard's instances dropped after."""
+        self.pool = env_pool_for(self.pool, env)
+        if self.pool is None:
+            kwargs = dict(env.get("kwargs") or {})
+            yield lambda: cls(**kwargs)
+            return
+        self.pool.start()
+        try:
+            yield self.pool.make
+        finally:
+            self.pool.release()
 
 
 def env_pool_for(pool: EnvHostPool | None, env: dict | None) -> EnvHostPool | None:

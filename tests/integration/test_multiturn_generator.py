@@ -197,7 +197,7 @@ def test_environments_in_actors_of_their_own_equal_in_process(run, local_ray):
     seeds, same engine), the environments living in two env-host actors."""
     gen, tok, report, batch, _ = run
     report2, batch2 = _with_env(gen, tok, {**ENV, "num_cpus": 0.1, "num_actors": 2})
-    pool = gen._env_pool
+    pool = gen._env_makers.pool
     assert pool is not None and pool.started == 2 and all(h is not None for h in pool.hosts)
     for name in ("prompt_ids", "response_ids", "loss_mask", "token_reward", "sampler_logprobs", "finish_reason"):
         assert getattr(batch2, name).tolist() == getattr(batch, name).tolist(), name
@@ -221,7 +221,7 @@ def test_a_dead_environment_actor_ends_only_its_trajectories(run, local_ray, tmp
     assert report.env["errors"] == 6 and all(batch.turn_count[i] == 1 for i in errors)
     others = [r for i, r in enumerate(batch.finish_reason.tolist()) if i not in errors]
     assert set(others) <= {"stop", "length", "max_total_tokens"}
-    pool = gen._env_pool
+    pool = gen._env_makers.pool
     assert pool.hosts.count(None) == 1  # the dead host is forgotten...
     report, batch = _with_env(gen, tok, env, prompts=PROMPTS[:1], n=2, shard_id=4)
     assert pool.started == 3 and report.env["errors"] == 0  # ...and replaced for the next shard

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from ray_rlhf.envs.letters import LetterGame
-from ray_rlhf.envs.remote import EnvHost, EnvHostPool, RemoteEnv, env_pool_for
+from ray_rlhf.envs.remote import EnvHost, EnvHostPool, EnvMakers, RemoteEnv, env_pool_for
 from ray_rlhf.errors import UserError
 
 
@@ -55,6 +55,13 @@ def test_the_pool_follows_the_env_spec():
     assert env_pool_for(pool, dict(spec)) is pool
     assert pool._proxy.__name__ == "LetterGame" and issubclass(pool._proxy, RemoteEnv)  # warnings name the class
     assert env_pool_for(pool, {**spec, "num_actors": 3}) is not pool
+
+
+def test_without_env_num_cpus_environments_are_built_in_process():
+    makers = EnvMakers()
+    with makers.shard({"name": "ray_rlhf.envs.letters:LetterGame", "kwargs": {"turns": 5}, "num_cpus": 0}, LetterGame) as make:
+        env = make()
+    assert type(env) is LetterGame and env.turns == 5 and makers.pool is None
 
 
 def test_env_actors_are_for_environments_not_agents():
