@@ -94,3 +94,30 @@ def test_the_run_renders_its_dataset_with_the_env_tools(tok, tmp_path):
                     generators={"max_model_len": 512})
     items = load_prompt_items(cfg, tok)
     assert all(json.dumps(Adder.tools[0]) in it.text for it in items) and items[0].columns["answer"] == 1
+
+
+class AdderWithHint(Adder):
+    def reset(self, row):
+        super().reset(row)
+        return "Use the tool."
+
+
+def test_a_first_observation_after_a_prompt_rendered_with_tools(tok):
+    """``reset`` returns a user message: it replaces the prompt's generation prompt (the delta after
+    the user message), and the tools block stays once, at the start."""
+    tools = env_tools(f"{__name__}:AdderWithHint")
+    item, = tokenize_prompts([[{"role": "user", "content": "What is 2 + 3?"}]], tok, 400, tools=tools)
+    replies = iter([CALL, " 5"])
+
+    def sampler(requests):
+        return [Sampled(ids, [-0.5] * len(ids), "stop", tok.decode(ids))
+                for ids in (tok(next(replies), add_special_tokens=False)["input_ids"] for _ in requests)]
+
+    limits = TrajectoryLimits(max_new_tokens=64, max_turns=3, max_total_tokens=400, step_timeout_s=5.0)
+    batch, _ = run_trajectories([item], 1, sampler, AdderWithHint, TemplateDelta(tok, tools), limits, seed=0)
+    whole = TemplateDelta(tok, tools).render(
+        [{"role": "user", "content": "What is 2 + 3?"}, {"role": "user", "content": "Use the tool."},
+         {"role": "assistant", "content": CALL}, {"role": "tool", "content": "5"},
+         {"role": "assistant", "content": " 5"}], add_generation_prompt=False)
+    assert whole == batch.prompt[0] + batch.response[0] + "<|im_end|>\n" and whole.count("<tools>") == 1
+    assert float(batch.token_reward.sum()) == 1.0
