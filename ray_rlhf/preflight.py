@@ -155,14 +155,16 @@ def check_local_capacity(cfg: RunConfig) -> None:
 
     if joins_cluster(cfg):
         return
-    g, lc, rc = cfg.generators, cfg.learner, cfg.reward
+    g, lc, rc, e = cfg.generators, cfg.learner, cfg.reward, cfg.env
     cpus = cfg.ray.num_cpus or os.cpu_count() or 1
-    need = g.num * g.num_cpus + lc.num * lc.num_cpus + rc.num_cpus
+    env_cpus = g.num * e.num_actors * e.num_cpus if e.name and e.num_cpus else 0.0  # environment actors
+    need = g.num * g.num_cpus + lc.num * lc.num_cpus + rc.num_cpus + env_cpus
     if need > cpus + 1e-9:
+        envs = f" + env actors {g.num} x {e.num_actors} x {e.num_cpus:g}" if env_cpus else ""
         raise UserError(
             f"the actors need {need:g} CPUs (generators.num={g.num} x {g.num_cpus:g} + learner.num={lc.num} x "
-            f"{lc.num_cpus:g} + reward {rc.num_cpus:g}) but this local Ray has {cpus}; lower generators.num or the "
-            "num_cpus shares, raise ray.num_cpus, or join a cluster (ray.address / RAY_ADDRESS)"
+            f"{lc.num_cpus:g} + reward {rc.num_cpus:g}{envs}) but this local Ray has {cpus}; lower generators.num or "
+            "the num_cpus shares, raise ray.num_cpus, or join a cluster (ray.address / RAY_ADDRESS)"
         )
     gpus_needed = g.num * g.num_gpus + lc.num * lc.num_gpus + rc.num_gpus
     if gpus_needed:

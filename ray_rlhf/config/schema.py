@@ -140,6 +140,9 @@ class RunConfig(_Section):
         if self.env.name and self.env.agent:
             raise ValueError(f"env.name={self.env.name} and env.agent={self.env.agent} are both set; an environment "
                              "or an OpenAI-client agent answers the model, not both: keep one")
+        if self.env.agent and self.env.num_cpus:
+            raise ValueError(f"env.num_cpus={self.env.num_cpus} runs environments (env.name) in actors of their own; "
+                             "an env.agent runs in the generator: unset env.num_cpus")
         for key, events in self.faults:
             for event in events:
                 if event.step > self.steps:

@@ -271,6 +271,8 @@ CASES: dict[str, Case] = {
     "agent_not_importable": Case(["env.agent=no_such_agent_module:rollout"],
                                  ["env.agent=no_such_agent_module:rollout", "cannot import"]),
     "agent_not_async": Case(["env.agent=bad_envs:sync_rollout"], ["env.agent=bad_envs:sync_rollout", "async def"]),
+    "env_num_cpus_negative": Case(["env.name=ray_rlhf.envs.letters:LetterGame", "env.num_cpus=-1"],
+                                  ["env.num_cpus", "greater than or equal to 0"]),
     "env_max_turns_zero": Case(["env.name=ray_rlhf.envs.letters:LetterGame", "env.max_turns=0"],
                                ["env.max_turns", "greater than 0"]),
     "max_total_tokens_below_prompt": Case(["env.name=ray_rlhf.envs.letters:LetterGame", "rollout.max_total_tokens=8"],
