@@ -162,3 +162,29 @@ def test_checkpoint_round_trip_restores_adapters_and_optimizer(tiny_policy_path,
     sa1, sb1 = a.step(again), b.step(again)
     assert sa1.to_dict()["policy_loss"] == sb1.to_dict()["policy_loss"]
     torch.testing.assert_close(a.hf_state_dict(), b.hf_state_dict(), atol=0, rtol=0)
+
+
+def test_exports_from_a_gathered_state_equal_the_modules_own(tiny_policy_path, rollouts):
+    """Under FSDP2 the merged weights and the adapters come from the LM's full state dict (gathered by
+    every rank) instead of its modules: the same tensors; lm_keys maps the adapters back for a load."""
+    learner = lora_learner(tiny_policy_path)
+    learner.step(rollouts)
+    a = learner.adapters
+    full = {k: v.clone() for k, v in a.lm.state_dict().items()}
+    own, gathered = a.merged_state(), a.merged_state(full)
+    assert set(own) == set(gathered) and all(torch.equal(own[k], gathered[k]) for k in own)
+    own, gathered = a.adapter_state(), a.adapter_state(full)
+    assert set(own) == set(gathered) and len(own) == 28 and all(torch.equal(own[k], gathered[k]) for k in own)
+    back = a.lm_keys(own)
+    assert set(back) == {k for k in full if ".lora_" in k} and all(torch.equal(back[k], full[k]) for k in back)
+
+
+def test_lora_with_fsdp_refuses_adapter_sync_only():
+    from ray_rlhf.config import load_config
+
+    base = ["lora.rank=8", "learner.num=2", "learner.strategy=fsdp", "learner.num_cpus=0.25"]
+    assert load_config("tiny", base).lora.resolved_sync == "merged"
+    from ray_rlhf.errors import UserError
+
+    with pytest.raises(UserError, match="lora.sync=adapter with learner.strategy=fsdp is not supported yet"):
+        load_config("tiny", [*base, "lora.sync=adapter"])
