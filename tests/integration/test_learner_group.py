@@ -243,10 +243,12 @@ def lora_after_step(learner):
     log-probs of a fixed batch -- a forward every rank must join under FSDP2."""
     from ray_rlhf.learning import parallel
 
+    def whole(t):
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
     full = {}
     for name, p in parallel.unwrap(learner.model).named_parameters():
         if p.requires_grad:
-            whole = (lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t)
             full[name] = (whole(p.grad).detach().clone(), whole(p.detach()).clone())
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 200, (2, 6), generator=g), torch.ones(2, 6, dtype=torch.long)
