@@ -139,7 +139,8 @@ class Engine:
         self.comm = init_group(host, port, opt.rank, opt.world_size, backend, opt.collective_timeout_s)
         self._joined = True
         self.train_model = parallel.wrap(self.model, opt.strategy, opt.world_size, self.device, opt.dtype)
-        if self.sharded and opt.shard_reference and self.reference is not None and any(self.reference.parameters()):
+        if self.sharded and opt.shard_reference and self.reference is not None \
+                and next(self.reference.parameters(), None) is not None:
             # (LoRA's reference is the policy itself with its adapters off: nothing of its own to shard)
             parallel.wrap(self.reference, "fsdp", opt.world_size, self.device, opt.dtype)
         self._build_optimizer()
