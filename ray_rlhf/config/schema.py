@@ -160,10 +160,9 @@ class RunConfig(_Section):
             return
         if lo.resolved_sync == "adapter":
             self._check_adapter_sync()
-        if lc.strategy == "fsdp" and lc.num > 1:
-            raise ValueError("lora.rank > 0 with learner.strategy=fsdp is not supported yet; use learner.strategy=ddp")
-        if lc.compile:
-            raise ValueError("lora.rank > 0 with learner.compile=true is not supported yet; set learner.compile=false")
+        if lc.strategy == "fsdp" and lc.num > 1 and lo.resolved_sync == "adapter":
+            raise ValueError("lora.sync=adapter with learner.strategy=fsdp is not supported yet (the adapters and "
+                             "the probe are read from unsharded weights); set lora.sync=merged or learner.strategy=ddp")
         if self.model.critic_path:
             raise ValueError("lora.rank > 0 adapts the policy only; a separate critic (model.critic_path) is not "
                              "supported with it yet: unset model.critic_path")
