@@ -144,11 +144,11 @@ def build(opts: StageOptions, rank: int = 0, address: tuple[str, int] | None = N
     adapters = None
     if opts.lora_rank:  # the trunk frozen, adapters injected in place; DPO's reference: adapters off
         adapters = Adapters(lm, LoraSpec(opts.lora_rank, opts.lora_alpha, opts.lora_targets, opts.lora_dropout))
-    reference = None
+    policy, reference = PolicyWithValueHead(lm, value_head=False), None
     if opts.stage == "dpo":
-        reference = AdapterOffReference(adapters) if adapters else ReferenceModel(copy.deepcopy(lm))
-    engine = _joined(Engine(PolicyWithValueHead(lm, value_head=False), reference, _engine_options(opts, rank), optim,
-                            device=opts.device, seed=opts.seed, adapters=adapters), address)
+        reference = AdapterOffReference(adapters, policy) if adapters else ReferenceModel(copy.deepcopy(lm))
+    engine = _joined(Engine(policy, reference, _engine_options(opts, rank), optim, device=opts.device, seed=opts.seed,
+                            adapters=adapters), address)
     if opts.stage == "sft":
         return (engine, SFTObjective(), *split(data, held, opts), tokenizer)
     obj = DPOObjective(opts.beta, opts.loss, opts.label_smoothing)
