@@ -436,3 +436,26 @@ def test_run_command_prints_one_line_and_exits_2(capsys):
 
     with pytest.raises(ZeroDivisionError):
         run_command(bug, None)
+
+
+def test_a_failed_sync_verification_is_one_line_and_exit_3(capsys):
+    """A WeightSyncError (the engine does not compute with what the learner sent: e.g. an adapter
+    changed but the engine's probe log-probs did not), raised in the driver or carried by a Ray
+    error, ends the command with one line and exit 3 -- not a traceback."""
+    from ray_rlhf.cli import run_command
+    from ray_rlhf.run.command import EXIT_SYNC_FAILED
+    from ray_rlhf.sync.types import WeightSyncError
+
+    msg = "generator g0: adapter version 3 changed but the engine's probe log-probs did not\n(stale adapter id?)"
+
+    def fails(_):
+        raise WeightSyncError(msg)
+
+    def fails_remotely(_):
+        raise _remote(WeightSyncError(msg), "Generator.verify").as_instanceof_cause()
+
+    for func in (fails, fails_remotely):
+        assert run_command(func, None) == EXIT_SYNC_FAILED == 3
+        err = capsys.readouterr().err
+        assert err == ("ray-rlhf: weight sync failed verification: generator g0: adapter version 3 changed but "
+                       "the engine's probe log-probs did not (stale adapter id?)\n")
