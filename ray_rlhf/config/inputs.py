@@ -117,6 +117,12 @@ class EnvConfig(_Section):
     """Seconds one ``reset`` or ``step`` call may take (an ``env.agent``: its own time before a request,
     between a completion and its next request, after its last); past it (or when it raises) the trajectory
     ends with finish reason ``env_error`` (a log line and the ``env/errors`` metric) and the run goes on."""
+    scheduling: Literal["turns", "continuous"] = "turns"
+    """How an ``env.name`` shard's trajectories share the engine. ``turns``: one engine call samples the
+    next turn of every live trajectory, then all environments step (the engine idles meanwhile).
+    ``continuous``: each trajectory's turn is added to the running engine as soon as its observation
+    is ready, while the engine keeps decoding the others (``env/engine_busy_fraction``). Same
+    trajectories either way (per-turn seeds). ``env.agent`` requests are batched by the endpoint."""
 
     @property
     def multi_turn(self) -> bool:

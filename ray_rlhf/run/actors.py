@@ -48,7 +48,8 @@ def env_spec(cfg: RunConfig) -> dict | None:
     if not e.multi_turn:
         return None
     return dict(name=e.name, agent=e.agent, kwargs=dict(e.kwargs), max_turns=e.max_turns,
-                step_timeout_s=e.step_timeout_s, max_total_tokens=cfg.rollout.max_total_tokens)
+                step_timeout_s=e.step_timeout_s, max_total_tokens=cfg.rollout.max_total_tokens,
+                scheduling=e.scheduling)
 
 
 def generator_actor(cfg: RunConfig) -> Any:
