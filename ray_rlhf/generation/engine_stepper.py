@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from ray_rlhf.generation.trajectory import Sampled, TurnRequest
 
-__all__ = ["EngineStepper", "run_continuous", "timed", "turn_params", "turns_sampler"]
+__all__ = ["EngineStepper", "run_continuous", "turn_params", "turns_sampler"]
 
 T = TypeVar("T")
 
@@ -156,16 +156,3 @@ def turns_sampler(llm: Any, sampling: Any, lora_request: Any, name: str) -> Call
 
     return sample
 
-
-class timed:  # noqa: N801 - used like a function
-    """A sampler that adds the wall time of its calls to :attr:`seconds` (the engine's busy time)."""
-
-    def __init__(self, sampler: Callable[[list[TurnRequest]], list[Sampled]]):
-        self.sampler, self.seconds = sampler, 0.0
-
-    def __call__(self, requests: list[TurnRequest]) -> list[Sampled]:
-        t0 = time.perf_counter()
-        try:
-            return self.sampler(requests)
-        finally:
-            self.seconds += time.perf_counter() - t0

@@ -44,7 +44,7 @@ import numpy as np
 
 from ray_rlhf.envs.base import load_agent, load_env_class
 from ray_rlhf.errors import UserError
-from ray_rlhf.generation.engine_stepper import run_continuous, timed, turns_sampler
+from ray_rlhf.generation.engine_stepper import run_continuous, turns_sampler
 from ray_rlhf.generation.trajectory import (
     Sampler,
     TemplateDelta,
@@ -313,11 +313,11 @@ class Generator:
 
             from ray_rlhf.generation.openai_endpoint import run_agent_rollouts
 
-            delta, sampler = TemplateDelta(self._llm.get_tokenizer()), timed(self._turn_sampler(sampling))
+            delta = TemplateDelta(self._llm.get_tokenizer())
             batch, stats, batcher = asyncio.run(run_agent_rollouts(
-                shard.prompts, sampling.n, sampler, self._agent, delta, limits, kwargs,
+                shard.prompts, sampling.n, self._turn_sampler(sampling), self._agent, delta, limits, kwargs,
                 seed=sampling.seed, policy_version=self.version, generator_id=self.generator_id))
-            stats.engine_seconds, stats.wall_seconds = sampler.seconds, time.perf_counter() - t0
+            stats.engine_seconds, stats.wall_seconds = batcher.busy_seconds, time.perf_counter() - t0
             log.info("%s: shard %d, %d agent rollouts, %d engine calls of %.1f requests on average",
                      self.generator_id, shard.shard_id, len(batch), len(batcher.batch_sizes),
                      sum(batcher.batch_sizes) / max(len(batcher.batch_sizes), 1))
