@@ -14,7 +14,7 @@ Multi-turn runs (``env.name`` set): ``generated_tokens`` counts model tokens onl
 ``loss_mask`` 1 tokens: response tokens less ``env/observation_tokens``); ``env`` =
 ``env/seconds``, the environments' wall time inside ``generate`` (its own phase, not subtracted
 from ``generate``: under ``env.scheduling=continuous`` it overlaps the engine's work);
-``engine_busy_fraction`` = ``env/engine_busy_fraction``; ``turns_mean`` = ``env/turns_mean``.
+``engine_busy_fraction`` = ``perf/engine_busy_fraction``; ``turns_mean`` = ``env/turns_mean``.
 
 Peak memory of every actor is read in the driver's ``on_finish`` hook, before shutdown.
 """
@@ -72,7 +72,7 @@ def summarize(rows: list[dict], out, memory: list[dict]) -> dict:
         if multi_turn:  # model tokens only: observation / template tokens are not generated
             tokens -= float(m["env/observation_tokens"])
             r.update(env=float(m["env/seconds"]), turns_mean=float(m["env/turns_mean"]),
-                     engine_busy_fraction=float(m.get("env/engine_busy_fraction", float("nan"))))
+                     engine_busy_fraction=float(m.get("perf/engine_busy_fraction", float("nan"))))
         r.update(step_index=int(m["step"]), samples_per_s=float(m["perf/samples_per_s"]),
                  generated_tokens_per_s=tokens / max(float(m["time/generate"]), 1e-9),
                  generated_tokens=tokens,

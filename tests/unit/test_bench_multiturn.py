@@ -15,7 +15,7 @@ def row(step: int, generate: float, response_tokens: float, observation_tokens: 
             "perf/samples_per_s": 10.0, "perf/generated_tokens_per_s": response_tokens / generate,
             "response/length_mean": 30.0, "sync/seconds": 0.04, "sync/bytes": 1000,
             "env/seconds": env_s, "env/observation_tokens": observation_tokens, "env/turns_mean": 2.0,
-            "env/engine_busy_fraction": busy}
+            "perf/engine_busy_fraction": busy}
 
 
 def test_model_tokens_environment_phase_and_busy_fraction():

@@ -1,6 +1,6 @@
 """``env.scheduling=continuous`` without vLLM: the per-trajectory coroutines against a fake engine
 give the turn-synchronous schedule's rows, faults end only their trajectory, the environment time
-counts overlapping calls once, and ``env/engine_busy_fraction`` is busy over wall seconds."""
+counts overlapping calls once, and ``perf/engine_busy_fraction`` is busy over wall seconds."""
 
 from __future__ import annotations
 
@@ -93,5 +93,5 @@ def test_env_clock_counts_overlapping_calls_once():
 def test_engine_busy_fraction_is_busy_over_wall_seconds_of_all_shards():
     # two shards: 3 s busy of 4 s, 1 s busy of 4 s -> 4 / 8
     m = env_metrics({"trajectories": 4, "turns": 8, "engine_seconds": 4.0, "wall_seconds": 8.0})
-    assert m["env/engine_busy_fraction"] == 0.5 and m["env/turns_mean"] == 2.0
-    assert "env/engine_busy_fraction" not in env_metrics({"trajectories": 4})  # no timing: no metric
+    assert m["perf/engine_busy_fraction"] == 0.5 and m["env/turns_mean"] == 2.0
+    assert "perf/engine_busy_fraction" not in env_metrics({"trajectories": 4})  # no timing: no metric
