@@ -57,7 +57,8 @@ def run_bound(cfg, batches, generators, learner, learner_steps: int, flops_of=No
     batch -> ``{"prepare": FLOPs, "update": FLOPs}``, :func:`ray_rlhf.bench.flops.step_flops`) the
     model FLOPs of each learner step too."""
     rc = cfg.reward
-    scorer = RewardScorer([(f.name, f.weight) for f in rc.functions], rc.model_path, rc.model_weight, rc.batch_size)
+    scorer = RewardScorer([(f.name, f.weight) for f in rc.functions], rc.model_path, rc.model_weight, rc.batch_size,
+                          env_rewards=cfg.env.multi_turn)  # an environment may be the only reward source
     ray.get([g.ping.remote() for g in generators] + [learner.ping.remote()])
     per_step = []
     for i, (step, batch, sampling) in enumerate(batches):
