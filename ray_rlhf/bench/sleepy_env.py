@@ -1,8 +1,8 @@
 """A slow environment for benchmarks and tests of the multi-turn schedules: :class:`SleepyLetters`.
 
 It plays :class:`~ray_rlhf.envs.letters.LetterGame` and sleeps in every ``step`` for a random time
-(uniform in ``[min_s, max_s]``, drawn from a generator seeded by the row), as an environment that
-runs code or calls a service would: under ``env.scheduling=turns`` the engine idles for the slowest
+(uniform in ``[min_s, max_s]``, drawn per instance: samples of one prompt sleep differently), as an
+environment that runs code or calls a service would: under ``env.scheduling=turns`` the engine idles for the slowest
 environment of every turn; under ``continuous`` it decodes the other trajectories meanwhile.
 """
 
