@@ -69,7 +69,8 @@ def run_bound(cfg, batches, generators, learner, learner_steps: int, flops_of=No
         # so the batch is labelled with the learner's version (no staleness to refuse).
         scored = dataclasses.replace(scored, policy_version=np.full(len(scored), i, dtype=np.int64))
         r_s = time.perf_counter() - t0
-        row = {"step_index": step, "G": g_s, "R": r_s, "tokens": len(scored.response_ids), "sequences": len(scored)}
+        row = {"step_index": step, "G": g_s, "R": r_s, "tokens": int(scored.model_mask.sum()),  # model tokens only
+               "sequences": len(scored)}
         if i < learner_steps:
             t0 = time.perf_counter()
             stats = ray.get(learner.step.remote(scored))
