@@ -155,14 +155,16 @@ def check_local_capacity(cfg: RunConfig) -> None:
 
     if joins_cluster(cfg):
         return
-    g, lc, rc = cfg.generators, cfg.learner, cfg.reward
+    g, lc, rc, e = cfg.generators, cfg.learner, cfg.reward, cfg.env
     cpus = cfg.ray.num_cpus or os.cpu_count() or 1
-    need = g.num * g.num_cpus + lc.num * lc.num_cpus + rc.num_cpus
+    env_cpus = g.num * e.num_actors * e.num_cpus if e.name and e.num_cpus else 0.0  # environment actors
+    need = g.num * g.num_cpus + lc.num * lc.num_cpus + rc.num_cpus + env_cpus
     if need > cpus + 1e-9:
+        envs = f" + env actors {g.num} x {e.num_actors} x {e.num_cpus:g}" if env_cpus else ""
         raise UserError(
             f"the actors need {need:g} CPUs (generators.num={g.num} x {g.num_cpus:g} + learner.num={lc.num} x "
-            f"{lc.num_cpus:g} + reward {rc.num_cpus:g}) but this local Ray has {cpus}; lower generators.num or the "
-            "num_cpus shares, raise ray.num_cpus, or join a cluster (ray.address / RAY_ADDRESS)"
+            f"{lc.num_cpus:g} + reward {rc.num_cpus:g}{envs}) but this local Ray has {cpus}; lower generators.num or "
+            "the num_cpus shares, raise ray.num_cpus, or join a cluster (ray.address / RAY_ADDRESS)"
         )
     gpus_needed = g.num * g.num_gpus + lc.num * lc.num_gpus + rc.num_gpus
     if gpus_needed:
@@ -324,7 +326,15 @@ def check_lora(cfg: RunConfig, policy_path: str | Path) -> None:
     """``lora.target_modules`` must each match a linear module of the policy's decoder trunk: the
     model is built from its config on the meta device (no weights) and the names resolved as the
     learner resolves them (:func:`ray_rlhf.learning.lora.resolve_targets`)."""
-    if not cfg.lora.rank or cfg.lora.target_modules is None:
+    if cfg.lora.rank:
+        check_lora_targets(policy_path, cfg.lora.target_modules)
+
+
+def check_lora_targets(policy_path: str | Path, targets) -> None:
+    """Each of ``targets`` (None: all) matches a linear module of the causal LM at ``policy_path``,
+    resolved on the meta device (no weights) as the learner resolves them; else one line naming the
+    model's linear modules (also the SFT and DPO stages' check)."""
+    if targets is None:
         return
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -334,7 +344,7 @@ def check_lora(cfg: RunConfig, policy_path: str | Path) -> None:
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(policy_path)))
     try:
-        resolve_targets(lm, cfg.lora.target_modules)
+        resolve_targets(lm, targets)
     except ValueError as e:
         raise UserError(f"{e}; set lora.target_modules to some of them, or leave it empty for all") from None
 

@@ -225,6 +225,18 @@ def multiturn_md(res: dict) -> list[str]:
             "baseline samples single turns.", ""]
 
 
+def sweep_row(value: str, e2e: dict, means: tuple[str, ...]) -> dict:
+    """One sweep value's row from its end-to-end section: the step means (after warm-up) named in
+    ``means``, the learner's step (``prepare + update``, s), the learner rank 0's peak RSS (bytes,
+    ``VmHWM``), and the bytes one weight sync sends (``sync/bytes``: the full model, or with
+    ``lora.sync=adapter`` the adapters)."""
+    learner = next((m for m in e2e.get("memory", []) if m["actor"] == "learner"), {})
+    row = {"value": value, **{k: e2e["mean"][k] for k in means}}
+    row.update(learner_step=row["prepare"] + row["update"], learner_peak_rss_bytes=learner.get("peak_rss_bytes", 0),
+               sync_bytes=int(e2e["weight_bytes"]))
+    return row
+
+
 def _sweep_md(res: dict) -> list[str]:
     sw = res.get("sweep")
     if not sw:
@@ -232,9 +244,13 @@ def _sweep_md(res: dict) -> list[str]:
     multi = "engine_busy_fraction" in sw["rows"][0]
     extra = ["environment s", "engine busy"] if multi else []
     return [f"## Sweep of `{sw['key']}`", "",
-            _table([sw["key"], "samples/s", "tokens/s", "s/step", "generate", "learner", "sync", "speed-up", *extra],
+            "Means per step after the warm-up step; learner = prepare + update; learner RSS = the learner "
+            "rank 0's peak resident memory; sync = `time/sync` (verify included), its bytes `sync/bytes`.", "",
+            _table([sw["key"], "samples/s", "tokens/s", "s/step", "generate", "learner", "learner RSS MiB", "sync",
+                    "sync bytes", "speed-up", *extra],
                    [[r["value"], r["samples_per_s"], r["generated_tokens_per_s"], r["step"], r["generate"],
-                     r["prepare"] + r["update"], r["sync"], r["speedup"],
+                     r["prepare"] + r["update"], r.get("learner_peak_rss_bytes", 0) / MiB, r["sync"],
+                     f"{r['sync_bytes']:,}" if "sync_bytes" in r else "", r["speedup"],
                      *([r["env"], r["engine_busy_fraction"]] if multi else [])] for r in sw["rows"]]), ""]
 
 

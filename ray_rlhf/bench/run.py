@@ -50,7 +50,7 @@ MODES = {
     "quick": dict(preset="tiny", steps=3, learner_steps=3, hf_steps=1, sync_sizes=("tiny",), sync_repeats=2, overlap_steps=0),
 }
 SWEEP_MEANS = ("samples_per_s", "generated_tokens_per_s", "step", "generate", "reward", "prepare", "update", "sync",
-               "orchestration")
+               "orchestration", "sync_seconds_no_verify")
 MULTI_TURN_MEANS = ("env", "engine_busy_fraction", "turns_mean")
 
 
@@ -123,8 +123,7 @@ def run_sweep(key: str, cfgs: list) -> dict:
     for value, cfg in cfgs:
         log.info("sweep %s=%s", key, value)
         e2e = run_endtoend(cfg)
-        keys = SWEEP_MEANS + (MULTI_TURN_MEANS if e2e["multi_turn"] else ())
-        rows.append({"value": value, **{k: e2e["mean"][k] for k in keys}})
+        rows.append(report.sweep_row(value, e2e, SWEEP_MEANS + (MULTI_TURN_MEANS if e2e["multi_turn"] else ())))
     for r in rows:
         r["speedup"] = r["samples_per_s"] / rows[0]["samples_per_s"]
     return {"key": key, "rows": rows}

@@ -117,6 +117,15 @@ class EnvConfig(_Section):
     """Seconds one ``reset`` or ``step`` call may take (an ``env.agent``: its own time before a request,
     between a completion and its next request, after its last); past it (or when it raises) the trajectory
     ends with finish reason ``env_error`` (a log line and the ``env/errors`` metric) and the run goes on."""
+    num_cpus: float | None = Field(None, ge=0)
+    """CPUs of each environment actor. Empty or 0: environments run inside the generator actor (plain
+    Python). Above 0 (heavy or sandboxed environments): each generator starts ``env.num_actors``
+    Ray actors of this many CPUs, each holding the environments of many trajectories
+    (:mod:`ray_rlhf.envs.remote`); an actor that dies ends its trajectories with ``env_error`` and is
+    replaced for the next shard. Not with ``env.agent``."""
+    num_actors: int = Field(1, ge=1)
+    """``env.num_cpus`` > 0: environment actors per generator; trajectories are spread over them
+    round robin."""
     scheduling: Literal["turns", "continuous"] = "turns"
     """How an ``env.name`` shard's trajectories share the engine. ``turns``: one engine call samples the
     next turn of every live trajectory, then all environments step (the engine idles meanwhile).

@@ -140,6 +140,9 @@ class RunConfig(_Section):
         if self.env.name and self.env.agent:
             raise ValueError(f"env.name={self.env.name} and env.agent={self.env.agent} are both set; an environment "
                              "or an OpenAI-client agent answers the model, not both: keep one")
+        if self.env.agent and self.env.num_cpus:
+            raise ValueError(f"env.num_cpus={self.env.num_cpus} runs environments (env.name) in actors of their own; "
+                             "an env.agent runs in the generator: unset env.num_cpus")
         for key, events in self.faults:
             for event in events:
                 if event.step > self.steps:
@@ -157,10 +160,9 @@ class RunConfig(_Section):
             return
         if lo.resolved_sync == "adapter":
             self._check_adapter_sync()
-        if lc.strategy == "fsdp" and lc.num > 1:
-            raise ValueError("lora.rank > 0 with learner.strategy=fsdp is not supported yet; use learner.strategy=ddp")
-        if lc.compile:
-            raise ValueError("lora.rank > 0 with learner.compile=true is not supported yet; set learner.compile=false")
+        if lc.strategy == "fsdp" and lc.num > 1 and lo.resolved_sync == "adapter":
+            raise ValueError("lora.sync=adapter with learner.strategy=fsdp is not supported yet (the adapters and "
+                             "the probe are read from unsharded weights); set lora.sync=merged or learner.strategy=ddp")
         if self.model.critic_path:
             raise ValueError("lora.rank > 0 adapts the policy only; a separate critic (model.critic_path) is not "
                              "supported with it yet: unset model.critic_path")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from ray_rlhf.config.base import _Section
 from ray_rlhf.errors import UserError
@@ -81,6 +81,31 @@ class StageLearner(_Section):
     writes ``output_dir`` (a path every rank can read, to resume on several nodes)."""
     num_cpus: float = Field(1.0, gt=0)
     """Ray CPUs reserved per rank (``learner.num > 1``); each rank runs that many torch threads."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """How several ranks hold the model: ``ddp`` (each a full copy, gradients summed) or ``fsdp``
+    (FSDP2: parameters, gradients and AdamW state sharded over the ranks; the checkpoint and the
+    final model are gathered whole by every rank and written by rank 0). One rank: no difference."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where each rank trains: ``cuda`` puts each rank on a GPU of its own (one GPU reserved per rank
+    with ``learner.num > 1``; NCCL between ranks); refused with one line where no GPU is visible."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype: ``bfloat16`` runs forward and backward under bf16 autocast (FSDP2: bf16
+    parameters in compute, float32 gradient reduction); weights, gradients and AdamW stay float32."""
+
+
+class StageLora(_Section):
+    rank: int = Field(0, ge=0)
+    """LoRA rank of the policy's adapters for ``sft`` and ``dpo`` (0 = off: full fine-tuning). With a
+    rank the trunk is frozen and only the adapters train (``peft``, as ``ray-rlhf train``'s
+    ``lora.*``); DPO's reference is the same model with the adapters off (no second copy). The final
+    ``model/`` is the merged model (it loads anywhere), ``adapter/`` the adapters alone."""
+    alpha: float = Field(16.0, gt=0)
+    """LoRA alpha: the adapters' update is scaled by alpha / rank."""
+    target_modules: list[str] | None = None
+    """Names (or suffixes) of the adapted linear modules; empty: every linear layer of the decoder
+    trunk. One matching none of the model's is refused before the model loads, naming them."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapters' input while training (0: off)."""
 
 
 class DPOSection(_Section):
@@ -109,6 +134,17 @@ class StageConfig(_Section):
     checkpoint: StageCheckpoint = Field(default_factory=StageCheckpoint)
     learner: StageLearner = Field(default_factory=StageLearner)
     dpo: DPOSection = Field(default_factory=DPOSection)
+    lora: StageLora = Field(default_factory=StageLora)
+
+    @model_validator(mode="after")
+    def _check_lora(self) -> StageConfig:
+        if self.lora.rank and self.stage == "rm":
+            raise ValueError("lora.rank > 0 is not supported for rm yet (the score head and peft's sequence "
+                             "classification are not wired); train the reward model fully (lora.rank=0)")
+        if self.lora.rank and self.learner.strategy == "fsdp" and self.learner.num > 1:
+            raise ValueError("lora.rank > 0 with learner.strategy=fsdp is not supported for the stages yet; "
+                             "use learner.strategy=ddp (LoRA's trainable state is small)")
+        return self
 
 
 FLAT_ALIASES = {

@@ -194,14 +194,16 @@ def load_prompts(path, column: str = "prompt") -> list[str | Messages]:
     return load_prompt_table(path, column).prompts
 
 
-def render_prompt(prompt: str | Messages, tokenizer, mode: str = "auto", system_prompt: str | None = None) -> tuple[str, bool]:
+def render_prompt(prompt: str | Messages, tokenizer, mode: str = "auto", system_prompt: str | None = None,
+                  tools: list[dict] | None = None) -> tuple[str, bool]:
     """The text the model reads for one prompt, and whether it was templated (its special tokens
     are then in the text already).
 
     ``mode``: ``auto`` applies the tokenizer's chat template (with ``add_generation_prompt``) to
     message lists and leaves text as it is; ``always`` also wraps text as one user message;
     ``never`` refuses message lists. ``system_prompt`` is put first in every templated prompt that
-    does not start with a system message.
+    does not start with a system message. ``tools``: JSON schemas of the environment's tools, passed
+    to the template as ``tools=`` (a chat model's template lists them, e.g. in its system message).
     """
     if isinstance(prompt, str) and mode != "always":
         return prompt, False
@@ -210,14 +212,16 @@ def render_prompt(prompt: str | Messages, tokenizer, mode: str = "auto", system_
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
+    kwargs = {"tools": list(tools)} if tools else {}
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs), True
 
 
 def tokenize_prompts(prompts: list[str | Messages], tokenizer, max_prompt_tokens: int, source: str = "the dataset",
                      columns: dict[str, list] | None = None, chat_template: str = "auto",
-                     system_prompt: str | None = None) -> list[PromptItem]:
+                     system_prompt: str | None = None, tools: list[dict] | None = None) -> list[PromptItem]:
     """Render (chat template) and tokenize every prompt once -- as the engine and the learner see
-    it -- and check its length: the one prompt-length check of a run.
+    it -- and check its length: the one prompt-length check of a run. ``tools``: the environment's
+    tool schemas, passed to the chat template (:func:`render_prompt`).
 
     Raises :class:`UserError` naming the longest prompt when one exceeds ``max_prompt_tokens``, an
     empty one, or chat messages for a tokenizer without a chat template.
@@ -231,7 +235,7 @@ def tokenize_prompts(prompts: list[str | Messages], tokenizer, max_prompt_tokens
             f"({getattr(tokenizer, 'name_or_path', '?')}) has none; use an instruct model with a chat template, or "
             "give plain-text prompts with data.chat_template=auto"
         )
-    rendered = [render_prompt(p, tokenizer, chat_template, system_prompt) for p in prompts]
+    rendered = [render_prompt(p, tokenizer, chat_template, system_prompt, tools) for p in prompts]
     ids = [tokenizer(text, add_special_tokens=not templated)["input_ids"] for text, templated in rendered]
     lengths = [len(x) for x in ids]
     worst = max(range(len(prompts)), key=lengths.__getitem__)

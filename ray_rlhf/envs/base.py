@@ -27,7 +27,7 @@ from typing import Any
 
 from ray_rlhf.errors import UserError
 
-__all__ = ["Env", "StepResult", "as_messages", "check_step", "check_tools", "import_attr", "load_agent", "load_env_class"]
+__all__ = ["Env", "StepResult", "as_messages", "check_step", "check_tools", "env_tools", "import_attr", "load_agent", "load_env_class"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,13 @@ def load_env_class(name: str) -> type:
     if not inspect.isclass(cls) or not callable(getattr(cls, "step", None)) or not callable(getattr(cls, "reset", None)):
         raise UserError(f"env.name={name} is not a class with reset(row) and step(action) methods")
     return cls
+
+
+def env_tools(name: str) -> list[dict] | None:
+    """The tool schemas the environment class ``name`` declares (its ``tools``, checked with
+    :func:`check_tools`), as the chat template's ``tools=``; None when it declares none."""
+    tools = getattr(load_env_class(name), "tools", None)
+    return check_tools(tools, name) if tools else None
 
 
 def load_agent(name: str, kwargs: dict | None = None) -> Any:

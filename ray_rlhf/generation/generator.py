@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from ray_rlhf.envs.base import load_agent, load_env_class
+from ray_rlhf.envs.remote import EnvMakers
 from ray_rlhf.errors import UserError
 from ray_rlhf.generation.engine_stepper import run_continuous, turns_sampler
 from ray_rlhf.generation.trajectory import (
@@ -153,6 +154,7 @@ class Generator:
         self.env = dict(env) if env else None
         self._env_cls = load_env_class(self.env["name"]) if self.env and self.env.get("name") else None
         self._agent = load_agent(self.env["agent"]) if self.env and self.env.get("agent") else None
+        self._env_makers = EnvMakers()
         self._bind_cpus(omp_threads_bind)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(kv_cache_gib)))  # vLLM parses whole GiB
@@ -324,14 +326,14 @@ class Generator:
         else:
             cls = self._env_cls
             delta = TemplateDelta(self._llm.get_tokenizer(), getattr(cls, "tools", None))
-            if e.get("scheduling", "turns") == "continuous":  # each trajectory's turn as soon as it is ready
-                batch, stats = run_continuous(self._llm, sampling, self._engine.lora_request, self.generator_id,
-                                              shard.prompts, sampling.n, lambda: cls(**kwargs), delta, limits,
-                                              self.version)
-            else:  # every live trajectory's turn in one engine call
-                batch, stats = run_trajectories(shard.prompts, sampling.n, self._turn_sampler(sampling),
-                                                lambda: cls(**kwargs), delta, limits, seed=sampling.seed,
-                                                policy_version=self.version, generator_id=self.generator_id)
+            with self._env_makers.shard(e, cls) as make_env:  # in this process, or env actors (env.num_cpus)
+                if e.get("scheduling", "turns") == "continuous":  # each trajectory's turn as soon as it is ready
+                    batch, stats = run_continuous(self._llm, sampling, self._engine.lora_request, self.generator_id,
+                                                  shard.prompts, sampling.n, make_env, delta, limits, self.version)
+                else:  # every live trajectory's turn in one engine call
+                    batch, stats = run_trajectories(shard.prompts, sampling.n, self._turn_sampler(sampling), make_env,
+                                                    delta, limits, seed=sampling.seed,
+                                                    policy_version=self.version, generator_id=self.generator_id)
         model_tokens = int(batch.model_mask.sum())
         report = ShardReport(shard.shard_id, self.generator_id, len(batch), model_tokens, time.perf_counter() - t0,
                              self.version, env=stats.as_dict())

@@ -45,8 +45,10 @@ def save(learner, d: Path) -> None:
     lm_state = part("lm.") if full else None
     adapters = learner.adapters
     if adapters is not None:  # the merged model (loads anywhere), and the adapters alone (what resumes)
-        lm_state = adapters.merged_state()
-        adapters.peft.save_pretrained(d / ADAPTER, safe_serialization=True)
+        peft_state = {f"base_model.model.{k}": v for k, v in lm_state.items()} if full else None
+        lm_state = adapters.merged_state(lm_state)
+        adapters.peft.save_pretrained(d / ADAPTER, safe_serialization=True,
+                                      **({"state_dict": peft_state} if full else {}))
     learner.model.lm.save_pretrained(d / POLICY, safe_serialization=True,
                                      **({"state_dict": lm_state} if lm_state is not None else {}))
     if learner.tokenizer is not None:
@@ -88,9 +90,16 @@ def load(learner, d: Path) -> None:
     if learner.adapters is not None:  # the base weights are model.path's, frozen: load the adapters only
         from peft.utils import load_peft_weights
 
-        learner.adapters.load_adapter_state(load_peft_weights(str(d / ADAPTER), device=str(learner.device)))
-        if learner.model.value_head is not None:
-            learner.model.value_head.load_state_dict(load_file(str(d / VALUE_HEAD)))
+        saved = load_peft_weights(str(d / ADAPTER), device=str(learner.device))
+        if learner.sharded:  # every rank: the saved adapters (and value head) as whole tensors, resharded
+            state = {f"lm.{k}": v for k, v in learner.adapters.lm_keys(saved).items()}
+            if learner.model.value_head is not None:
+                state.update({f"value_head.{k}": v for k, v in load_file(str(d / VALUE_HEAD)).items()})
+            parallel.load_full_state_dict(learner.model, state, opt.world_size, opt.strategy, strict=False)
+        else:
+            learner.adapters.load_adapter_state(saved)
+            if learner.model.value_head is not None:
+                learner.model.value_head.load_state_dict(load_file(str(d / VALUE_HEAD)))
     elif learner.sharded:
         state = {f"lm.{k}": v for k, v in _with_ties(learner.model.lm, read_hf_state(d / POLICY)).items()}
         if learner.model.critic is not None:

@@ -139,7 +139,9 @@ class Engine:
         self.comm = init_group(host, port, opt.rank, opt.world_size, backend, opt.collective_timeout_s)
         self._joined = True
         self.train_model = parallel.wrap(self.model, opt.strategy, opt.world_size, self.device, opt.dtype)
-        if self.sharded and opt.shard_reference and self.reference is not None:
+        if self.sharded and opt.shard_reference and self.reference is not None \
+                and next(self.reference.parameters(), None) is not None:
+            # (LoRA's reference is the policy itself with its adapters off: nothing of its own to shard)
             parallel.wrap(self.reference, "fsdp", opt.world_size, self.device, opt.dtype)
         self._build_optimizer()
         self.refresh_export()
@@ -287,7 +289,7 @@ class Engine:
         """The policy LM's state dict, Hugging Face names (gathered after each step under FSDP;
         with LoRA adapters, merged into the base weights in float32)."""
         if self.adapters is not None:
-            return self.adapters.merged_state()
+            return self.adapters.merged_state(self._lm_state if self.sharded else None)
         return self._lm_state if self.sharded else self.model.lm.state_dict()
 
     def refresh_export(self) -> None:

@@ -130,7 +130,7 @@ class Learner:
         model = PolicyWithValueHead(lm, critic, value_head=self.uses_critic).to(device)
         reference = None
         if self.objective.needs_reference:  # LoRA: the policy's own LM with its adapters off (no copy)
-            reference = AdapterOffReference(self.adapters) if self.adapters else ReferenceModel(copy.deepcopy(lm))
+            reference = AdapterOffReference(self.adapters, model) if self.adapters else ReferenceModel(copy.deepcopy(lm))
         model.packed = opt.packing
         if reference is not None:
             reference.packed = opt.packing

@@ -28,9 +28,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ray_rlhf.algo.token_logprobs import token_logprobs_and_entropy
-from ray_rlhf.models.output_head import output_logits
-from ray_rlhf.models.policy import response_states, sequence_inputs
 from ray_rlhf.sync.adapter import AdapterPayload, probe_token_ids
 
 ADAPTER = "default"
@@ -119,33 +116,46 @@ class Adapters:
         return {n: m for n, m in self.lm.named_modules() if isinstance(m, LoraLayer)}
 
     @torch.no_grad()
-    def merged_state(self) -> dict[str, torch.Tensor]:
+    def merged_state(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The LM's weights with the adapters merged, under the base model's Hugging Face names.
 
         ``W' = W + (alpha / r) B A`` for each adapted layer, computed in float32 and cast to ``W``'s
         dtype (transposed for ``Conv1D``'s (in, out) layout); every other tensor is the LM's own.
-        Shapes: W (out, in), B (out, r), A (r, in)."""
-        state = {}
-        for key, value in self.lm.state_dict().items():
-            if ".lora_" in key:
-                continue
-            state[key.replace(".base_layer.", ".")] = value
+        ``state``: the LM's full state dict (peft's key names) when its parameters are sharded
+        (FSDP2: gathered by every rank first); None: :attr:`lm`'s own. Shapes: W (out, in), B (out, r), A (r, in)."""
+        state = self.lm.state_dict() if state is None else state
+        merged = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
         for name, layer in self.layers().items():
             if ADAPTER not in layer.lora_A:
                 continue
-            w = layer.get_base_layer().weight
-            a, b = layer.lora_A[ADAPTER].weight.float(), layer.lora_B[ADAPTER].weight.float()
+            w = state[f"{name}.base_layer.weight"]
+            a = state[f"{name}.lora_A.{ADAPTER}.weight"].float()
+            b = state[f"{name}.lora_B.{ADAPTER}.weight"].float()
             delta = (b @ a) * layer.scaling[ADAPTER]
             if getattr(layer, "fan_in_fan_out", False):
                 delta = delta.T
-            state[f"{name}.weight"] = (w.float() + delta).to(w.dtype)
-        return state
+            merged[f"{name}.weight"] = (w.float() + delta).to(w.dtype)
+        return merged
 
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        """The adapter tensors (peft's names, without the adapter name), detached CPU copies."""
+    def adapter_state(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The adapter tensors (peft's names, without the adapter name), detached CPU copies.
+        ``state``: the LM's full state dict when sharded (as :meth:`merged_state`)."""
         from peft import get_peft_model_state_dict
 
-        return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.peft, adapter_name=ADAPTER).items()}
+        full = None if state is None else {f"base_model.model.{k}": v for k, v in state.items()}
+        tensors = get_peft_model_state_dict(self.peft, state_dict=full, adapter_name=ADAPTER)
+        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+    def lm_keys(self, adapter_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """:meth:`adapter_state`'s tensors under the LM's own state-dict names (what a sharded
+        load takes): ``base_model.model.X.lora_A.weight`` -> ``X.lora_A.default.weight``."""
+        out = {}
+        for key, value in adapter_state.items():
+            key = key.removeprefix("base_model.model.")
+            for part in (".lora_A.", ".lora_B."):
+                key = key.replace(part, f"{part}{ADAPTER}.")
+            out[key] = value
+        return out
 
     @torch.no_grad()
     def payload(self) -> AdapterPayload:
@@ -183,16 +193,18 @@ class Adapters:
 
 
 class AdapterOffReference(nn.Module):
-    """The frozen reference of a LoRA policy: the policy's own LM with its adapters disabled.
+    """The frozen reference of a LoRA policy: the policy itself with its adapters disabled.
 
-    Holds no parameters of its own (the LM is kept outside the module tree, so ``parameters()``,
-    ``.to()`` and checkpoints of the reference see nothing): the base weights exist once."""
+    Holds no parameters of its own (the policy is kept outside the module tree, so ``parameters()``,
+    ``.to()`` and checkpoints of the reference see nothing): the base weights exist once. It runs
+    the policy module's own forward (log-probs only), so that under FSDP2 the policy's root hook
+    gathers the sharded weights first (calling the LM's trunk directly would skip it)."""
 
-    def __init__(self, adapters: Adapters):
+    def __init__(self, adapters: Adapters, policy: nn.Module):
         super().__init__()
-        self._adapters = (adapters,)  # a tuple: not registered as a submodule
+        self._held = (adapters, policy)  # a tuple: not registered as submodules
         self.packed = False
-        """One packed pass per forward, as :attr:`~ray_rlhf.models.policy.PolicyWithValueHead.packed`."""
+        """Unused: the policy's own :attr:`~ray_rlhf.models.policy.PolicyWithValueHead.packed` applies."""
 
     @property
     def lm(self) -> None:
@@ -202,12 +214,10 @@ class AdapterOffReference(nn.Module):
     @torch.no_grad()
     def forward(self, prompt_ids, prompt_mask, response_ids, response_mask, temperature: float = 1.0) -> torch.Tensor:
         """Log-probs of the response tokens under the base model (adapters off). Shape: (B, T)."""
-        adapters = self._adapters[0]
-        inputs = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
+        adapters, policy = self._held
         with adapters.disabled():
-            states = response_states(adapters.lm, inputs, prompt_ids.shape[1], response_ids.shape[1], self.packed)
-            logits = output_logits(adapters.lm, states).float()
-        return token_logprobs_and_entropy(logits, response_ids, temperature, with_entropy=False)[0]
+            return policy(prompt_ids, prompt_mask, response_ids, response_mask, temperature,
+                          with_values=False, with_entropy=False).logprobs
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

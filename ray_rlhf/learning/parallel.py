@@ -113,14 +113,17 @@ def full_state_dict(model: nn.Module, world_size: int, strategy: str) -> dict[st
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], world_size: int, strategy: str) -> None:
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], world_size: int, strategy: str,
+                         strict: bool = True) -> None:
+    """Whole tensors into the (sharded) module; ``strict=False``: the tensors ``state`` holds, the
+    others kept (LoRA's resume: adapters and value head only, every rank holding the same)."""
     module = unwrap(model)
     if not is_sharded(module):
-        module.load_state_dict(state, strict=True)
+        module.load_state_dict(state, strict=strict)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=True))
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=strict))
 
 
 def optimizer_state(model: nn.Module, optimizer, world_size: int, strategy: str) -> dict:

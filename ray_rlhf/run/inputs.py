@@ -89,15 +89,18 @@ def prompts_path(cfg: RunConfig) -> Path:
 
 def load_prompt_items(cfg: RunConfig, tokenizer) -> list[PromptItem]:
     """Load the prompt file (text or chat messages, plus its other columns), render and tokenize
-    every prompt once and check its length (see :func:`~ray_rlhf.data.prompts.tokenize_prompts`);
+    every prompt once and check its length (see :func:`~ray_rlhf.data.prompts.tokenize_prompts`; with an
+    ``env.name`` that declares ``tools``, the chat template gets them as ``tools=``);
     then check there are enough prompts for a step (:func:`~ray_rlhf.preflight.check_prompt_count`)."""
     from ray_rlhf.data.prompts import load_prompt_table, tokenize_prompts
+    from ray_rlhf.envs.base import env_tools
 
     d = cfg.data
     path = prompts_path(cfg)
     table = load_prompt_table(path, column=d.prompt_column)
+    tools = env_tools(cfg.env.name) if cfg.env.name else None  # a ToolEnv's tools, shown by the chat template
     items = tokenize_prompts(table.prompts, tokenizer, d.max_prompt_tokens, source=str(path), columns=table.columns,
-                             chat_template=d.chat_template, system_prompt=d.system_prompt)
+                             chat_template=d.chat_template, system_prompt=d.system_prompt, tools=tools)
     preflight.check_prompt_count(cfg, items, path)
     return items
 

@@ -53,7 +53,8 @@ class StageRank:
         self.stop.set()
 
 
-def _connect() -> None:
+def connect() -> None:
+    """Ray: already connected, the cluster of ``RAY_ADDRESS``, or a local one."""
     import ray
 
     from ray_rlhf.run.cluster import check_reachable, local_runtime_env
@@ -79,22 +80,28 @@ def run_stage_group(opts: StageOptions, report: Callable[[dict], None] | None = 
 
     from ray_rlhf.errors import UserError
 
-    _connect()
-    n, cpus = opts.num_ranks, opts.num_cpus
-    pg = placement_group([{"CPU": cpus} for _ in range(n)], strategy="PACK")
+    connect()
+    n, cpus, gpus = opts.num_ranks, opts.num_cpus, int(opts.device == "cuda")
+    have = ray.cluster_resources().get("GPU", 0)
+    if gpus and have < n:
+        raise UserError(f"learner.device=cuda with learner.num={n} needs {n} GPUs (one per rank); the Ray cluster has "
+                        f"{have:g}; lower learner.num or set learner.device=cpu")
+    pg = placement_group([{"CPU": cpus, **({"GPU": 1} if gpus else {})} for _ in range(n)], strategy="PACK")
     try:
         ray.get(pg.ready(), timeout=120)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(pg)
         raise UserError(f"learner.num={n} ranks of learner.num_cpus={cpus} CPUs do not fit in the Ray cluster "
                         f"({ray.cluster_resources().get('CPU', 0):g} CPUs); lower learner.num or learner.num_cpus") from None
-    actor = ray.remote(num_cpus=cpus, max_restarts=0, max_concurrency=2)(StageRank)
+    actor = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_concurrency=2)(StageRank)
     ranks = [actor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
              .remote(max(1, int(cpus))) for i in range(n)]
     try:
         address = ray.get(ranks[0].address.remote())
         pids = ray.get([r.pid.remote() for r in ranks])
-        print(f"{opts.stage}: {n} learner ranks (DDP, gloo), pids {' '.join(map(str, pids))}", flush=True)
+        backend = "nccl" if gpus else "gloo"
+        print(f"{opts.stage}: {n} learner ranks ({opts.strategy.upper()}, {backend}), pids {' '.join(map(str, pids))}",
+              flush=True)
         runs = [r.run.remote(opts, i, address) for i, r in enumerate(ranks)]
         seen, stop_sent = 0, False
         pending = list(runs)

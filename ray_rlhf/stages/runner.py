@@ -29,6 +29,7 @@ import torch
 from ray_rlhf.data.pairs import load_preferences, load_sft
 from ray_rlhf.data.prompts import render_prompt
 from ray_rlhf.errors import UserError
+from ray_rlhf.learning import parallel
 from ray_rlhf.learning.batch import pad_batch
 from ray_rlhf.learning.engine import Engine, EngineOptions, Optimization
 
@@ -67,6 +68,17 @@ class StageOptions:
     """``learner.num``: ranks that train together (DDP)."""
     num_cpus: float = 1.0
     """``learner.num_cpus``: Ray CPUs (and torch threads) per rank when ``num_ranks > 1``."""
+    strategy: str = "ddp"
+    """``learner.strategy``: ``ddp`` or ``fsdp`` (FSDP2) across the ranks."""
+    device: str = "cpu"
+    """``learner.device``: ``cpu`` or ``cuda`` (each rank on its own GPU)."""
+    dtype: str = "float32"
+    """``learner.dtype``: ``float32`` or ``bfloat16`` (autocast compute)."""
+    lora_rank: int = 0
+    """``lora.rank`` (sft, dpo): adapters of this rank on the frozen policy; 0 = full fine-tuning."""
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] | None = None
+    lora_dropout: float = 0.0
 
 
 def _ids(tokenizer, prompt, completion: str | None, max_tokens: int) -> tuple[list[int], list[int]]:
@@ -99,6 +111,7 @@ def build(opts: StageOptions, rank: int = 0, address: tuple[str, int] | None = N
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from ray_rlhf.learning.loading import disable_dropout, load_causal_lm
+    from ray_rlhf.learning.lora import AdapterOffReference, Adapters, LoraSpec
     from ray_rlhf.learning.objectives.dpo import DPOObjective
     from ray_rlhf.learning.objectives.rm import PairScorer, RMObjective, RMPairs
     from ray_rlhf.learning.objectives.sft import SFTObjective
@@ -113,8 +126,8 @@ def build(opts: StageOptions, rank: int = 0, address: tuple[str, int] | None = N
     if opts.eval_every < 1:
         raise UserError(f"eval_every={opts.eval_every} must be >= 1")
     tokenizer = AutoTokenizer.from_pretrained(opts.model_path)
-    data = examples_to_batches(opts, tokenizer)  # bad rows are refused before the model loads
-    held = examples_to_batches(opts, tokenizer, opts.eval_path) if opts.eval_path else None
+    data = _to(examples_to_batches(opts, tokenizer), opts.device)  # bad rows are refused before the model loads
+    held = _to(examples_to_batches(opts, tokenizer, opts.eval_path), opts.device) if opts.eval_path else None
     torch.manual_seed(opts.seed)
     optim = Optimization(epochs=1, minibatch_size=opts.batch_size, micro_batch_size=opts.micro_batch_size,
                          lr=opts.lr, max_grad_norm=opts.max_grad_norm)
@@ -123,13 +136,19 @@ def build(opts: StageOptions, rank: int = 0, address: tuple[str, int] | None = N
         if lm.config.pad_token_id is None:
             lm.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         disable_dropout(lm)
-        engine = _joined(Engine(PairScorer(lm), None, _engine_options(opts, rank), optim, seed=opts.seed), address)
+        engine = _joined(Engine(PairScorer(lm.to(opts.device)), None, _engine_options(opts, rank), optim,
+                                device=opts.device, seed=opts.seed), address)
         train, held = split(RMPairs(*data), None if held is None else RMPairs(*held), opts)
         return engine, RMObjective(), train, held, tokenizer
-    lm = load_causal_lm(opts.model_path, "cpu")
-    reference = ReferenceModel(copy.deepcopy(lm)) if opts.stage == "dpo" else None
+    lm = load_causal_lm(opts.model_path, opts.device)
+    adapters = None
+    if opts.lora_rank:  # the trunk frozen, adapters injected in place; DPO's reference: adapters off
+        adapters = Adapters(lm, LoraSpec(opts.lora_rank, opts.lora_alpha, opts.lora_targets, opts.lora_dropout))
+    reference = None
+    if opts.stage == "dpo":
+        reference = AdapterOffReference(adapters) if adapters else ReferenceModel(copy.deepcopy(lm))
     engine = _joined(Engine(PolicyWithValueHead(lm, value_head=False), reference, _engine_options(opts, rank), optim,
-                            seed=opts.seed), address)
+                            device=opts.device, seed=opts.seed, adapters=adapters), address)
     if opts.stage == "sft":
         return (engine, SFTObjective(), *split(data, held, opts), tokenizer)
     obj = DPOObjective(opts.beta, opts.loss, opts.label_smoothing)
@@ -139,7 +158,12 @@ def build(opts: StageOptions, rank: int = 0, address: tuple[str, int] | None = N
 
 
 def _engine_options(opts: StageOptions, rank: int) -> EngineOptions:
-    return EngineOptions(rank=rank, world_size=opts.num_ranks, strategy="ddp")
+    return EngineOptions(rank=rank, world_size=opts.num_ranks, strategy=opts.strategy, dtype=opts.dtype)
+
+
+def _to(data, device: str):
+    """The tokenized examples (a batch, or SFT's one batch / RM-DPO's (chosen, rejected, margin)) on ``device``."""
+    return tuple(x.to(device) for x in data) if isinstance(data, tuple) else data.to(device)
 
 
 def _joined(engine: Engine, address: tuple[str, int] | None) -> Engine:
@@ -186,13 +210,8 @@ def run_stage(opts: StageOptions, stop_after: int | None = None, report=None, sh
         out.mkdir(parents=True, exist_ok=True)
     engine, obj, dataset, held, tokenizer = build(opts, rank, address)
     n = _rows(dataset)
-    ckpt, step = out / "checkpoint.pt", 0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
-        engine.model.load_state_dict(state["model"])
-        engine.optimizer.load_state_dict(state["optimizer"])
-        engine.rng.set_state(state["engine_rng"])
-        step = state["step"]
+    ckpt = out / "checkpoint.pt"
+    step = _resume(engine, ckpt) if ckpt.exists() else 0
     per_epoch = max(n // opts.batch_size, 1)
     history = []
     while step < opts.steps:
@@ -212,14 +231,47 @@ def run_stage(opts: StageOptions, stop_after: int | None = None, report=None, sh
             stop = bool(engine.comm.all_reduce_max(torch.tensor([float(stop)])).item())
         if stop:
             stop_after = step
-        if writer and (step % opts.checkpoint_every == 0 or step == opts.steps or step == stop_after):
-            tmp = out / "checkpoint.pt.tmp"
-            torch.save({"model": engine.model.state_dict(), "optimizer": engine.optimizer.state_dict(),
-                        "engine_rng": engine.rng.get_state(), "step": step}, tmp)
-            os.replace(tmp, ckpt)
+        if step % opts.checkpoint_every == 0 or step == opts.steps or step == stop_after:
+            _save(engine, ckpt, step)  # every rank: FSDP gathers the whole state
         if stop_after is not None and step >= stop_after:
             return history
+    full = parallel.full_state_dict(engine.model, opts.num_ranks, opts.strategy) if engine.sharded else None
     if writer:
-        engine.model.lm.save_pretrained(out / "model")
+        lm_state = {k.removeprefix("lm."): v for k, v in full.items() if k.startswith("lm.")} if full else None
+        if engine.adapters is not None:  # the merged model (loads anywhere), and the adapters alone
+            lm_state = engine.adapters.merged_state()
+            engine.adapters.peft.save_pretrained(out / "adapter", safe_serialization=True)
+        engine.model.lm.save_pretrained(out / "model", **({"state_dict": lm_state} if lm_state else {}))
         tokenizer.save_pretrained(out / "model")
     return history
+
+
+def _save(engine: Engine, ckpt: Path, step: int) -> None:
+    """Every rank calls it (FSDP2 gathers the full model and AdamW state); rank 0 writes ``ckpt``
+    (whole tensors: it resumes at any number of ranks of the same strategy), via a temporary name."""
+    o = engine.options
+    model = parallel.full_state_dict(engine.model, o.world_size, o.strategy)
+    optim = parallel.optimizer_state(engine.train_model, engine.optimizer, o.world_size, o.strategy)
+    if engine.comm.rank != 0:
+        return
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    torch.save({"model": model, "optimizer": optim, "engine_rng": engine.rng.get_state(), "step": step,
+                "optimizer_format": _optimizer_format(engine)}, tmp)
+    os.replace(tmp, ckpt)
+
+
+def _optimizer_format(engine: Engine) -> str:
+    return "by_name" if engine.sharded else "by_position"  # FSDP2 keys AdamW's state by name
+
+
+def _resume(engine: Engine, ckpt: Path) -> int:
+    """Every rank restores ``ckpt``; returns its step."""
+    o = engine.options
+    state = torch.load(ckpt, weights_only=True, map_location="cpu")
+    if state.get("optimizer_format", "by_position") != _optimizer_format(engine):
+        raise UserError(f"{ckpt} was written with another learner.strategy ({state.get('optimizer_format')} "
+                        f"optimizer state); resume with the learner.strategy and learner.num > 1 it was written with")
+    parallel.load_full_state_dict(engine.model, state["model"], o.world_size, o.strategy)
+    parallel.load_optimizer_state(engine.train_model, engine.optimizer, state["optimizer"], o.world_size, o.strategy)
+    engine.rng.set_state(state["engine_rng"])
+    return int(state["step"])

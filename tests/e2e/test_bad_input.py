@@ -98,14 +98,16 @@ class Case:
 
 @dataclass
 class Scene:
-    """Paths a case can use; ``{run}``, ``{tmp}``, ``{reward_model}`` in overrides are filled from it."""
+    """Paths a case can use; ``{run}``, ``{tmp}``, ``{reward_model}``, ``{policy}`` in overrides are filled from it."""
 
     tmp: Path
     run: Path
     reward_model: Path
 
     def fmt(self, s: str) -> str:
-        for key, value in (("{run}", self.run), ("{tmp}", self.tmp), ("{reward_model}", self.reward_model)):
+        policy = self.reward_model.parent / self.reward_model.name.replace("reward-", "policy-")
+        for key, value in (("{run}", self.run), ("{tmp}", self.tmp), ("{reward_model}", self.reward_model),
+                           ("{policy}", policy)):
             s = s.replace(key, str(value))
         return s
 
@@ -207,6 +209,7 @@ CASES: dict[str, Case] = {
     "empty_model_dir": Case(["model.policy_path={tmp}/empty_model"], ["model.policy_path", "config.json"],
                             setup=_mkdir("empty_model")),
     "reward_model_as_policy": Case(["model.policy_path={reward_model}"], ["model.policy_path", "not a causal LM"]),
+    "policy_as_reward_model": Case(["reward.model_path={policy}"], ["reward model", "not a *ForSequenceClassification"]),
     "empty_prompt_file": Case(["data.prompts_path={tmp}/empty.jsonl"], ["empty.jsonl", "empty"],
                               setup=_write("empty.jsonl", b"")),
     "malformed_jsonl": Case(["data.prompts_path={tmp}/bad.jsonl"], ["bad.jsonl", "not valid JSON Lines"],
@@ -271,6 +274,8 @@ CASES: dict[str, Case] = {
     "agent_not_importable": Case(["env.agent=no_such_agent_module:rollout"],
                                  ["env.agent=no_such_agent_module:rollout", "cannot import"]),
     "agent_not_async": Case(["env.agent=bad_envs:sync_rollout"], ["env.agent=bad_envs:sync_rollout", "async def"]),
+    "env_num_cpus_negative": Case(["env.name=ray_rlhf.envs.letters:LetterGame", "env.num_cpus=-1"],
+                                  ["env.num_cpus", "greater than or equal to 0"]),
     "env_max_turns_zero": Case(["env.name=ray_rlhf.envs.letters:LetterGame", "env.max_turns=0"],
                                ["env.max_turns", "greater than 0"]),
     "max_total_tokens_below_prompt": Case(["env.name=ray_rlhf.envs.letters:LetterGame", "rollout.max_total_tokens=8"],

@@ -13,6 +13,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def submit(args: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """``ray job submit ...``; retried (up to 5 times, 10 s apart) while the new head's job agent is
+    not up yet ("No available agent to submit job": the dashboard answers before its agent on a
+    loaded machine)."""
+    for _ in range(5):
+        proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0 or "No available agent" not in proc.stdout + proc.stderr:
+            return proc
+        time.sleep(10)
+    return proc
 
 
 def test_ray_job_submit_runs_training(tmp_path, tiny_policy_path):
@@ -48,13 +61,13 @@ def test_ray_job_submit_runs_training(tmp_path, tiny_policy_path):
     assert start.returncode == 0, start.stdout + start.stderr
     out = tmp_path / "run"
     try:
-        job = subprocess.run(
+        job = submit(
             [ray_cli, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir=.",
              "--runtime-env=clusters/runtime_env.yaml", "--",
              "python", "-m", "ray_rlhf.train", "--config", "tiny", "steps=2", f"output_dir={out}",
              f"model.cache_dir={Path(tiny_policy_path).parent}", "logging.progress_bar=false",
              "rollout.prompts_per_step=8", "ppo.minibatch_size=32"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+            env, 900,
         )
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
         assert "succeeded" in job.stdout, job.stdout[-2000:]
@@ -63,13 +76,13 @@ def test_ray_job_submit_runs_training(tmp_path, tiny_policy_path):
         assert all(r["sync/verified"] == 1.0 for r in rows)
         # A pipeline stage through the same entry point: `python -m ray_rlhf.sft` on the cluster.
         sft_out = tmp_path / "sft"
-        sft = subprocess.run(
+        sft = submit(
             [ray_cli, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir=.",
              "--runtime-env=clusters/runtime_env.yaml", "--",
              "python", "-m", "ray_rlhf.sft", f"model_path={tiny_policy_path}",
              "data.path=ray_rlhf/data/bundled/sft_letters.jsonl", f"out={sft_out}", "steps=2",
              "batch_size=4", "micro_batch_size=4"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+            env, 600,
         )
         assert sft.returncode == 0, (sft.stdout + sft.stderr)[-4000:]
         assert "succeeded" in sft.stdout, sft.stdout[-2000:]

@@ -33,12 +33,18 @@ CASES = {
     "sft_without_response": ("sft", [{"prompt": "x"}], [], "has no 'response'"),
     "dpo_beta_zero": ("dpo", [{"prompt": "x", "chosen": "c", "rejected": "r"}], ["dpo.beta=0"], "dpo.beta=0"),
     "unknown_key": ("sft", [{"prompt": "x", "response": "y"}], ["bogus=1"], "unknown sft option"),
+    "cuda_without_gpu": ("sft", [{"prompt": "x", "response": "y"}], ["learner.device=cuda"], "sees no CUDA GPU"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_stage_input_is_one_line_exit_2(case, tiny_policy_path, tmp_path):
     stage, rows, extra, match = CASES[case]
+    if case == "cuda_without_gpu":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
     data = jsonl(tmp_path / "d.jsonl", rows)
     proc = run(stage, [f"model_path={tiny_policy_path}", f"data.path={data}", f"out={tmp_path / 'out'}", *extra], tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -65,8 +71,27 @@ def test_rm_through_the_cli_writes_a_sequence_classifier(rm_out):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "rm step 2/2" in proc.stdout
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     cfg = json.loads((out / "model" / "config.json").read_text())
     assert cfg["architectures"][0].endswith("ForSequenceClassification")
+
+
+def test_the_same_command_with_more_steps_resumes_and_keeps_the_metrics(rm_out, tiny_policy_path, tmp_path):
+    """``ray-rlhf rm ... steps=3`` on the 2-step run's output: resumes from its checkpoint, takes one
+    step, and metrics.jsonl holds rows 1-3 with the first two unchanged."""
+    import shutil
+
+    _, out = rm_out
+    again = tmp_path / "rm"
+    shutil.copytree(out, again)
+    before = (again / "metrics.jsonl").read_text().splitlines()
+    prefs = next(out.parent.glob("data/*prefs*"))
+    proc = run("rm", [f"model_path={tiny_policy_path}", f"data.path={prefs}", f"out={again}", "steps=3", "batch_size=8"],
+               tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "rm step 3/3" in proc.stdout and "rm step 1/3" not in proc.stdout
+    rows = (again / "metrics.jsonl").read_text().splitlines()
+    assert rows[:2] == before and [json.loads(r)["step"] for r in rows] == [1, 2, 3]
 
 
 def test_the_rm_output_scores_a_ppo_run_through_the_cli(rm_out, tiny_policy_path, tmp_path):

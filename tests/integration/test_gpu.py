@@ -87,3 +87,21 @@ def test_training_on_gpu_with_nccl_broadcast(tmp_path, tiny_policy_path):
         for key in ("ppo/policy_loss", "ppo/value_loss", "ppo/grad_norm", "ppo/kl_ref", "ppo/entropy"):
             assert math.isfinite(r[key]), (r["step"], key, r[key])
         assert r["ppo/optimizer_steps"] >= 1
+
+
+def test_an_sft_stage_on_the_gpu_in_bf16(tmp_path, tiny_policy_path):
+    """``learner.device=cuda learner.dtype=bfloat16`` for a stage: the data and the model on the GPU,
+    two SFT steps finite and falling, the saved model float32 and loadable."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ray_rlhf.data.make_preferences import write
+    from ray_rlhf.stages.runner import StageOptions, run_stage
+
+    sft, _ = write(tmp_path / "data", num=16)
+    hist = run_stage(StageOptions(stage="sft", model_path=str(tiny_policy_path), data_path=str(sft),
+                                  out=str(tmp_path / "out"), steps=3, batch_size=8, device="cuda", dtype="bfloat16"))
+    losses = [h["sft/loss"] for h in hist]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")
+    assert {p.dtype for p in lm.parameters()} == {torch.float32}

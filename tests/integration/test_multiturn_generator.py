@@ -1,8 +1,11 @@
-"""Multi-turn rollouts on the real in-process vLLM engine (tiny random Llama, no Ray): token in,
-token out, checked for every trajectory.
+"""Multi-turn rollouts on the real in-process vLLM engine (tiny random Llama): token in, token out,
+checked for every trajectory.
 
 One engine and one shard for the module (a few seconds): every engine call is recorded (what went
-in, what was sampled), and the rows the generator assembled are checked against them.
+in, what was sampled), and the rows the generator assembled are checked against them. The same
+engine then runs an OpenAI-client agent, environments in Ray actors of their own (``env.num_cpus``;
+a local Ray started for those tests only) and a tool environment whose calls vLLM's structured
+outputs force.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from ray_rlhf.envs.base import load_env_class
 from ray_rlhf.envs.letters import LetterGame
 from ray_rlhf.generation.trajectory import TemplateDelta, turn_seed
 from ray_rlhf.records import PromptItem, PromptShard, SamplingSpec
@@ -27,7 +31,7 @@ def run(tiny_policy_path):
     """(generator, tokenizer, report, batch, recorded engine calls) of one shard of 4 prompts x 3."""
     from ray_rlhf.generation.generator import Generator
 
-    gen = Generator(Path(tiny_policy_path), "mt-test", max_model_len=192, seed=0, kv_cache_gib=1, env=ENV)
+    gen = Generator(Path(tiny_policy_path), "mt-test", max_model_len=512, seed=0, kv_cache_gib=1, env=ENV)
     calls = []
     generate = gen._llm.generate
 
@@ -164,3 +168,141 @@ def test_an_openai_client_agent_on_the_real_engine(run):
         assert whole.replace("assistant: ", "assistant:") == batch.prompt[row] + batch.response[row] + "\n"
         assert first.usage.prompt_tokens == len(batch.prompt_ids[p_off[row]:p_off[row + 1]])
     assert report.env["trajectories"] == 6 and report.env["turns"] == 12 and report.env["errors"] == 0
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for the environment actors (``env.num_cpus``); the engine stays in this process."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _with_env(gen, tok, env: dict, prompts=PROMPTS, n: int = 3, shard_id: int = 2):
+    """One shard generated with ``gen.env`` set to ``env`` (restored after)."""
+    old, old_cls = gen.env, gen._env_cls
+    gen.env = env
+    gen._env_cls = load_env_class(env["name"])
+    try:
+        items = tuple(PromptItem(i, t, tuple(tok(t).input_ids), {"answer": str(i)}) for i, t in enumerate(prompts))
+        return gen.generate(PromptShard(shard_id, items), SamplingSpec(n=n, max_new_tokens=12, seed=7))
+    finally:
+        gen.env, gen._env_cls = old, old_cls
+
+
+def test_environments_in_actors_of_their_own_equal_in_process(run, local_ray):
+    """``env.num_cpus=0.1``: the same LetterGame trajectories as in the generator's process (same
+    seeds, same engine), the environments living in two env-host actors."""
+    gen, tok, report, batch, _ = run
+    report2, batch2 = _with_env(gen, tok, {**ENV, "num_cpus": 0.1, "num_actors": 2})
+    pool = gen._env_makers.pool
+    assert pool is not None and pool.started == 2 and all(h is not None for h in pool.hosts)
+    for name in ("prompt_ids", "response_ids", "loss_mask", "token_reward", "sampler_logprobs", "finish_reason"):
+        assert getattr(batch2, name).tolist() == getattr(batch, name).tolist(), name
+    assert report2.env["errors"] == 0 and report2.env["turns"] == report.env["turns"]
+    held = local_ray.get([h.close.remote([]) for h in pool.hosts])
+    assert held == [0, 0]  # the shard's instances were dropped when it ended
+
+
+def test_a_dead_environment_actor_ends_only_its_trajectories(run, local_ray, tmp_path, caplog):
+    """The host that runs the first ``step`` dies (``os._exit``): its trajectories (every other one,
+    round robin over two hosts) end with ``env_error``, the others complete; the pool starts a new
+    host for the next shard."""
+    gen, tok, _, _, _ = run
+    env = {**ENV, "name": "tests.integration.dying_env:LetterGameDiesOnce",
+           "kwargs": {"turns": 3, "marker": str(tmp_path / "died")}, "num_cpus": 0.1, "num_actors": 2}
+    with caplog.at_level("WARNING", logger="ray_rlhf.generation.trajectory"):
+        report, batch = _with_env(gen, tok, env, shard_id=3)
+    assert "environment LetterGameDiesOnce failed at turn 1" in caplog.text and "Actor" in caplog.text
+    errors = [i for i, r in enumerate(batch.finish_reason.tolist()) if r == "env_error"]
+    assert (tmp_path / "died").exists() and len(errors) == 6 and len({i % 2 for i in errors}) == 1
+    assert report.env["errors"] == 6 and all(batch.turn_count[i] == 1 for i in errors)
+    others = [r for i, r in enumerate(batch.finish_reason.tolist()) if i not in errors]
+    assert set(others) <= {"stop", "length", "max_total_tokens"}
+    pool = gen._env_makers.pool
+    assert pool.hosts.count(None) == 1  # the dead host is forgotten...
+    report, batch = _with_env(gen, tok, env, prompts=PROMPTS[:1], n=2, shard_id=4)
+    assert pool.started == 3 and report.env["errors"] == 0  # ...and replaced for the next shard
+
+
+QWEN_WITH_TOOLS = (
+    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools><|im_end|>\n"
+    "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CALL_REGEX = r'<tool_call>\{"name": "add", "arguments": \{"a": [1-9], "b": [1-9]\}\}</tool_call>'
+ANSWER_REGEX = r"The sum is [0-9]{1,2}\."
+
+
+def test_a_tool_call_sampled_by_the_real_engine(run):
+    """A ToolEnv on the real engine, its turns forced by vLLM's structured outputs (a regex; the
+    random tiny model would not write a call by itself): turn 1 a well-formed Hermes call with
+    sampled arguments, turn 2 an answer. The prompt is rendered with ``tools=``; the call is parsed
+    and run, its result appended as the template's ``tool`` delta after the call's ids as sampled,
+    the answer rewarded by what the tool returned."""
+    import re
+
+    from transformers import AutoTokenizer
+    from vllm.sampling_params import StructuredOutputsParams
+
+    from ray_rlhf.data.prompts import tokenize_prompts
+    from ray_rlhf.envs.base import env_tools
+
+    gen, _, _, _, _ = run
+    env = {**ENV, "name": "tests.integration.adder_env:Adder", "kwargs": {}, "max_turns": 3, "max_total_tokens": 500}
+    tools = env_tools(env["name"])
+    tok = AutoTokenizer.from_pretrained(gen._llm.llm_engine.model_config.tokenizer)  # the engine's, with
+    tok.chat_template = QWEN_WITH_TOOLS  # a Qwen-like template that lists tools (the tiny one does not)
+    generate, get_tokenizer = gen._llm.generate, gen._llm.get_tokenizer
+    firsts: set[tuple[int, ...]] = set()
+
+    def forced(prompts, params, **kw):  # the engine call, with each request's turn forced by a regex
+        for p, sp in zip(prompts, params):
+            first = tuple(p["prompt_token_ids"]) in firsts
+            sp.structured_outputs = StructuredOutputsParams(regex=CALL_REGEX if first else ANSWER_REGEX)
+        return generate(prompts, params, **kw)
+
+    try:
+        items = tuple(tokenize_prompts([[{"role": "user", "content": f"{q}?"}] for q in ("2+3", "4+4")], tok, 400,
+                                       tools=tools))
+        firsts.update(it.prompt_ids for it in items)
+        gen._llm.generate, gen._llm.get_tokenizer = forced, lambda: tok
+        old, old_cls = gen.env, gen._env_cls
+        gen.env, gen._env_cls = env, load_env_class(env["name"])
+        report, batch = gen.generate(PromptShard(5, items), SamplingSpec(n=2, max_new_tokens=96, seed=11))
+        delta = TemplateDelta(tok, tools)
+    finally:
+        gen._llm.generate, gen._llm.get_tokenizer = generate, get_tokenizer
+        gen.env, gen._env_cls = old, old_cls
+    assert all('"name": "add"' in it.text for it in items), items[0].text  # the model was shown the tool
+    assert report.env["tool_calls"] == 4 and report.env["tool_errors"] == 0 and report.env["errors"] == 0
+    assert batch.finish_reason.tolist() == ["stop"] * 4 and batch.turn_count.tolist() == [2] * 4
+    r_off = batch.response_offsets
+    for i in range(len(batch)):
+        ids = batch.response_ids[r_off[i]:r_off[i + 1]].tolist()
+        mask = batch.loss_mask[r_off[i]:r_off[i + 1]].tolist()
+        n1 = mask.index(0)  # turn 1: the call's ids as sampled (its EOS included)
+        call = tok.decode(ids[:n1], skip_special_tokens=True)
+        a, b = map(int, re.fullmatch(r'<tool_call>\{"name": "add", "arguments": \{"a": (\d), "b": (\d)\}\}</tool_call>',
+                                     call).groups())
+        _, obs = delta.delta_ids("assistant", [{"role": "tool", "content": str(a + b)}],
+                                 ended_on_eos=ids[n1 - 1] == tok.eos_token_id)
+        assert ids[n1:n1 + len(obs)] == obs and mask == [1] * n1 + [0] * len(obs) + [1] * (len(ids) - n1 - len(obs))
+        answer = tok.decode(ids[n1 + len(obs):], skip_special_tokens=True)
+        assert re.fullmatch(ANSWER_REGEX, answer)
+        expect = float(str(a + b) in answer)
+        assert batch.token_reward[r_off[i]:r_off[i + 1]].tolist() == [0.0] * (len(ids) - 1) + [expect]
+
+
+def test_a_hung_step_in_an_environment_actor_times_out(run, local_ray):
+    """``env.step_timeout_s`` holds for environments in actors: a ``step`` that hangs (prompt 0) ends
+    its trajectories with ``env_error``; the others, in the same actor, complete."""
+    gen, tok, _, _, _ = run
+    env = {**ENV, "name": "tests.integration.hanging_env:LetterGameHangs", "step_timeout_s": 1.5,
+           "num_cpus": 0.1, "num_actors": 1}
+    report, batch = _with_env(gen, tok, env, n=1, shard_id=6)
+    reasons = batch.finish_reason.tolist()
+    assert reasons[0] == "env_error" and report.env["errors"] == 1
+    assert set(reasons[1:]) <= {"stop", "length", "max_total_tokens"}

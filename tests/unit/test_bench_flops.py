@@ -115,3 +115,26 @@ def test_split_cores_gives_each_side_its_own():
 
     learner, gens = split_cores()
     assert learner and gens and not set(learner) & set(gens)
+
+
+def test_sweep_row_and_table_carry_learner_memory_and_sync_bytes():
+    """``--sweep lora.rank=0,8``: per value, the learner step (prepare + update), the learner's peak
+    RSS, the sync's seconds and bytes -- read from the end-to-end section, by hand here."""
+    from ray_rlhf.bench import report
+    from ray_rlhf.bench.run import SWEEP_MEANS
+
+    def e2e(update, rss_mib, nbytes):
+        mean = {k: 1.0 for k in SWEEP_MEANS} | {"prepare": 0.5, "update": update, "sync": 0.1, "samples_per_s": 2.0}
+        return {"mean": mean, "weight_bytes": nbytes,
+                "memory": [{"actor": "generator-0", "peak_rss_bytes": 9 * 2**30},
+                           {"actor": "learner", "peak_rss_bytes": rss_mib * 2**20}]}
+
+    rows = [report.sweep_row("0", e2e(2.0, 900, 7_345_152), SWEEP_MEANS),
+            report.sweep_row("8", e2e(1.5, 800, 311_296), SWEEP_MEANS)]
+    assert rows[0]["learner_step"] == 2.5 and rows[1]["learner_step"] == 2.0  # 0.5 + update
+    assert rows[1]["learner_peak_rss_bytes"] == 800 * 2**20 and rows[1]["sync_bytes"] == 311_296
+    for r in rows:
+        r["speedup"] = 1.0
+    md = "\n".join(report._sweep_md({"sweep": {"key": "lora.rank", "rows": rows}}))
+    assert "| lora.rank | samples/s | tokens/s | s/step | generate | learner | learner RSS MiB | sync | sync bytes |" in md
+    assert "| 8 | 2 | 1 | 1 | 1 | 2 | 800 | 0.1 | 311,296 | 1 |" in md

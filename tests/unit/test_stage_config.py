@@ -42,6 +42,10 @@ def test_a_yaml_file_then_overrides(tmp_path):
     (["dpo.loss=hinge"], "dpo.loss='hinge'"),
     (["data.eval_fraction=1.0"], "data.eval_fraction=1.0"),
     (["steps=many"], "steps='many'"),
+    (["learner.strategy=zero3"], "learner.strategy='zero3'"),
+    (["learner.dtype=float16"], "learner.dtype='float16'"),
+    (["lora.rank=-1"], "lora.rank=-1"),
+    (["lora.rank=8", "learner.num=2", "learner.strategy=fsdp"], "not supported for the stages yet"),
     (["--config", "nope"], "neither a stage preset"),
 ])
 def test_bad_keys_are_one_line(args, match):
@@ -58,7 +62,9 @@ def test_every_key_reaches_the_runner(tmp_path, monkeypatch):
               "data.eval_fraction": 0.5, "data.eval_path": "/e2", "data.max_tokens": 9, "optim.lr": 0.3,
               "optim.batch_size": 3, "optim.micro_batch_size": 1, "optim.max_grad_norm": 0.5, "eval.every": 4,
               "checkpoint.every": 6, "dpo.beta": 0.7, "dpo.loss": "ipo", "dpo.label_smoothing": 0.2,
-              "learner.num": 2, "learner.num_cpus": 0.5}
+              "learner.num": 2, "learner.num_cpus": 0.5, "learner.strategy": "fsdp", "learner.device": "cuda",
+              "learner.dtype": "bfloat16", "lora.rank": 8, "lora.alpha": 8.0, "lora.target_modules": ["q_proj"],
+              "lora.dropout": 0.1}
     assert set(values) == set(_keys())
     base = dict(model_path="model.path=/m", data="data.path=/d")
     built = []
@@ -78,3 +84,24 @@ def test_every_key_reaches_the_runner(tmp_path, monkeypatch):
         got = dataclasses.asdict(to_options(parse_options("dpo", [base["data"], *extra, f"{key}={value}"])))
         assert got != ref_k, f"{key}={value} changed nothing"
     assert set(FLAT_ALIASES.values()) <= set(_keys())
+
+
+def test_cuda_without_a_gpu_is_one_line_before_anything_is_built():
+    """``learner.device=cuda`` on a machine without a visible GPU: one line naming the fix (the
+    check runs before the model is built; several ranks count the Ray cluster's GPUs instead)."""
+    import torch
+
+    from ray_rlhf.stages.command import check_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(UserError, match="learner.device=cuda but this process sees no CUDA GPU") as e:
+        check_device(parse_options("sft", ["learner.device=cuda"]))
+    assert "\n" not in str(e.value) and "learner.device=cpu" in str(e.value)
+    check_device(parse_options("sft", ["learner.device=cuda", "learner.num=2"]))  # counted when the ranks start
+
+
+def test_lora_for_rm_is_refused_in_one_line():
+    with pytest.raises(UserError, match="lora.rank > 0 is not supported for rm yet") as e:
+        parse_options("rm", ["lora.rank=8"])
+    assert "\n" not in str(e.value)

@@ -2,6 +2,7 @@
 SFT lowers its loss, the RM's output loads as a sequence classifier, bad input refused early."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -29,6 +30,46 @@ def test_sft_stopped_and_resumed_equals_uninterrupted(tiny_policy_path, data, tm
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bfloat16_compute_trains_close_to_float32(tiny_policy_path, data, tmp_path):
+    """``learner.dtype=bfloat16``: the same steps under bf16 autocast; the step-1 loss within bf16's
+    round-off of float32's (not bit-equal: the autocast is on), the loss falls, the weights stay float32."""
+    kw = dict(stage="sft", model_path=str(tiny_policy_path), data_path=str(data[0]), steps=3, batch_size=8,
+              micro_batch_size=8, checkpoint_every=100)
+    f32 = run_stage(StageOptions(out=str(tmp_path / "f32"), **kw))
+    bf16 = run_stage(StageOptions(out=str(tmp_path / "bf16"), dtype="bfloat16", **kw))
+    a, b = f32[0]["sft/loss"], bf16[0]["sft/loss"]
+    print(f"\nstep-1 SFT loss float32 {a:.6f} bfloat16 {b:.6f}; last {f32[-1]['sft/loss']:.4f} {bf16[-1]['sft/loss']:.4f}")
+    assert a != b and b == pytest.approx(a, rel=2e-2)
+    assert bf16[-1]["sft/loss"] < bf16[0]["sft/loss"]
+    state = torch.load(tmp_path / "bf16" / "checkpoint.pt", weights_only=True)["model"]
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
+
+
+def test_lora_sft_and_dpo_train_adapters_only(tiny_policy_path, data, tmp_path):
+    """``lora.rank=8``: SFT's loss falls with the trunk frozen (the checkpoint's base weights equal the
+    model's); the final model is the merged one (differs from the base, no peft names) plus
+    ``adapter/``. DPO's reference is the same model with the adapters off: at step 1 the policy
+    equals it (B = 0), so the loss is log 2 and the implicit rewards 0."""
+    from safetensors.torch import load_file
+
+    kw = dict(model_path=str(tiny_policy_path), steps=3, batch_size=8, micro_batch_size=8, checkpoint_every=100,
+              lr=1e-2, lora_rank=8, lora_alpha=16.0)
+    sft = run_stage(StageOptions(stage="sft", data_path=str(data[0]), out=str(tmp_path / "sft"), **kw))
+    assert sft[-1]["sft/loss"] < sft[0]["sft/loss"]
+    base = load_file(str(tiny_policy_path / "model.safetensors"))
+    ckpt = torch.load(tmp_path / "sft" / "checkpoint.pt", weights_only=True)["model"]
+    frozen = {k: v for k, v in ckpt.items() if ".base_layer." in k}
+    assert frozen and all(torch.equal(v, base[k.removeprefix("lm.").replace(".base_layer.", ".")])
+                          for k, v in frozen.items())
+    merged = load_file(str(tmp_path / "sft" / "model" / "model.safetensors"))
+    assert merged.keys() == base.keys() and any(not torch.equal(merged[k], base[k]) for k in base)
+    assert (tmp_path / "sft" / "adapter" / "adapter_config.json").exists()
+    dpo = run_stage(StageOptions(stage="dpo", data_path=str(data[1]), out=str(tmp_path / "dpo"), **kw))
+    assert dpo[0]["dpo/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert dpo[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert dpo[-1]["rewards/margins"] != 0.0
 
 
 def test_rm_output_is_a_sequence_classifier(tiny_policy_path, data, tmp_path):
