@@ -122,7 +122,7 @@ class Generator:
             :func:`~ray_rlhf.generation.vllm_engine.sleep_mode_available`; on CPU the phases are
             enforced and recorded but no memory is released).
         env: multi-turn rollouts (``env.name`` or ``env.agent`` set): ``name`` or ``agent``, ``kwargs``,
-            ``max_turns``, ``step_timeout_s``, ``max_total_tokens``, ``scheduling`` (default ``turns``) (plain data,
+            ``max_turns``, ``step_timeout_s``, ``max_total_tokens``, ``scheduling`` (absent: ``turns``) (plain data,
             :func:`ray_rlhf.run.actors.env_spec`); None: single-turn completions.
         max_lora_rank: ``lora.sync=adapter``: start the engine with LoRA (``enable_lora``, this
             ``max_lora_rank``, one adapter at a time); each sync's adapters are then served as a new
