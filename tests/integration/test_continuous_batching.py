@@ -38,11 +38,10 @@ def _shard(gen, k: int = 4) -> PromptShard:
 
 
 def _run(gen, scheduling: str, env: dict | None = None, n: int = 3, tokens: int = 12):
-    gen.env = {**ENV, **(env or {}), "scheduling": scheduling}
-    if env and "name" in env:
-        from ray_rlhf.envs.base import load_env_class
+    from ray_rlhf.envs.base import load_env_class
 
-        gen._env_cls = load_env_class(env["name"])
+    gen.env = {**ENV, **(env or {}), "scheduling": scheduling}
+    gen._env_cls = load_env_class(gen.env["name"])
     return gen.generate(_shard(gen), SamplingSpec(n=n, max_new_tokens=tokens, seed=7))
 
 
@@ -79,3 +78,21 @@ def test_a_slow_environment_keeps_the_engine_busier_under_continuous_batching(ge
         assert e["seconds"] >= 0.9  # environment time: three turns of sleeps
     print("busy fraction, wall s:", got)
     assert got["continuous"][0] > got["turns"][0]
+
+
+def test_continuous_with_environment_actors_gives_the_in_process_trajectories(gen):
+    """``env.num_cpus=0.1`` (environments in two Ray actors, called through async proxies) under
+    ``continuous``: the same rows as the in-process environments under ``turns``."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        _, turns = _run(gen, "turns", n=2)
+        report, actors = _run(gen, "continuous", {"num_cpus": 0.1, "num_actors": 2}, n=2)
+    finally:
+        if gen._env_makers.pool is not None:  # its actors go before Ray does
+            gen._env_makers.pool.shutdown()
+            gen._env_makers.pool = None
+        ray.shutdown()
+    assert _rows(actors) == _rows(turns) and report.env["errors"] == 0
+    np.testing.assert_allclose(actors.sampler_logprobs, turns.sampler_logprobs, atol=1e-4)
