@@ -57,7 +57,8 @@ def run_bound(cfg, batches, generators, learner, learner_steps: int, flops_of=No
     batch -> ``{"prepare": FLOPs, "update": FLOPs}``, :func:`ray_rlhf.bench.flops.step_flops`) the
     model FLOPs of each learner step too."""
     rc = cfg.reward
-    scorer = RewardScorer([(f.name, f.weight) for f in rc.functions], rc.model_path, rc.model_weight, rc.batch_size)
+    scorer = RewardScorer([(f.name, f.weight) for f in rc.functions], rc.model_path, rc.model_weight, rc.batch_size,
+                          env_rewards=cfg.env.multi_turn)  # an environment may be the only reward source
     ray.get([g.ping.remote() for g in generators] + [learner.ping.remote()])
     per_step = []
     for i, (step, batch, sampling) in enumerate(batches):
@@ -68,7 +69,8 @@ def run_bound(cfg, batches, generators, learner, learner_steps: int, flops_of=No
         # so the batch is labelled with the learner's version (no staleness to refuse).
         scored = dataclasses.replace(scored, policy_version=np.full(len(scored), i, dtype=np.int64))
         r_s = time.perf_counter() - t0
-        row = {"step_index": step, "G": g_s, "R": r_s, "tokens": len(scored.response_ids), "sequences": len(scored)}
+        row = {"step_index": step, "G": g_s, "R": r_s, "tokens": int(scored.model_mask.sum()),  # model tokens only
+               "sequences": len(scored)}
         if i < learner_steps:
             t0 = time.perf_counter()
             stats = ray.get(learner.step.remote(scored))

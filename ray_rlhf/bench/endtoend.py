@@ -10,6 +10,12 @@ Phases of one step, in seconds, from the run's ``metrics.jsonl``:
 - ``orchestration`` = ``time/step`` minus the five above: Ray calls and transfers around the
   learner, batching, metrics logging.
 
+Multi-turn runs (``env.name`` set): ``generated_tokens`` counts model tokens only (the
+``loss_mask`` 1 tokens: response tokens less ``env/observation_tokens``); ``env`` =
+``env/seconds``, the environments' wall time inside ``generate`` (its own phase, not subtracted
+from ``generate``: under ``env.scheduling=continuous`` it overlaps the engine's work);
+``engine_busy_fraction`` = ``perf/engine_busy_fraction``; ``turns_mean`` = ``env/turns_mean``.
+
 Peak memory of every actor is read in the driver's ``on_finish`` hook, before shutdown.
 """
 
@@ -53,21 +59,34 @@ def run_endtoend(cfg: RunConfig) -> dict:
 
     out = run(cfg, on_finish=on_finish)
     rows = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return summarize(rows, out, memory)
+
+
+def summarize(rows: list[dict], out, memory: list[dict]) -> dict:
+    """Per-step rows and warm-up-skipped means of a run's ``metrics.jsonl`` rows."""
     per_step = []
+    multi_turn = bool(rows) and "env/seconds" in rows[0]
     for m in rows:
         r = phase_row(m)
+        tokens = float(m["perf/generated_tokens_per_s"]) * float(m["time/generate"])
+        if multi_turn:  # model tokens only: observation / template tokens are not generated
+            tokens -= float(m["env/observation_tokens"])
+            r.update(env=float(m["env/seconds"]), turns_mean=float(m["env/turns_mean"]),
+                     engine_busy_fraction=float(m.get("perf/engine_busy_fraction", float("nan"))))
         r.update(step_index=int(m["step"]), samples_per_s=float(m["perf/samples_per_s"]),
-                 generated_tokens_per_s=float(m["perf/generated_tokens_per_s"]),
-                 generated_tokens=float(m["perf/generated_tokens_per_s"]) * float(m["time/generate"]),
+                 generated_tokens_per_s=tokens / max(float(m["time/generate"]), 1e-9),
+                 generated_tokens=tokens,
                  response_length_mean=float(m.get("response/length_mean", 0.0)),
                  sync_seconds_no_verify=float(m["sync/seconds"]), sync_bytes=int(m["sync/bytes"]),
                  padded_token_ratio=float(m.get("perf/padded_token_ratio", float("nan"))))
         per_step.append(r)
     keys = [*PHASES, "orchestration", "step", "samples_per_s", "sync_seconds_no_verify", "response_length_mean",
             "padded_token_ratio"]
+    if multi_turn:
+        keys += ["env", "turns_mean", "engine_busy_fraction"]
     mean = {k: mean_after_warmup([r[k] for r in per_step]) for k in keys}
     kept = per_step[1:] or per_step
     # tokens/s over the kept steps as a whole (total tokens / total generate time), not a mean of rates
     mean["generated_tokens_per_s"] = sum(r["generated_tokens"] for r in kept) / sum(r["generate"] for r in kept)
-    return {"output_dir": str(out), "per_step": per_step, "mean": mean,
+    return {"output_dir": str(out), "per_step": per_step, "mean": mean, "multi_turn": multi_turn,
             "weight_bytes": per_step[-1]["sync_bytes"], "memory": memory}

@@ -127,6 +127,7 @@ def markdown(res: dict) -> str:
                [[p, e2e[p], f"{e2e[p] / e2e['step']:.1%}", bound_of[p]] for p in PHASE_ORDER]
                + [["step", e2e["step"], "100%", b["sum"]]]),
         "",
+        *multiturn_md(res),
         "## Bound",
         "",
         _table(["G", "R", "T", "S", "G+R+T+S", "step", "efficiency", "max(G,T)", "max(G,T)/step"],
@@ -207,6 +208,23 @@ def _overlap_md(res: dict) -> list[str]:
             f"{ov['speedup']:.2f}x (ideal (G+T)/max(G,T) = {ov['G_plus_T'] / ov['max_G_T']:.2f}x).", ""]
 
 
+def multiturn_md(res: dict) -> list[str]:
+    """Multi-turn runs (``env.name`` set): the environment as its own phase, the engine's busy fraction."""
+    if not res["endtoend"].get("multi_turn"):
+        return []
+    e2e, scheduling = res["endtoend"]["mean"], res["config"].get("env_scheduling", "turns")
+    return ["## Multi-turn rollouts", "",
+            _table(["env.scheduling", "model tokens/s", "generate s/step", "environment s/step",
+                    "environment / generate", "engine busy fraction", "turns / trajectory"],
+                   [[scheduling, e2e["generated_tokens_per_s"], e2e["generate"], e2e["env"],
+                     f"{e2e['env'] / e2e['generate']:.1%}", e2e["engine_busy_fraction"], e2e["turns_mean"]]]),
+            "", "Tokens per second count model tokens only (`loss_mask` 1), here and in every table below. "
+            "Environment time is the wall time inside `reset`/`step` calls (overlapping calls once); it lies "
+            "within `generate` and, under `env.scheduling=continuous`, overlaps the engine's work. Engine busy "
+            "fraction: the share of the rollouts' wall time the engine had turns to sample. The transformers "
+            "baseline samples single turns.", ""]
+
+
 def sweep_row(value: str, e2e: dict, means: tuple[str, ...]) -> dict:
     """One sweep value's row from its end-to-end section: the step means (after warm-up) named in
     ``means``, the learner's step (``prepare + update``, s), the learner rank 0's peak RSS (bytes,
@@ -223,14 +241,17 @@ def _sweep_md(res: dict) -> list[str]:
     sw = res.get("sweep")
     if not sw:
         return []
+    multi = "engine_busy_fraction" in sw["rows"][0]
+    extra = ["environment s", "engine busy"] if multi else []
     return [f"## Sweep of `{sw['key']}`", "",
             "Means per step after the warm-up step; learner = prepare + update; learner RSS = the learner "
             "rank 0's peak resident memory; sync = `time/sync` (verify included), its bytes `sync/bytes`.", "",
             _table([sw["key"], "samples/s", "tokens/s", "s/step", "generate", "learner", "learner RSS MiB", "sync",
-                    "sync bytes", "speed-up"],
+                    "sync bytes", "speed-up", *extra],
                    [[r["value"], r["samples_per_s"], r["generated_tokens_per_s"], r["step"], r["generate"],
                      r["prepare"] + r["update"], r.get("learner_peak_rss_bytes", 0) / MiB, r["sync"],
-                     f"{r['sync_bytes']:,}" if "sync_bytes" in r else "", r["speedup"]] for r in sw["rows"]]), ""]
+                     f"{r['sync_bytes']:,}" if "sync_bytes" in r else "", r["speedup"],
+                     *([r["env"], r["engine_busy_fraction"]] if multi else [])] for r in sw["rows"]]), ""]
 
 
 # ---------------------------------------------------------------- plots

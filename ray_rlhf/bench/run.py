@@ -51,6 +51,7 @@ MODES = {
 }
 SWEEP_MEANS = ("samples_per_s", "generated_tokens_per_s", "step", "generate", "reward", "prepare", "update", "sync",
                "orchestration", "sync_seconds_no_verify")
+MULTI_TURN_MEANS = ("env", "engine_busy_fraction", "turns_mean")
 
 
 def _bench_overrides(out_dir: Path, steps: int, cache_dir: str | None) -> list[str]:
@@ -121,7 +122,8 @@ def run_sweep(key: str, cfgs: list) -> dict:
     rows = []
     for value, cfg in cfgs:
         log.info("sweep %s=%s", key, value)
-        rows.append(report.sweep_row(value, run_endtoend(cfg), SWEEP_MEANS))
+        e2e = run_endtoend(cfg)
+        rows.append(report.sweep_row(value, e2e, SWEEP_MEANS + (MULTI_TURN_MEANS if e2e["multi_turn"] else ())))
     for r in rows:
         r["speedup"] = r["samples_per_s"] / rows[0]["samples_per_s"]
     return {"key": key, "rows": rows}
@@ -184,7 +186,8 @@ def measure(cfg, m: dict, mode: str) -> dict:
                    "generator_num_cpus": cfg.generators.num_cpus, "shard_prompts": cfg.generators.shard_prompts,
                    "learner_num_cpus": cfg.learner.num_cpus, "sync_backend": cfg.sync.backend,
                    "sync_verify": cfg.sync.verify, "estimator": cfg.algo.estimator,
-                   "old_logprobs_from_sampler": cfg.old_logprobs_from_sampler, "learner_num": cfg.learner.num},
+                   "old_logprobs_from_sampler": cfg.old_logprobs_from_sampler, "learner_num": cfg.learner.num,
+                   "env": cfg.env.name, "env_scheduling": cfg.env.scheduling},
         "cpu": cpu_model(),
         "model_params": params,
         "endtoend": e2e,

@@ -126,6 +126,12 @@ class EnvConfig(_Section):
     num_actors: int = Field(1, ge=1)
     """``env.num_cpus`` > 0: environment actors per generator; trajectories are spread over them
     round robin."""
+    scheduling: Literal["turns", "continuous"] = "continuous"
+    """How an ``env.name`` shard's trajectories share the engine. ``turns``: one engine call samples the
+    next turn of every live trajectory, then all environments step (the engine idles meanwhile).
+    ``continuous``: each trajectory's turn is added to the running engine as soon as its observation
+    is ready, while the engine keeps decoding the others (``perf/engine_busy_fraction``). Same
+    trajectories either way (per-turn seeds). ``env.agent`` requests are batched by the endpoint."""
 
     @property
     def multi_turn(self) -> bool:

@@ -45,12 +45,11 @@ import numpy as np
 from ray_rlhf.envs.base import load_agent, load_env_class
 from ray_rlhf.envs.remote import EnvMakers
 from ray_rlhf.errors import UserError
+from ray_rlhf.generation.engine_stepper import run_continuous, turns_sampler
 from ray_rlhf.generation.trajectory import (
-    Sampled,
     Sampler,
     TemplateDelta,
     TrajectoryLimits,
-    TurnRequest,
     run_trajectories,
 )
 from ray_rlhf.generation.vllm_engine import EngineSleep, VllmEngine, sleep_mode_available
@@ -123,7 +122,7 @@ class Generator:
             :func:`~ray_rlhf.generation.vllm_engine.sleep_mode_available`; on CPU the phases are
             enforced and recorded but no memory is released).
         env: multi-turn rollouts (``env.name`` or ``env.agent`` set): ``name`` or ``agent``, ``kwargs``,
-            ``max_turns``, ``step_timeout_s`` and ``max_total_tokens`` (plain data,
+            ``max_turns``, ``step_timeout_s``, ``max_total_tokens``, ``scheduling`` (absent: ``turns``) (plain data,
             :func:`ray_rlhf.run.actors.env_spec`); None: single-turn completions.
         max_lora_rank: ``lora.sync=adapter``: start the engine with LoRA (``enable_lora``, this
             ``max_lora_rank``, one adapter at a time); each sync's adapters are then served as a new
@@ -290,25 +289,8 @@ class Generator:
         return report, batch
 
     def _turn_sampler(self, sampling: SamplingSpec) -> Sampler:
-        """One turn of every request in one engine call, with the run's sampling settings."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        def sample(requests: list[TurnRequest]) -> list[Sampled]:
-            params = [SamplingParams(n=1, max_tokens=r.max_tokens, temperature=sampling.temperature,
-                                     top_p=sampling.top_p, seed=r.seed, logprobs=0, flat_logprobs=True,
-                                     ignore_eos=sampling.ignore_eos, stop=list(r.stop) or None) for r in requests]
-            outs = self._llm.generate([TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests], params,
-                                      use_tqdm=False, lora_request=self._engine.lora_request)
-            done = []
-            for out in outs:
-                c = out.outputs[0]
-                if c.finish_reason not in ("stop", "length"):
-                    raise RuntimeError(f"{self.generator_id}: a turn finished with {c.finish_reason!r}")
-                done.append(Sampled(list(c.token_ids), list(c.logprobs.logprobs), c.finish_reason, c.text))
-            return done
-
-        return sample
+        """One turn of every request in one ``LLM.generate`` call, with the run's sampling settings."""
+        return turns_sampler(self._llm, sampling, self._engine.lora_request, self.generator_id)
 
     def _limits(self, sampling: SamplingSpec) -> TrajectoryLimits:
         e = self.env
@@ -320,8 +302,10 @@ class Generator:
     def _generate_trajectories(self, shard: PromptShard, sampling: SamplingSpec,
                                t0: float) -> tuple[ShardReport, RolloutBatch]:
         """Multi-turn: ``sampling.n`` trajectories of every prompt with the environment
-        (:func:`~ray_rlhf.generation.trajectory.run_trajectories`), every turn of every live
-        trajectory in one engine call; or, with ``env.agent``, ``sampling.n`` rollouts of the agent
+        (``env.scheduling``: ``turns``, every turn of every live trajectory in one engine call,
+        :func:`~ray_rlhf.generation.trajectory.run_trajectories`; ``continuous``, each trajectory's
+        turn added to the running engine when ready,
+        :func:`~ray_rlhf.generation.engine_stepper.run_continuous`); or, with ``env.agent``, ``sampling.n`` rollouts of the agent
         against this generator's chat-completions endpoint
         (:func:`~ray_rlhf.generation.openai_endpoint.run_agent_rollouts`)."""
         e = self.env
@@ -335,6 +319,7 @@ class Generator:
             batch, stats, batcher = asyncio.run(run_agent_rollouts(
                 shard.prompts, sampling.n, self._turn_sampler(sampling), self._agent, delta, limits, kwargs,
                 seed=sampling.seed, policy_version=self.version, generator_id=self.generator_id))
+            stats.engine_seconds, stats.wall_seconds = batcher.busy_seconds, time.perf_counter() - t0
             log.info("%s: shard %d, %d agent rollouts, %d engine calls of %.1f requests on average",
                      self.generator_id, shard.shard_id, len(batch), len(batcher.batch_sizes),
                      sum(batcher.batch_sizes) / max(len(batcher.batch_sizes), 1))
@@ -342,9 +327,13 @@ class Generator:
             cls = self._env_cls
             delta = TemplateDelta(self._llm.get_tokenizer(), getattr(cls, "tools", None))
             with self._env_makers.shard(e, cls) as make_env:  # in this process, or env actors (env.num_cpus)
-                batch, stats = run_trajectories(shard.prompts, sampling.n, self._turn_sampler(sampling), make_env,
-                                                delta, limits, seed=sampling.seed,
-                                                policy_version=self.version, generator_id=self.generator_id)
+                if e.get("scheduling", "turns") == "continuous":  # each trajectory's turn as soon as it is ready
+                    batch, stats = run_continuous(self._llm, sampling, self._engine.lora_request, self.generator_id,
+                                                  shard.prompts, sampling.n, make_env, delta, limits, self.version)
+                else:  # every live trajectory's turn in one engine call
+                    batch, stats = run_trajectories(shard.prompts, sampling.n, self._turn_sampler(sampling), make_env,
+                                                    delta, limits, seed=sampling.seed,
+                                                    policy_version=self.version, generator_id=self.generator_id)
         model_tokens = int(batch.model_mask.sum())
         report = ShardReport(shard.shard_id, self.generator_id, len(batch), model_tokens, time.perf_counter() - t0,
                              self.version, env=stats.as_dict())

@@ -1,9 +1,12 @@
 """Multi-turn rollouts: the model and an environment take turns, token in and token out.
 
-Turn-synchronous: every live trajectory of a shard samples its next turn in one engine call (one
-request per trajectory), then every environment steps (concurrently, each under
-``env.step_timeout_s``), then the next turn. (Continuous batching across trajectories -- the engine
-decoding some while others wait on their environment -- is a later step.)
+Two schedules (``env.scheduling``). ``turns`` (:func:`run_trajectories`): every live trajectory of
+a shard samples its next turn in one engine call (one request per trajectory), then every
+environment steps (concurrently, each under ``env.step_timeout_s``), then the next turn; the engine
+idles while the environments step. ``continuous``
+(:func:`ray_rlhf.generation.continuous.run_trajectories_continuous`): each trajectory is a coroutine
+whose turn goes to the engine as soon as its observation is ready, while the engine keeps decoding
+the others. Both share the per-turn bookkeeping below (:func:`take_turn`, :func:`after_step`).
 
 Token in, token out: a trajectory's ids are the prompt ids, then exactly the ids the engine sampled
 for turn 1, then the observation's ids, then the ids sampled for turn 2, ... The sampled text is
@@ -40,7 +43,8 @@ from ray_rlhf.envs.base import as_messages, check_step
 from ray_rlhf.errors import UserError
 from ray_rlhf.records import PromptItem, RolloutBatch
 
-__all__ = ["EnvStats", "Sampled", "TemplateDelta", "TrajectoryLimits", "TurnRequest", "call_env", "run_trajectories"]
+__all__ = ["EnvStats", "Sampled", "TemplateDelta", "TrajectoryLimits", "TurnRequest", "after_step", "apply_reset",
+           "call_env", "make_trajectories", "next_request", "reset_call", "run_trajectories", "take_turn", "to_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +109,10 @@ class EnvStats:
     observation_tokens: int = 0
     reward_sum: float = 0.0
     """Sum of every trajectory's environment rewards."""
+    engine_seconds: float = 0.0
+    """Wall time the engine had requests to sample (inside its calls or steps)."""
+    wall_seconds: float = 0.0
+    """Wall time of the shard's rollouts, from the first ``reset`` to the last trajectory's end."""
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
@@ -246,110 +254,106 @@ def _describe(exc: BaseException, timeout_s: float) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def run_trajectories(items: Sequence[PromptItem], n: int, sampler: Sampler, make_env: Callable[[], Any],
-                     delta: TemplateDelta, limits: TrajectoryLimits, seed: int | None = None,
-                     policy_version: int = 0, generator_id: str = "") -> tuple[RolloutBatch, EnvStats]:
-    """``n`` trajectories of every prompt of ``items``, ordered by (prompt, sample), and their stats.
+def make_trajectories(items: Sequence[PromptItem], n: int, make_env: Callable[[], Any]) -> list[_Trajectory]:
+    """``n`` trajectories of every prompt, ordered by (prompt, sample), each with a new environment."""
+    return [_Trajectory(item, j, make_env(), list(item.prompt_ids), item.text) for item in items for j in range(n)]
 
-    ``make_env()``: a new environment instance (one per trajectory). ``delta``: renders the
-    observations. A ``step`` that returns the wrong shape raises :class:`UserError` (naming the
-    class); one that raises or times out ends its trajectory with ``env_error``.
-    """
-    stats = EnvStats()
-    trajs: list[_Trajectory] = []
-    for item in items:
-        for j in range(n):
-            env = make_env()
-            trajs.append(_Trajectory(item, j, env, list(item.prompt_ids), item.text))
+
+def reset_call(t: _Trajectory, limits: TrajectoryLimits) -> Any:
+    """The coroutine of ``t``'s ``reset`` call (its row's columns plus ``prompt_index``)."""
+    return call_env(t.env.reset, {**t.item.columns, "prompt_index": t.item.index}, limits.step_timeout_s)
+
+
+def apply_reset(t: _Trajectory, obs: Any, delta: TemplateDelta, limits: TrajectoryLimits) -> None:
+    """Append the first observation (``obs``, or the exception ``reset`` raised) to the prompt."""
+    if isinstance(obs, BaseException):
+        t.failed = _describe(obs, limits.step_timeout_s)
+        return
+    msgs = as_messages(obs, t.env)
+    if msgs:
+        t.prompt_ids, t.prompt_text = delta.after_prompt(t.prompt_ids, t.prompt_text, msgs)
+    if t.length >= limits.max_total_tokens:
+        raise UserError(f"prompt {t.item.index} is {t.length} tokens with the environment's first observation, "
+                        f"not below rollout.max_total_tokens={limits.max_total_tokens}; raise it")
+
+
+def next_request(t: _Trajectory, limits: TrajectoryLimits, seed: int | None) -> TurnRequest:
+    """``t``'s next turn: its ids so far, the room left, the turn's seed (:func:`turn_seed`)."""
+    room = limits.max_total_tokens - t.length
+    return TurnRequest(t.prompt_ids + t.ids, min(limits.max_new_tokens, room),
+                       turn_seed(seed, t.item.index, t.sample, t.turns))
+
+
+def take_turn(t: _Trajectory, req: TurnRequest, out: Sampled, limits: TrajectoryLimits) -> bool:
+    """Append a sampled turn to ``t``; True when the environment steps next (False: ``reset`` had
+    failed, the trajectory ends with ``env_error``)."""
+    if len(out.logprobs) != len(out.token_ids):
+        raise RuntimeError(f"sampler returned {len(out.logprobs)} log-probs for {len(out.token_ids)} tokens")
+    t.ids += out.token_ids
+    t.mask += [1] * len(out.token_ids)
+    t.logprobs += [float(x) for x in out.logprobs]
+    t.rewards += [0.0] * len(out.token_ids)
+    t.text.append(out.text)
+    t.turns += 1
+    t.finish = out.finish_reason
+    if out.finish_reason == "length" and req.max_tokens < limits.max_new_tokens:
+        t.finish = "max_total_tokens"
+    if t.failed is not None:
+        log.warning("environment %s failed at reset for prompt %d sample %d: %s",
+                    type(t.env).__name__, t.item.index, t.sample, t.failed)
+        t.finish = "env_error"
+        return False
+    return True
+
+
+def after_step(t: _Trajectory, res: Any, stats: EnvStats, delta: TemplateDelta, limits: TrajectoryLimits) -> None:
+    """Apply ``step``'s result (or the exception it raised) to ``t``: its reward on the turn's last
+    sampled id, then the end (``t.finish`` set) or the observation's ids (``t.finish`` None)."""
+    if isinstance(res, UserError):
+        raise res
+    if isinstance(res, BaseException):
+        log.warning("environment %s failed at turn %d of prompt %d sample %d: %s; ending the trajectory "
+                    "(env_error)", type(t.env).__name__, t.turns, t.item.index, t.sample,
+                    _describe(res, limits.step_timeout_s))
+        t.finish = "env_error"
+        return
+    res = check_step(t.env, res)
+    stats.tool_calls += int(res.info.get("tool_calls", 0) or 0)
+    stats.tool_errors += int(res.info.get("tool_errors", 0) or 0)
+    stats.reward_sum += res.reward
+    last = max((i for i, m in enumerate(t.mask) if m), default=None)
+    if last is not None:
+        t.rewards[last] += res.reward
+    if res.done:
+        t.finish = "length" if t.finish in ("length", "max_total_tokens") else "stop"
+        return
+    if t.finish == "max_total_tokens":
+        return
+    if t.turns >= limits.max_turns:
+        t.finish = "max_turns"
+        return
+    msgs = as_messages(res.observation, t.env)
+    ended_on_eos = bool(t.ids) and t.ids[-1] in delta.eos_ids
+    text, ids = delta.delta_ids("assistant", msgs, ended_on_eos)
+    if t.length + len(ids) >= limits.max_total_tokens:  # no room for the observation and a turn
+        t.finish = "max_total_tokens"
+        return
+    t.ids += ids
+    t.mask += [0] * len(ids)
+    t.logprobs += [0.0] * len(ids)
+    t.rewards += [0.0] * len(ids)
+    t.text.append(text)
+    stats.observation_tokens += len(ids)
+    t.finish = None
+
+
+def to_batch(items: Sequence[PromptItem], trajs: list[_Trajectory], stats: EnvStats, policy_version: int,
+             generator_id: str) -> RolloutBatch:
+    """The finished trajectories as one :class:`RolloutBatch` (and their turn and error counts in ``stats``)."""
     stats.trajectories = len(trajs)
-
-    # reset: the first observation, appended to the prompt as a user message
-    t0 = time.perf_counter()
-    firsts = _run_calls([lambda t=t: call_env(t.env.reset, {**t.item.columns, "prompt_index": t.item.index},
-                                           limits.step_timeout_s) for t in trajs])
-    stats.seconds += time.perf_counter() - t0
-    for t, obs in zip(trajs, firsts):
-        if isinstance(obs, BaseException):
-            t.failed = _describe(obs, limits.step_timeout_s)
-            continue
-        msgs = as_messages(obs, t.env)
-        if msgs:
-            t.prompt_ids, t.prompt_text = delta.after_prompt(t.prompt_ids, t.prompt_text, msgs)
-        if t.length >= limits.max_total_tokens:
-            raise UserError(f"prompt {t.item.index} is {t.length} tokens with the environment's first observation, "
-                            f"not below rollout.max_total_tokens={limits.max_total_tokens}; raise it")
-
-    live = list(trajs)
-    while live:
-        requests = []
-        for t in live:
-            room = limits.max_total_tokens - t.length
-            requests.append(TurnRequest(t.prompt_ids + t.ids, min(limits.max_new_tokens, room),
-                                        turn_seed(seed, t.item.index, t.sample, t.turns)))
-        outs = sampler(requests)
-        for t, req, out in zip(live, requests, outs):
-            if len(out.logprobs) != len(out.token_ids):
-                raise RuntimeError(f"sampler returned {len(out.logprobs)} log-probs for {len(out.token_ids)} tokens")
-            t.ids += out.token_ids
-            t.mask += [1] * len(out.token_ids)
-            t.logprobs += [float(x) for x in out.logprobs]
-            t.rewards += [0.0] * len(out.token_ids)
-            t.text.append(out.text)
-            t.turns += 1
-            t.finish = out.finish_reason
-            if out.finish_reason == "length" and req.max_tokens < limits.max_new_tokens:
-                t.finish = "max_total_tokens"
-        stepping = [t for t in live if t.failed is None]
-        for t in live:
-            if t.failed is not None:
-                log.warning("environment %s failed at reset for prompt %d sample %d: %s",
-                            type(t.env).__name__, t.item.index, t.sample, t.failed)
-                t.finish = "env_error"
-        t0 = time.perf_counter()
-        results = _run_calls([lambda t=t: call_env(t.env.step, t.text[-1], limits.step_timeout_s) for t in stepping])
-        stats.seconds += time.perf_counter() - t0
-        for t, res in zip(stepping, results):
-            if isinstance(res, UserError):
-                raise res
-            if isinstance(res, BaseException):
-                log.warning("environment %s failed at turn %d of prompt %d sample %d: %s; ending the trajectory "
-                            "(env_error)", type(t.env).__name__, t.turns, t.item.index, t.sample,
-                            _describe(res, limits.step_timeout_s))
-                t.finish = "env_error"
-                continue
-            res = check_step(t.env, res)
-            stats.tool_calls += int(res.info.get("tool_calls", 0) or 0)
-            stats.tool_errors += int(res.info.get("tool_errors", 0) or 0)
-            stats.reward_sum += res.reward
-            last = max((i for i, m in enumerate(t.mask) if m), default=None)
-            if last is not None:
-                t.rewards[last] += res.reward
-            if res.done:
-                t.finish = "length" if t.finish in ("length", "max_total_tokens") else "stop"
-                continue
-            if t.finish == "max_total_tokens":
-                continue
-            if t.turns >= limits.max_turns:
-                t.finish = "max_turns"
-                continue
-            msgs = as_messages(res.observation, t.env)
-            ended_on_eos = bool(t.ids) and t.ids[-1] in delta.eos_ids
-            text, ids = delta.delta_ids("assistant", msgs, ended_on_eos)
-            if t.length + len(ids) >= limits.max_total_tokens:  # no room for the observation and a turn
-                t.finish = "max_total_tokens"
-                continue
-            t.ids += ids
-            t.mask += [0] * len(ids)
-            t.logprobs += [0.0] * len(ids)
-            t.rewards += [0.0] * len(ids)
-            t.text.append(text)
-            stats.observation_tokens += len(ids)
-            t.finish = None
-        live = [t for t in live if t.finish is None]
-
     stats.turns = sum(t.turns for t in trajs)
     stats.errors = sum(t.finish == "env_error" for t in trajs)
-    batch = RolloutBatch.from_sequences(
+    return RolloutBatch.from_sequences(
         prompt_index=[t.item.index for t in trajs], sample_index=[t.sample for t in trajs],
         prompt_ids=[t.prompt_ids for t in trajs], response_ids=[t.ids for t in trajs],
         sampler_logprobs=[t.logprobs for t in trajs], prompt=[t.prompt_text for t in trajs],
@@ -358,4 +362,42 @@ def run_trajectories(items: Sequence[PromptItem], n: int, sampler: Sampler, make
         columns={k: [t.item.columns[k] for t in trajs] for k in (items[0].columns if items else {})},
         loss_mask=[t.mask for t in trajs], token_reward=[t.rewards for t in trajs],
     )
-    return batch, stats
+
+
+def run_trajectories(items: Sequence[PromptItem], n: int, sampler: Sampler, make_env: Callable[[], Any],
+                     delta: TemplateDelta, limits: TrajectoryLimits, seed: int | None = None,
+                     policy_version: int = 0, generator_id: str = "") -> tuple[RolloutBatch, EnvStats]:
+    """``n`` trajectories of every prompt of ``items``, ordered by (prompt, sample), and their stats;
+    turn-synchronous (one engine call per turn of all live trajectories).
+
+    ``make_env()``: a new environment instance (one per trajectory). ``delta``: renders the
+    observations. A ``step`` that returns the wrong shape raises :class:`UserError` (naming the
+    class); one that raises or times out ends its trajectory with ``env_error``.
+    """
+    stats = EnvStats()
+    start = time.perf_counter()
+    trajs = make_trajectories(items, n, make_env)
+
+    # reset: the first observation, appended to the prompt as a user message
+    t0 = time.perf_counter()
+    firsts = _run_calls([lambda t=t: reset_call(t, limits) for t in trajs])
+    stats.seconds += time.perf_counter() - t0
+    for t, obs in zip(trajs, firsts):
+        apply_reset(t, obs, delta, limits)
+
+    live = list(trajs)
+    while live:
+        requests = [next_request(t, limits, seed) for t in live]
+        t0 = time.perf_counter()
+        outs = sampler(requests)
+        stats.engine_seconds += time.perf_counter() - t0
+        stepping = [t for t, req, out in zip(live, requests, outs) if take_turn(t, req, out, limits)]
+        t0 = time.perf_counter()
+        results = _run_calls([lambda t=t: call_env(t.env.step, t.text[-1], limits.step_timeout_s) for t in stepping])
+        stats.seconds += time.perf_counter() - t0
+        for t, res in zip(stepping, results):
+            after_step(t, res, stats, delta, limits)
+        live = [t for t in live if t.finish is None]
+
+    stats.wall_seconds = time.perf_counter() - start
+    return to_batch(items, trajs, stats, policy_version, generator_id), stats

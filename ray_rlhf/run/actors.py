@@ -49,7 +49,8 @@ def env_spec(cfg: RunConfig) -> dict | None:
         return None
     return dict(name=e.name, agent=e.agent, kwargs=dict(e.kwargs), max_turns=e.max_turns,
                 step_timeout_s=e.step_timeout_s, max_total_tokens=cfg.rollout.max_total_tokens,
-                num_cpus=e.num_cpus, num_actors=e.num_actors)
+                num_cpus=e.num_cpus, num_actors=e.num_actors,
+                scheduling=e.scheduling)
 
 
 def generator_actor(cfg: RunConfig) -> Any:

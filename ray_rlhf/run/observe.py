@@ -115,7 +115,8 @@ def env_metrics(env: dict[str, float]) -> dict[str, float]:
     """The ``env/*`` metrics of a step from the summed environment counts of its shards
     (:class:`~ray_rlhf.generation.trajectory.EnvStats`; defined in docs/metrics.md)."""
     n = max(env.get("trajectories", 0), 1)
-    return {
+    busy = {"perf/engine_busy_fraction": env["engine_seconds"] / env["wall_seconds"]} if env.get("wall_seconds") else {}
+    return busy | {
         "env/turns_mean": env.get("turns", 0) / n,
         "env/tool_calls": env.get("tool_calls", 0),
         "env/tool_errors": env.get("tool_errors", 0),
