@@ -1,4 +1,4 @@
-"""``ray-rlhf bench --config tiny --quick --sweep generators.num=1,2`` end to end, run from a
+"""``ray-rlhf bench --config tiny --quick --steps 2 --sweep generators.num=1,2`` end to end, run from a
 directory outside the source tree (the benchmark ships in the package): the outputs exist and are
 well formed.
 
@@ -39,7 +39,7 @@ def quick_results(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("elsewhere")  # not the checkout: nothing may come from benchmarks/
     cli = Path(sys.executable).parent / "ray-rlhf"
     proc = subprocess.run(
-        [str(cli), "bench", "--config", "tiny", "--quick", "--sweep", "generators.num=1,2", "--out", str(out),
+        [str(cli), "bench", "--config", "tiny", "--quick", "--steps", "2", "--sweep", "generators.num=1,2", "--out", str(out),
          "--cache-dir", str(cache)],
         cwd=cwd, capture_output=True, text=True, timeout=840,
         env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"},
