@@ -42,6 +42,16 @@ def _policy_and_base_logprobs(learner, rollouts) -> tuple[torch.Tensor, torch.Te
 
     return ray.get(learner.__ray_call__.remote(score, rollouts.with_rewards(np.zeros(len(rollouts.reward)), {})))
 
+def _engine_after_sync(learner, gen, shard, spec) -> tuple[float, float]:
+    """Sample ``shard`` at version 1; (max |engine - learner policy|, max |engine - base|) over the
+    sampled tokens' log-probs."""
+    after = ray.get(gen.generate.options(num_returns=2).remote(shard, spec)[1])
+    assert set(after.policy_version.tolist()) == {1}
+    policy, base, sampler, mask = _policy_and_base_logprobs(learner, after)
+    m = mask.bool()
+    return (sampler - policy)[m].abs().max().item(), (sampler - base)[m].abs().max().item()
+
+
 
 @pytest.fixture(scope="module")
 def local_ray():
@@ -73,12 +83,7 @@ def test_lora_update_reaches_the_engine_through_the_merged_sync(tiny_policy_path
     assert not any(".lora_" in k or ".base_layer" in k or k.startswith("base_model") for k in merged)
     assert res.bytes == sum(t.numel() * 4 for t in merged.values())  # the full (merged) state dict
 
-    after = ray.get(gen.generate.options(num_returns=2).remote(shard, spec)[1])
-    assert set(after.policy_version.tolist()) == {1}
-    policy, base, sampler, mask = _policy_and_base_logprobs(learner, after)
-    m = mask.bool()
-    engine_vs_policy = (sampler - policy)[m].abs().max().item()
-    engine_vs_base = (sampler - base)[m].abs().max().item()
+    engine_vs_policy, engine_vs_base = _engine_after_sync(learner, gen, shard, spec)
     print(f"\nLoRA merged sync: {res.bytes} bytes in {res.seconds * 1e3:.1f} ms; max |engine - learner| "
           f"log-prob {engine_vs_policy:.2e}, max |engine - base| {engine_vs_base:.2e}")
     assert engine_vs_policy < 1e-4
@@ -135,12 +140,7 @@ def test_lora_update_reaches_the_engine_through_the_adapter_sync(tiny_policy_pat
     assert res.payload == "adapter" and res.checksum and res.probe_max_diff < 1e-4
     assert res.bytes * 10 < full
 
-    after = ray.get(gen.generate.options(num_returns=2).remote(shard, spec)[1])
-    assert set(after.policy_version.tolist()) == {1}
-    policy, base, sampler, mask = _policy_and_base_logprobs(learner, after)
-    m = mask.bool()
-    engine_vs_policy = (sampler - policy)[m].abs().max().item()
-    engine_vs_base = (sampler - base)[m].abs().max().item()
+    engine_vs_policy, engine_vs_base = _engine_after_sync(learner, gen, shard, spec)
     print(f"\nLoRA adapter sync: {res.bytes} bytes (full model {full}) in {res.seconds * 1e3:.1f} ms, verify "
           f"{res.verify_seconds * 1e3:.1f} ms, probe max diff {res.probe_max_diff:.1e}; max |engine - learner| "
           f"log-prob {engine_vs_policy:.2e}, max |engine - base| {engine_vs_base:.2e}")

@@ -18,12 +18,9 @@ from ray_rlhf.envs.base import load_env_class
 from ray_rlhf.envs.letters import LetterGame
 from ray_rlhf.generation.trajectory import TemplateDelta, turn_seed
 from ray_rlhf.records import PromptItem, PromptShard, SamplingSpec
+from tests.integration.multiturn_common import ENV, PROMPTS
 
 pytestmark = pytest.mark.integration
-
-PROMPTS = ("The cat sat on", "Once upon a time", "Water is", "Tell me a story about a dog")
-ENV = dict(name="ray_rlhf.envs.letters:LetterGame", kwargs={"turns": 3}, max_turns=3, step_timeout_s=10.0,
-           max_total_tokens=150)
 
 
 @pytest.fixture(scope="module")
