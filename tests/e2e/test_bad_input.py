@@ -1,7 +1,10 @@
 """User mistakes through the real command line: one clear line, exit status 2, checkpoints untouched.
 
-Every case runs ``python -m ray_rlhf.train --config tiny ...`` as a subprocess against the tiny
-models built once per session (``model.cache_dir``), and asserts:
+Every case runs the command of ``python -m ray_rlhf.train --config tiny ...`` against the tiny
+models built once per session (``model.cache_dir``): two of them in a fresh interpreter
+(``fresh_interpreter``), the others in a process forked from a fork server that imported the CLI,
+transformers and torch once (:func:`fork_train`; the same entry point, arguments, working
+directory and environment, without paying ~5 s of imports per case). Each case asserts:
 
 * exit status 2 (a :class:`~ray_rlhf.errors.UserError`, not a crash);
 * the last non-empty line of stderr is ``ray-rlhf: error: <one line>`` naming the problem;
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -94,6 +98,8 @@ class Case:
     config: str = "tiny"
     max_seconds: float | None = None
     """Wall-clock bound (e.g. an unreachable cluster must fail in seconds, not minutes)."""
+    fresh_interpreter: bool = False
+    """Run as ``python -m ray_rlhf.train`` in a new interpreter (else forked from the fork server)."""
 
 
 @dataclass
@@ -195,7 +201,7 @@ RAY_SMALL = ["generators.num=1", "rollout.prompts_per_step=4", "rollout.samples_
 """The smallest tiny run, for the one case that needs Ray and vLLM."""
 
 CASES: dict[str, Case] = {
-    "unknown_config_key": Case(["ppo.bogus=1"], ["unknown config key 'ppo.bogus'"]),
+    "unknown_config_key": Case(["ppo.bogus=1"], ["unknown config key 'ppo.bogus'"], fresh_interpreter=True),
     "wrong_type": Case(["ppo.epochs=many"], ["'ppo.epochs'", "integer"]),
     "impossible_combination": Case(["ppo.minibatch_size=128"], ["ppo.minibatch_size=128", "larger than the batch"]),
     "config_file_missing": Case([], ["--config", "nothere.yaml"], config="nothere.yaml"),
@@ -288,7 +294,7 @@ CASES: dict[str, Case] = {
     "lora_rank_negative": Case(["lora.rank=-1"], ["'lora.rank'", "greater than or equal to 0"]),
     "reward_raises_in_actor": Case(
         ["reward.functions=[{name: 'bad_rewards:raises_in_ray', weight: 1.0}]", *RAY_SMALL],
-        ["bad_rewards:raises_in_ray", "raised KeyError", "unexpected token in response"],
+        ["bad_rewards:raises_in_ray", "raised KeyError", "unexpected token in response"], fresh_interpreter=True,
     ),
 }
 
@@ -331,6 +337,7 @@ def good_run(tmp_path_factory, tiny_policy_path) -> Path:
 
 
 def run_train(config: str, overrides: list[str], cwd: Path, env: dict[str, str], timeout: float):
+    """``python -m ray_rlhf.train --config <config> <overrides>`` in a fresh interpreter."""
     full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     full_env.update(env)
     cmd = [sys.executable, "-m", "ray_rlhf.train", "--config", config, *overrides]
@@ -339,7 +346,64 @@ def run_train(config: str, overrides: list[str], cwd: Path, env: dict[str, str],
     return proc, time.monotonic() - t0
 
 
-def _run_case(name: str, tmp_path: Path, model_cache: Path, good_run: Path, reward_model: Path):
+PRELOAD = ["ray_rlhf.cli", "ray_rlhf.run.inputs", "ray_rlhf.preflight", "transformers", "transformers.models.auto"]
+"""What the fork server imports once (the cases' fresh interpreters each spent ~5 s on these)."""
+
+
+def _train_in_child(config: str, overrides: list[str], cwd: str, env: dict[str, str], out: str) -> None:
+    """In a process forked from the fork server: what ``python -m ray_rlhf.train`` does in ``cwd``
+    with ``env``, stdout and stderr into ``out``.{stdout,stderr}; exits with the command's status."""
+    code = 1
+    try:
+        os.chdir(cwd)
+        os.environ.pop("RAY_ADDRESS", None)
+        os.environ.update(env)
+        sys.path.insert(0, cwd)  # as `python -m` does: the user's modules import from the cwd
+        for fd, suffix in ((1, "stdout"), (2, "stderr")):
+            os.dup2(os.open(f"{out}.{suffix}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv = ["ray_rlhf.train", "--config", config, *overrides]
+        from ray_rlhf.cli import train_main
+
+        code = train_main(sys.argv[1:])
+    except SystemExit as e:  # argparse
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001 -- a crash: its traceback goes where the test reads it
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 0)
+
+
+@dataclass
+class Finished:
+    """What a case's command left: like :class:`subprocess.CompletedProcess`."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def fork_train(forks, config: str, overrides: list[str], cwd: Path, env: dict[str, str], timeout: float):
+    """:func:`run_train`'s command in a child of the fork server ``forks`` (a multiprocessing
+    context), which imported :data:`PRELOAD` once: the same entry point and arguments, without
+    each case paying for a fresh interpreter's imports."""
+    out = str(cwd / "command")
+    t0 = time.monotonic()
+    child = forks.Process(target=_train_in_child, args=(config, overrides, str(cwd), env, out))
+    child.start()
+    child.join(timeout)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+        raise subprocess.TimeoutExpired(["ray_rlhf.train", *overrides], timeout)
+    done = Finished(child.exitcode, Path(f"{out}.stdout").read_text(), Path(f"{out}.stderr").read_text())
+    return done, time.monotonic() - t0
+
+
+def _run_case(name: str, tmp_path: Path, model_cache: Path, good_run: Path, reward_model: Path, forks):
     """Set up case ``name`` in ``tmp_path`` and run the command; (process, seconds, digest before, run dir)."""
     case = CASES[name]
     (tmp_path / "bad_rewards.py").write_text(BAD_REWARDS)
@@ -352,7 +416,10 @@ def _run_case(name: str, tmp_path: Path, model_cache: Path, good_run: Path, rewa
         case.setup(scene)
     before = tree_digest(run / "checkpoints")
     overrides = [f"output_dir={run}", f"model.cache_dir={model_cache}", *FAST, *map(scene.fmt, case.overrides)]
-    proc, seconds = run_train(case.config, overrides, cwd=tmp_path, env=case.env, timeout=540)
+    if case.fresh_interpreter:
+        proc, seconds = run_train(case.config, overrides, cwd=tmp_path, env=case.env, timeout=540)
+    else:
+        proc, seconds = fork_train(forks, case.config, overrides, cwd=tmp_path, env=case.env, timeout=540)
     return proc, seconds, before, run
 
 
@@ -364,9 +431,13 @@ and they share nothing (own directory, own Ray for the one that starts it)."""
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory, model_cache, good_run, tiny_reward_path) -> dict:
     skip_ray = bool(os.environ.get("RAY_RLHF_SKIP_RAY_E2E"))
-    names = [n for n in CASES if not (n == "reward_raises_in_actor" and skip_ray)]
+    names = sorted((n for n in CASES if not (n == "reward_raises_in_actor" and skip_ray)),
+                   key=lambda n: not CASES[n].fresh_interpreter)  # the slowest first
+    forks = multiprocessing.get_context("forkserver")
+    forks.set_forkserver_preload(PRELOAD)
     with ThreadPoolExecutor(max_workers=PARALLEL) as pool:
-        return {n: pool.submit(_run_case, n, tmp_path_factory.mktemp(n), model_cache, good_run, Path(tiny_reward_path))
+        return {n: pool.submit(_run_case, n, tmp_path_factory.mktemp(n), model_cache, good_run, Path(tiny_reward_path),
+                               forks)
                 for n in names}
 
 
