@@ -177,3 +177,6 @@ def test_sweep_section(quick_results):
     for r in sw["rows"]:
         assert _positive(r["samples_per_s"]) and _positive(r["step"]) and _positive(r["speedup"])
     assert sw["rows"][0]["speedup"] == 1.0
+    # generators.num=2 is the tiny preset's own value: that row is the end-to-end section's run, not a rerun
+    assert sw["rows"][1]["samples_per_s"] == res["endtoend"]["mean"]["samples_per_s"]
+    assert sw["rows"][0]["samples_per_s"] != res["endtoend"]["mean"]["samples_per_s"]

@@ -39,3 +39,14 @@ def test_single_turn_runs_have_no_multi_turn_section():
     assert not e2e["multi_turn"] and "env" not in e2e["mean"]
     assert e2e["mean"]["generated_tokens_per_s"] == pytest.approx(150.0)
     assert multiturn_md({"endtoend": e2e, "config": {}}) == []
+
+
+def test_a_sweep_value_equal_to_the_base_config_reuses_its_run():
+    """``same_run``: configs that differ only in ``output_dir`` are one run (the sweep reuses the
+    end-to-end section's); any other key makes them two."""
+    from ray_rlhf.bench.run import same_run
+    from ray_rlhf.config import load_config
+
+    base = load_config("tiny", ["output_dir=/tmp/a"])
+    assert same_run(base, load_config("tiny", ["output_dir=/tmp/b/sweep-1", "generators.num=2"]))
+    assert not same_run(base, load_config("tiny", ["output_dir=/tmp/a", "generators.num=1"]))
