@@ -31,9 +31,11 @@ def train_parser(prog: str = "ray-rlhf train") -> argparse.ArgumentParser:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from ray_rlhf.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # a config mistake is reported before Ray and torch load
     from ray_rlhf.run.driver import run
 
-    run(load_config(args.config, args.overrides))
+    run(cfg)
 
 
 def _cmd_show_config(args: argparse.Namespace) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ray_rlhf.algo.choices import LOSS_AGGS
 from ray_rlhf.algo.kl import kl_estimate, kl_k3
 from ray_rlhf.algo.masked import masked_mean, masked_sum, masked_var
 from ray_rlhf.algo.off_policy import importance_weights
@@ -112,8 +113,6 @@ def dr_grpo_num_tokens(num_sequences: int, max_response_len: int) -> int:
     return int(num_sequences) * int(max_response_len)
 
 
-LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-"""Loss aggregation modes of :func:`loss_denominators` (verl's ``loss_agg_mode``, with underscores)."""
 
 
 def loss_denominators(

@@ -38,20 +38,15 @@ estimator is one function, one registration here and its test.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from ray_rlhf.algo.choices import KL_PLACEMENTS, LOSS_AGGS  # noqa: F401 -- KL_PLACEMENTS: also read from here
 
-from ray_rlhf.algo.advantages import dr_grpo_advantages, grpo_advantages, rloo_advantages
-from ray_rlhf.algo.groups import zero_std_groups
-from ray_rlhf.algo.holes import gae_over_holes, model_tokens, reinforce_pp_over_holes
-from ray_rlhf.algo.kl import per_token_rewards
-from ray_rlhf.algo.losses import LOSS_AGGS, policy_loss
-from ray_rlhf.algo.masked import masked_whiten
-
-KL_PLACEMENTS = ("reward", "loss")
-"""Where the KL to the reference acts: a per-token reward penalty, or a loss term."""
+if TYPE_CHECKING:  # the traits are read without torch (the config imports them); the math imports it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -84,12 +79,16 @@ class AdvantageInputs:
     @property
     def model_mask(self) -> torch.Tensor:
         """The model's tokens ``mask * loss_mask`` (``mask`` without a loss mask). Shape: (B, T)."""
+        from ray_rlhf.algo.holes import model_tokens
+
         return model_tokens(self.mask, self.loss_mask)
 
     def turn_reward_sums(self) -> torch.Tensor | None:
         """Each row's sum of its per-turn rewards (None without them). Shape: (B,)."""
         if self.token_rewards is None:
             return None
+        import torch
+
         zero = torch.zeros((), dtype=self.token_rewards.dtype, device=self.token_rewards.device)
         return torch.where(self.model_mask.bool(), self.token_rewards, zero).sum(1)
 
@@ -122,12 +121,25 @@ class Estimator:
 
 @dataclass(frozen=True)
 class PolicyLoss:
-    """A registered policy loss; ``fn`` has :func:`~ray_rlhf.algo.losses.policy_loss`'s signature."""
+    """A registered policy loss; :attr:`fn` has :func:`~ray_rlhf.algo.losses.policy_loss`'s signature."""
 
     name: str
-    fn: Callable[..., tuple[torch.Tensor, object]]
+    target: Callable[..., tuple[torch.Tensor, object]] | str
+    """The function, or ``"module:name"`` imported on first use (the built-in one: its module imports torch)."""
     loss_agg: str | None = None
     """Its own aggregation under ``algo.loss_agg=auto``; None: the estimator's."""
+
+    @property
+    def fn(self) -> Callable[..., tuple[torch.Tensor, object]]:
+        return _resolve(self.target)
+
+
+def _resolve(target: Callable | str) -> Callable:
+    """``target`` itself, or the function ``"module:name"`` names."""
+    if callable(target):
+        return target
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 ESTIMATORS: dict[str, Estimator] = {}
@@ -153,8 +165,9 @@ def register_estimator(name: str, *, uses_critic: bool = False, needs_groups: bo
     return add
 
 
-def register_policy_loss(name: str, fn: Callable[..., tuple[torch.Tensor, object]], *,
+def register_policy_loss(name: str, fn: Callable[..., tuple[torch.Tensor, object]] | str, *,
                          loss_agg: str | None = None) -> PolicyLoss:
+    """Register ``fn`` (or ``"module:name"``, imported on first use) as policy loss ``name``."""
     if name in POLICY_LOSSES:
         raise ValueError(f"policy loss {name!r} is registered twice")
     if loss_agg is not None and loss_agg not in LOSS_AGGS:
@@ -213,6 +226,10 @@ def _token_rewards(x: AdvantageInputs) -> torch.Tensor:
     """Per-token rewards over the model tokens ``k``: ``-beta * KL_t`` at each, the final score at
     the last one (:func:`~ray_rlhf.algo.kl.per_token_rewards`), plus the per-turn rewards; 0 at
     holes and padding. Shape: (B, T)."""
+    import torch
+
+    from ray_rlhf.algo.kl import per_token_rewards
+
     model = x.model_mask
     rewards = per_token_rewards(x.scores, x.kl, model, x.kl_penalty)
     if x.token_rewards is not None:
@@ -225,17 +242,24 @@ def _token_rewards(x: AdvantageInputs) -> torch.Tensor:
 def _gae(x: AdvantageInputs) -> Advantages:
     """GAE (Schulman et al. 2016) over the KL-shaped per-token rewards, stepping over the holes,
     whitened over the batch's model tokens."""
+    from ray_rlhf.algo.holes import gae_over_holes
+    from ray_rlhf.algo.masked import masked_whiten
+
     advantages, returns = gae_over_holes(_token_rewards(x), x.values, x.mask, x.loss_mask, x.gamma, x.lam)
     if x.whiten:
         advantages = masked_whiten(advantages, x.model_mask)
     return Advantages(advantages, returns, None)
 
 
-def _grouped(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]):
+def _grouped(name: str):
     """A group baseline of the sequence scores ``r + sum_turns r_turn`` (minus ``beta * sum_t KL_t``
-    over the model tokens with the KL in the reward), broadcast to the model tokens."""
+    over the model tokens with the KL in the reward), broadcast to the model tokens: ``name`` is the
+    baseline's function in :mod:`ray_rlhf.algo.advantages` (``(scores, group_ids, mask) -> (B, T)``)."""
 
     def estimate(x: AdvantageInputs) -> Advantages:
+        from ray_rlhf.algo.groups import zero_std_groups
+
+        fn = _resolve(f"ray_rlhf.algo.advantages:{name}")
         model, turns = x.model_mask, x.turn_reward_sums()
         scores = x.scores if turns is None else x.scores + turns.to(x.scores.dtype)
         shaped = scores - x.kl_penalty * (x.kl * model).sum(1) if x.kl_penalty else scores
@@ -244,19 +268,21 @@ def _grouped(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tens
     return estimate
 
 
-register_estimator("grpo", needs_groups=True, kl_placement="loss")(_grouped(grpo_advantages))
+register_estimator("grpo", needs_groups=True, kl_placement="loss")(_grouped("grpo_advantages"))
 register_estimator("dr_grpo", needs_groups=True, kl_placement="loss",
-                   loss_agg="seq_mean_token_sum_norm")(_grouped(dr_grpo_advantages))
-register_estimator("rloo", needs_groups=True, kl_placement="loss")(_grouped(rloo_advantages))
+                   loss_agg="seq_mean_token_sum_norm")(_grouped("dr_grpo_advantages"))
+register_estimator("rloo", needs_groups=True, kl_placement="loss")(_grouped("rloo_advantages"))
 
 
 @register_estimator("reinforce_pp")
 def _reinforce_pp(x: AdvantageInputs) -> Advantages:
     """REINFORCE++ (Hu 2025): batch-normalised discounted returns of the KL-shaped rewards, over the
     model tokens (holes skipped)."""
+    from ray_rlhf.algo.holes import reinforce_pp_over_holes
+
     return Advantages(reinforce_pp_over_holes(_token_rewards(x), x.mask, x.loss_mask, x.gamma), None, None)
 
 
 # ---- the policy losses -------------------------------------------------------------------------
 
-register_policy_loss("ppo_clip", policy_loss)
+register_policy_loss("ppo_clip", "ray_rlhf.algo.losses:policy_loss")

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from ray_rlhf.algo import registry
-from ray_rlhf.algo.advantages import discounted_returns, gae, reinforce_pp_advantages
+from ray_rlhf.algo.advantages import (
+    discounted_returns,
+    dr_grpo_advantages,
+    gae,
+    grpo_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
+from ray_rlhf.algo.groups import zero_std_groups
 from ray_rlhf.algo.holes import (
     Holes,
     discounted_returns_over_holes,
@@ -143,9 +151,9 @@ def _today(name: str, x: AdvantageInputs) -> registry.Advantages:
             return registry.Advantages(reinforce_pp_advantages(rewards, x.mask, x.gamma), None, None)
         adv, ret = gae(rewards, x.values, x.mask, x.gamma, x.lam)
         return registry.Advantages(masked_whiten(adv, x.mask) if x.whiten else adv, ret, None)
-    fns = {"grpo": registry.grpo_advantages, "dr_grpo": registry.dr_grpo_advantages, "rloo": registry.rloo_advantages}
+    fns = {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "rloo": rloo_advantages}
     shaped = x.scores - x.kl_penalty * (x.kl * x.mask).sum(1) if x.kl_penalty else x.scores
-    return registry.Advantages(fns[name](shaped, x.group_ids, x.mask), None, registry.zero_std_groups(shaped, x.group_ids))
+    return registry.Advantages(fns[name](shaped, x.group_ids, x.mask), None, zero_std_groups(shaped, x.group_ids))
 
 
 @pytest.mark.parametrize("name", list(registry.ESTIMATORS))

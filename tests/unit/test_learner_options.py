@@ -232,7 +232,7 @@ def test_the_asymmetric_clip_reaches_the_policy_loss(tiny_policy_path, batch, mo
         seen.append((kwargs["clip_low"], kwargs["clip_high"]))
         return real.fn(*args, **kwargs)
 
-    monkeypatch.setitem(registry.POLICY_LOSSES, real.name, dataclasses.replace(real, fn=spy))
+    monkeypatch.setitem(registry.POLICY_LOSSES, real.name, dataclasses.replace(real, target=spy))
     learner(tiny_policy_path, PPOConfig(epochs=1, minibatch_size=16, micro_batch_size=16, clip=0.2, clip_high=0.28)
             ).step(batch)
     assert seen and set(seen) == {(0.2, 0.28)}
