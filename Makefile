@@ -37,7 +37,7 @@ demo: install
 	$(PY) -m ray_rlhf.train --config tiny output_dir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: install lint
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=30
 
 lint: install
 	$(VENV)/bin/ruff check ray_rlhf tests
