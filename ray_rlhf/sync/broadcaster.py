@@ -196,6 +196,16 @@ class WeightBroadcaster:
         self.version = version
         return self._verified(dataclasses.replace(result, lost=tuple(lost)), live, checksum)
 
+    def deliver_staged(self, version: int, members: Mapping[str, Any]) -> list[Any]:
+        """``rollout.partial``: leave staged ``version`` in every member's mailbox
+        (:meth:`WeightReceiver.deliver`); each generator loads and verifies it at its next engine
+        step, mid-generation (:mod:`ray_rlhf.generation.partial`), or when its next shard starts.
+        Does not wait; returns the calls' refs (a dead member is found by the pool's next call)."""
+        ref, checksum = self._staged[version]
+        parts = self.verify_parts if version else 1
+        return [call(g, WeightReceiver.deliver, version, ref, checksum, version % parts, parts)
+                for g in members.values()]
+
     def restore(self, version: int, members: Mapping[str, Any]) -> SyncResult:
         """After a resume: the learner holds ``version``; load it everywhere (object store)."""
         self.version = version
