@@ -19,6 +19,7 @@ import torch
 from ray_rlhf.sync.adapter import AdapterPayload, adapter_checksum, probe_check
 from ray_rlhf.sync.checksum import IGNORED_SUFFIXES, named_tensors, state_dict_checksum, tensor_bytes, tensor_digests
 from ray_rlhf.sync.types import EngineChecksum, GroupInfo, LoadReport, SinkInfo, WeightSyncError
+from ray_rlhf.sync.verify import compare_checksums
 
 
 class Engine(Protocol):
@@ -108,11 +109,9 @@ class WeightReceiver:
 
     def load_delivered(self) -> int:
         """Load the delivered weights (:meth:`load`) and, with a checksum, verify them as the
-        broadcaster does after a sync (:func:`~ray_rlhf.sync.broadcaster.compare_checksums`:
+        broadcaster does after a sync (:func:`~ray_rlhf.sync.verify.compare_checksums`:
         :class:`WeightSyncError` on a mismatch). Call it from the thread that runs the engine.
         Returns the version the engine holds."""
-        from ray_rlhf.sync.broadcaster import compare_checksums  # the broadcaster imports this module
-
         with self._mail_lock:
             mail, self._mail = self._mail, None
         if mail is None or mail[0] <= self.version:
