@@ -200,7 +200,8 @@ class AsyncRollouts:
                 if self.partial:  # the newest staged version (mailbox loads may already hold it)
                     with self._staged:
                         version = max(version, self.learner_version)
-                if self.actors.broadcaster.version != version or self.partial:
+                held = self.partial and self.actors.broadcaster.held(version, self.actors.pool.handles)
+                if self.actors.broadcaster.version != version and not held:
                     t0 = time.perf_counter()
                     synced = self.actors.broadcaster.publish_staged(version, self.actors.pool.handles)
                     if synced.lost:

@@ -157,6 +157,19 @@ class WeightBroadcaster:
         return [call(g, WeightReceiver.deliver, version, ref, checksum, version % parts, parts)
                 for g in members.values()]
 
+    def held(self, version: int, members: Mapping[str, Any]) -> bool:
+        """``rollout.partial``: whether every member already holds ``version`` or a newer one
+        (loaded from its mailbox, verified there when verify is on); if so the oldest of them
+        becomes the current version (what :meth:`join` brings new members to) and no load is needed."""
+        try:
+            infos = ray.get([call(g, WeightReceiver.status) for g in members.values()], timeout=self.ping_timeout_s)
+        except LOST_ERRORS:  # a member is gone: a publish finds out which, and reports it lost
+            return False
+        if not infos or any(i.version < version for i in infos):
+            return False
+        self.version = min(i.version for i in infos)
+        return True
+
     def restore(self, version: int, members: Mapping[str, Any]) -> SyncResult:
         """After a resume: the learner holds ``version``; load it everywhere (object store)."""
         self.version = version
