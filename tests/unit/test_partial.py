@@ -157,3 +157,39 @@ def test_token_versions_through_concat_select_and_parquet():
     np.testing.assert_array_equal(mixed.token_versions, [0, 2, 2])
     with pytest.raises(ValueError, match="token_versions"):
         batch([0], [[0, 1]], [0]).__class__(**{**a.__dict__, "token_versions": np.zeros(1, np.int64)})
+
+
+class FakeWeightsEngine:
+    """The receiver's :class:`~ray_rlhf.sync.receiver.Engine`: ``reload`` stores, ``read_back`` returns what it holds."""
+
+    def __init__(self, state):
+        self.state = dict(state)
+
+    def reload(self, weights):
+        self.state = {n: t.clone() for n, t in weights}
+
+    def read_back(self, part=0, parts=1):
+        return dict(self.state)
+
+
+def test_the_mailbox_keeps_the_newest_delivery_and_verifies_what_it_loads():
+    import torch
+
+    from ray_rlhf.sync.checksum import state_dict_checksum
+    from ray_rlhf.sync.receiver import WeightReceiver
+    from ray_rlhf.sync.types import WeightSyncError
+
+    v0 = {"w": torch.zeros(3)}
+    receiver = WeightReceiver(FakeWeightsEngine(v0), "gen-0", {"w"})
+    assert not receiver.pending()
+    v1, v2 = {"w": torch.ones(3)}, {"w": torch.full((3,), 2.0)}
+    receiver.deliver(2, v2, state_dict_checksum(v2))
+    receiver.deliver(1, v1, state_dict_checksum(v1))  # older than the waiting one: ignored
+    assert receiver.pending() and receiver.version == 0  # delivered, not loaded: the engine is untouched
+    assert receiver.load_delivered() == 2 and torch.equal(receiver.engine.state["w"], v2["w"])
+    assert not receiver.pending() and receiver.load_delivered() == 2  # nothing waits: no load
+    receiver.deliver(2, v1, state_dict_checksum(v1))  # not newer than what the engine holds: ignored
+    assert not receiver.pending()
+    receiver.deliver(3, v1, "a-checksum-the-payload-does-not-have")
+    with pytest.raises(WeightSyncError, match="generator gen-0 received weights with checksum"):
+        receiver.load_delivered()
