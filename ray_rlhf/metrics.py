@@ -40,6 +40,12 @@ key                              definition
                                  versions behind the learner each completion was sampled (0 =
                                  fully on-policy); only when ``learner_version`` is given
 ``rollout/version_lag_max``      largest such lag
+``rollout/token_staleness_max``  ``rollout.partial``: largest ``learner_version -
+                                 token_version`` over response tokens (never above
+                                 ``rollout.max_staleness``)
+``rollout/token_staleness_mean`` ``rollout.partial``: its mean over response tokens
+``rollout/partial_frac``         ``rollout.partial``: fraction of completions interrupted by a
+                                 weight load (tokens of more than one version)
 ===============================  =============================================================
 """
 
@@ -86,6 +92,10 @@ def rollout_stats(summary: RolloutSummary, learner_version: int | None = None) -
     if learner_version is not None:
         out["rollout/version_lag_mean"] = learner_version - summary.version_mean
         out["rollout/version_lag_max"] = learner_version - summary.version_min
+        if summary.token_version_min is not None:  # rollout.partial: versions per token
+            out["rollout/token_staleness_max"] = learner_version - summary.token_version_min
+            out["rollout/token_staleness_mean"] = learner_version - summary.token_version_mean
+            out["rollout/partial_frac"] = summary.partial_frac
     return out
 
 

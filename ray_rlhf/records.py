@@ -182,9 +182,15 @@ class RolloutBatch:
     flat and aligned with ``response_ids``. ``None``: no per-turn rewards. The sequence's
     :attr:`reward` is the final reward, on its last model token. Shape (sum of response lengths,),
     float32."""
+    token_versions: np.ndarray | None = None
+    """``rollout.partial=true``: the policy version that sampled each response token, flat and
+    aligned with ``response_ids`` (a sequence interrupted by a weight load carries its old version
+    before the switch and the new one after; :attr:`policy_version` is the version it started
+    with, the oldest). ``None``: every token has its sequence's :attr:`policy_version`
+    (:attr:`versions_per_token`). Shape (sum of response lengths,), int64."""
 
     def __post_init__(self) -> None:
-        for name in ("loss_mask", "token_reward"):
+        for name in ("loss_mask", "token_reward", "token_versions"):
             v = getattr(self, name)
             if v is not None and len(v) != len(self.response_ids):
                 raise ValueError(f"{name} has {len(v)} entries, the batch {len(self.response_ids)} response tokens")
@@ -198,7 +204,8 @@ class RolloutBatch:
                        generator_id: str | Sequence[str] = "", columns: Mapping[str, list] | None = None,
                        reward: Sequence[float] | None = None,
                        loss_mask: Sequence[Sequence[int]] | None = None,
-                       token_reward: Sequence[Sequence[float]] | None = None) -> RolloutBatch:
+                       token_reward: Sequence[Sequence[float]] | None = None,
+                       token_versions: Sequence[Sequence[int]] | None = None) -> RolloutBatch:
         """A batch from per-sequence Python lists (tests, the transformers sampler)."""
         n, finish_reason = len(prompt_index), [str(r) for r in finish_reason]
         if bad := sorted(set(finish_reason) - set(FINISH_REASONS)):
@@ -222,6 +229,7 @@ class RolloutBatch:
             columns={k: list(v) for k, v in (columns or {}).items()},
             loss_mask=None if loss_mask is None else flat(loss_mask, np.int8),
             token_reward=None if token_reward is None else flat(token_reward, np.float32),
+            token_versions=None if token_versions is None else flat(token_versions, np.int64),
         )
 
     @classmethod
@@ -259,6 +267,8 @@ class RolloutBatch:
                        else np.concatenate([b.model_mask for b in batches])),
             token_reward=(None if all(b.token_reward is None for b in batches)
                           else np.concatenate([b.token_rewards for b in batches])),
+            token_versions=(None if all(b.token_versions is None for b in batches)
+                            else np.concatenate([b.versions_per_token for b in batches])),
         )
 
     # ---- views --------------------------------------------------------------------------
@@ -284,6 +294,24 @@ class RolloutBatch:
     def token_rewards(self) -> np.ndarray:
         """:attr:`token_reward`, or all zeros. Shape (sum of response lengths,), float32."""
         return np.zeros(len(self.response_ids), np.float32) if self.token_reward is None else self.token_reward
+
+    @property
+    def versions_per_token(self) -> np.ndarray:
+        """:attr:`token_versions`, or each sequence's :attr:`policy_version` repeated over its
+        response tokens. Shape (sum of response lengths,), int64."""
+        if self.token_versions is not None:
+            return self.token_versions
+        return np.repeat(self.policy_version.astype(np.int64), self.response_lengths)
+
+    @property
+    def interrupted(self) -> np.ndarray:
+        """Whether a weight load interrupted each sequence (``rollout.partial``: one of its tokens
+        was sampled by a version other than the one it started with). Shape (N,), bool."""
+        if self.token_versions is None:
+            return np.zeros(len(self), dtype=bool)
+        row = np.repeat(np.arange(len(self)), self.response_lengths)
+        changed = self.token_versions != self.policy_version[row]
+        return np.bincount(row, weights=changed, minlength=len(self)) > 0
 
     @property
     def turn_count(self) -> np.ndarray:
@@ -329,6 +357,7 @@ class RolloutBatch:
             columns={k: [v[i] for i in pick] for k, v in self.columns.items()},
             loss_mask=None if self.loss_mask is None else self.loss_mask[r_idx],
             token_reward=None if self.token_reward is None else self.token_reward[r_idx],
+            token_versions=None if self.token_versions is None else self.token_versions[r_idx],
         )
 
     def with_rewards(self, reward: np.ndarray, parts: Mapping[str, np.ndarray]) -> RolloutBatch:
@@ -366,6 +395,8 @@ class RolloutBatch:
             cols["loss_mask"] = lists(self.loss_mask, self.response_offsets, pa.int8())
         if self.token_reward is not None:
             cols["token_reward"] = lists(self.token_reward, self.response_offsets, pa.float32())
+        if self.token_versions is not None:
+            cols["token_versions"] = lists(self.token_versions, self.response_offsets, pa.int64())
         for name, values in self.reward_parts.items():
             cols[f"reward_part/{name}"] = pa.array(values, pa.float64())
         for name, values in self.columns.items():
@@ -389,6 +420,7 @@ def rollout_batch_from_arrow(table: pa.Table) -> RolloutBatch:
     fixed = set(ROLLOUT_SCHEMA.names) | set(MULTI_TURN_COLUMNS)
     loss_mask = flat("loss_mask", np.int8)[0] if "loss_mask" in table.column_names else None
     token_reward = flat("token_reward", np.float32)[0] if "token_reward" in table.column_names else None
+    token_versions = flat("token_versions", np.int64)[0] if "token_versions" in table.column_names else None
     col = lambda name: table.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
     return RolloutBatch(
         prompt_index=col("prompt_index").astype(np.int64), sample_index=col("sample_index").astype(np.int64),
@@ -402,7 +434,7 @@ def rollout_batch_from_arrow(table: pa.Table) -> RolloutBatch:
                       if n.startswith("reward_part/")},
         columns={n: table.column(n).to_pylist() for n in table.column_names
                  if n not in fixed and not n.startswith("reward_part/")},
-        loss_mask=loss_mask, token_reward=token_reward,
+        loss_mask=loss_mask, token_reward=token_reward, token_versions=token_versions,
     )
 
 
@@ -427,8 +459,9 @@ ROLLOUT_SCHEMA = pa.schema(
 :data:`MULTI_TURN_COLUMNS` of multi-turn runs, one ``reward_part/<source>`` column per reward
 source and the dataset's own columns."""
 
-MULTI_TURN_COLUMNS = ("loss_mask", "token_reward")
-"""Rollout-log columns written only when the batch carries them (lists aligned with ``response_ids``)."""
+MULTI_TURN_COLUMNS = ("loss_mask", "token_reward", "token_versions")
+"""Rollout-log columns written only when the batch carries them (lists aligned with ``response_ids``;
+``token_versions``: ``rollout.partial`` runs)."""
 
 
 @dataclass(frozen=True)
@@ -454,6 +487,12 @@ class RolloutSummary:
     version_mean: float
     versions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     """The policy version of every sequence. Shape (N,), int64."""
+    token_version_min: int | None = None
+    """``rollout.partial``: the oldest version that sampled a response token (None: no per-token versions)."""
+    token_version_mean: float | None = None
+    """``rollout.partial``: the mean version over response tokens."""
+    partial_frac: float | None = None
+    """``rollout.partial``: fraction of sequences interrupted by a weight load (:attr:`RolloutBatch.interrupted`)."""
 
     @classmethod
     def of(cls, batch: RolloutBatch) -> RolloutSummary:
@@ -471,4 +510,15 @@ class RolloutSummary:
             truncated_frac=float(batch.truncated.mean()), response_tokens=int(lengths.sum()),
             version_min=int(batch.policy_version.min()), version_mean=float(batch.policy_version.mean()),
             versions=batch.policy_version.astype(np.int64),
+            **_token_version_stats(batch),
         )
+
+
+def _token_version_stats(batch: RolloutBatch) -> dict:
+    """:class:`RolloutSummary`'s per-token version fields (empty without ``token_versions``)."""
+    tv = batch.token_versions
+    if tv is None:
+        return {}
+    return dict(token_version_min=int(tv.min()) if len(tv) else int(batch.policy_version.min()),
+                token_version_mean=float(tv.mean()) if len(tv) else float(batch.policy_version.mean()),
+                partial_frac=float(batch.interrupted.mean()))

@@ -89,6 +89,17 @@ class RolloutConfig(_Section):
     """Asynchronous PPO: how many versions the learner may be ahead of the weights that sampled a
     batch. 0: the synchronous loop. k >= 1: the next batches are generated while the learner
     trains; no sample is trained on by a learner more than k versions newer than its sampler."""
+    partial: bool = False
+    """Interruptible generation (needs ``max_staleness >= 1``, single-turn rollouts, full-weight
+    sync): when the learner stages new weights while a step is being generated, each generator
+    takes them at its next engine step -- its in-flight requests are aborted, the weights loaded and
+    verified, the prefix cache reset, and each unfinished request resumed with its prompt plus the
+    tokens sampled so far as the new prompt (re-prefilled under the new weights, its remaining
+    ``max_new_tokens`` reduced, a per-segment seed derived from its own). Every response token keeps
+    the version that sampled it and its log-prob under that version (``token_versions`` in the
+    rollout log), so the off-policy correction stays exact and the per-token staleness stays within
+    ``max_staleness``. Where a step is interrupted depends on timing, so a run with ``partial=true``
+    is not reproducible sample for sample (``false``: the fixed-lag schedule, reproducible)."""
 
     @property
     def batch_size(self) -> int:

@@ -192,6 +192,25 @@ class RunConfig(_Section):
             return None
         return self.generators.max_lora_rank or engine_lora_rank(self.lora.rank)
 
+    def _check_partial(self) -> None:
+        """``rollout.partial=true`` only where a generator can take new weights mid-step."""
+        r = self.rollout
+        if not r.partial:
+            return
+        if not r.max_staleness:
+            raise ValueError("rollout.partial=true interrupts a step's generation when newer weights arrive, but with "
+                             "rollout.max_staleness=0 no weights arrive during generation (nothing to interrupt); set "
+                             "rollout.max_staleness >= 1 or rollout.partial=false")
+        if self.env.agent:
+            raise ValueError("rollout.partial=true is not supported with env.agent (an agent's requests cannot be "
+                             "resumed under new weights yet); set rollout.partial=false")
+        if self.env.multi_turn:
+            raise ValueError("rollout.partial=true supports single-turn rollouts only, not multi-turn env.name runs; "
+                             "set rollout.partial=false or unset env.name")
+        if self.lora.rank and self.lora.resolved_sync == "adapter":
+            raise ValueError("rollout.partial=true loads full weights between engine steps; lora.sync=adapter is not "
+                             "supported: set lora.sync=merged or rollout.partial=false")
+
     def _check_algorithm(self) -> None:
         """Impossible combinations of the estimator, the loss and the rollout's options."""
         r, p = self.rollout, self.ppo
@@ -207,6 +226,7 @@ class RunConfig(_Section):
         if r.max_staleness and self.sync.backend != "object_store":
             raise ValueError("rollout.max_staleness >= 1 loads new weights into each generator between its rollout "
                              "steps, through the object store; set sync.backend=object_store")
+        self._check_partial()
         if self.learner.num > 1 and p.minibatch_size < self.learner.num:
             raise ValueError(f"ppo.minibatch_size={p.minibatch_size} is smaller than learner.num={self.learner.num}: "
                              "every learner rank needs at least one sequence of each minibatch")

@@ -46,6 +46,7 @@ from ray_rlhf.envs.base import load_agent, load_env_class
 from ray_rlhf.envs.remote import EnvMakers
 from ray_rlhf.errors import UserError
 from ray_rlhf.generation.engine_stepper import run_continuous, turns_sampler
+from ray_rlhf.generation.partial import Resumable, generate_interruptible
 from ray_rlhf.generation.trajectory import (
     Sampler,
     TemplateDelta,
@@ -128,6 +129,11 @@ class Generator:
             ``max_lora_rank``, one adapter at a time); each sync's adapters are then served as a new
             adapter (:meth:`~ray_rlhf.generation.vllm_engine.VllmEngine.load_adapter`) for all later
             generation. None: no LoRA (full or merged weights are loaded instead).
+        partial: ``rollout.partial``: single-turn shards run on an engine-step loop that takes
+            weights delivered to its mailbox (``weights.deliver``, a concurrent actor call: launch the
+            actor with ``max_concurrency=2``) at the next engine step and resumes the unfinished
+            requests under them (:mod:`ray_rlhf.generation.partial`); the batch carries
+            ``token_versions``.
     """
 
     def __init__(
@@ -145,12 +151,16 @@ class Generator:
         sleep_mode: bool = False,
         env: dict | None = None,
         max_lora_rank: int | None = None,
+        partial: bool = False,
     ):
         if not Path(model_path, "config.json").is_file():
             raise UserError(f"model directory {model_path} has no config.json; check model.path or build the model first")
         self.generator_id = generator_id
         self.max_model_len = int(max_model_len)
         self.tensor_parallel_size = int(tensor_parallel_size)
+        self.partial = bool(partial)
+        self.interruptions = 0
+        """``partial``: weight loads that interrupted in-flight requests so far."""
         self.env = dict(env) if env else None
         self._env_cls = load_env_class(self.env["name"]) if self.env and self.env.get("name") else None
         self._agent = load_agent(self.env["agent"]) if self.env and self.env.get("agent") else None
@@ -247,6 +257,8 @@ class Generator:
             raise ValueError(f"{self.generator_id}: shard {shard.shard_id} holds a prompt without token ids")
         if self._env_cls is not None or self._agent is not None:
             return self._generate_trajectories(shard, sampling, t0)
+        if self.partial:
+            return self._generate_partial(shard, sampling, t0)
         params = [
             SamplingParams(n=sampling.n, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                            top_p=sampling.top_p, seed=request_seed(sampling.seed, p.index), logprobs=0,
@@ -260,33 +272,72 @@ class Generator:
         for p, j, c in completions:  # vLLM: "stop" = EOS sampled, "length" = max_tokens (or context) used up
             if c.finish_reason not in FINISH_REASONS[:2]:  # single turn: "stop" or "length"
                 raise RuntimeError(f"{self.generator_id}: prompt {p.index} sample {j} finished with {c.finish_reason!r}")
-        n = len(completions)
-        plen = np.array([len(p.prompt_ids) for p, _, _ in completions], dtype=np.int64)
-        rlen = np.array([len(c.token_ids) for _, _, c in completions], dtype=np.int64)
+        rows = [(p, j, c.token_ids, c.logprobs.logprobs, c.finish_reason, c.text) for p, j, c in completions]
+        return self._shard_result(shard, rows, self.version, t0)
+
+    def _shard_result(self, shard: PromptShard, rows: list[tuple], policy_version, t0: float,
+                      token_versions: list[list[int]] | None = None) -> tuple[ShardReport, RolloutBatch]:
+        """The shard's report and batch from ``rows`` of (prompt item, sample index, token ids,
+        log-probs, finish reason, text); ``policy_version``: one version or one per row."""
+        prompts = list(shard.prompts)
+        n = len(rows)
+        plen = np.array([len(p.prompt_ids) for p, *_ in rows], dtype=np.int64)
+        rlen = np.array([len(t) for _, _, t, *_ in rows], dtype=np.int64)
         batch = RolloutBatch(
-            prompt_index=np.array([p.index for p, _, _ in completions], dtype=np.int64).reshape(n),
-            sample_index=np.array([j for _, j, _ in completions], dtype=np.int64).reshape(n),
-            policy_version=np.full(n, self.version, dtype=np.int64),
-            finish_reason=np.array([c.finish_reason for _, _, c in completions], dtype=str).reshape(n),
+            prompt_index=np.array([p.index for p, *_ in rows], dtype=np.int64).reshape(n),
+            sample_index=np.array([j for _, j, *_ in rows], dtype=np.int64).reshape(n),
+            policy_version=np.broadcast_to(np.asarray(policy_version, dtype=np.int64), (n,)).copy(),
+            finish_reason=np.array([r[4] for r in rows], dtype=str).reshape(n),
             generator_id=np.full(n, self.generator_id),
-            prompt_ids=np.concatenate([np.asarray(p.prompt_ids, np.int32) for p, _, _ in completions]
+            prompt_ids=np.concatenate([np.asarray(p.prompt_ids, np.int32) for p, *_ in rows]
                                       + [np.zeros(0, np.int32)]),
             prompt_offsets=np.concatenate([[0], np.cumsum(plen)]).astype(np.int64),
-            response_ids=np.concatenate([np.asarray(c.token_ids, np.int32) for _, _, c in completions]
-                                        + [np.zeros(0, np.int32)]),
+            response_ids=np.concatenate([np.asarray(t, np.int32) for _, _, t, *_ in rows] + [np.zeros(0, np.int32)]),
             response_offsets=np.concatenate([[0], np.cumsum(rlen)]).astype(np.int64),
-            sampler_logprobs=np.concatenate([np.asarray(c.logprobs.logprobs, np.float32) for _, _, c in completions]
-                                            + [np.zeros(0, np.float32)]),
-            prompt=[p.text for p, _, _ in completions], response=[c.text for _, _, c in completions],
+            sampler_logprobs=np.concatenate([np.asarray(r[3], np.float32) for r in rows] + [np.zeros(0, np.float32)]),
+            prompt=[p.text for p, *_ in rows], response=[r[5] for r in rows],
             reward=np.full(n, np.nan),
-            columns={k: [p.columns[k] for p, _, _ in completions] for k in (prompts[0].columns if prompts else {})},
+            columns={k: [p.columns[k] for p, *_ in rows] for k in (prompts[0].columns if prompts else {})},
+            token_versions=None if token_versions is None else np.concatenate(
+                [np.asarray(v, np.int64) for v in token_versions] + [np.zeros(0, np.int64)]),
         )
         if len(batch.sampler_logprobs) != len(batch.response_ids):
             raise RuntimeError(f"{self.generator_id}: vLLM returned {len(batch.sampler_logprobs)} logprobs for "
                                f"{len(batch.response_ids)} tokens")
         report = ShardReport(shard.shard_id, self.generator_id, n, int(rlen.sum()), time.perf_counter() - t0,
-                             self.version)
+                             int(batch.policy_version.min()) if n else self.version)
         return report, batch
+
+    def _generate_partial(self, shard: PromptShard, sampling: SamplingSpec,
+                          t0: float) -> tuple[ShardReport, RolloutBatch]:
+        """``partial``: every (prompt, sample) as its own request on an engine-step loop that
+        takes delivered weights between steps (:func:`~ray_rlhf.generation.partial.generate_interruptible`).
+        Sample ``j`` of a prompt has seed ``request_seed(seed, prompt index) + j`` (what vLLM gives
+        the ``j``-th child of an ``n``-sample request)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        items = [(p, j) for p in shard.prompts for j in range(sampling.n)]
+        reqs = []
+        for p, j in items:
+            base = request_seed(sampling.seed, p.index)
+            reqs.append(Resumable(list(p.prompt_ids), sampling.max_new_tokens, None if base is None else base + j,
+                                  self.version))
+
+        def params_for(r: Resumable) -> SamplingParams:
+            return SamplingParams(n=1, max_tokens=r.remaining, temperature=sampling.temperature, top_p=sampling.top_p,
+                                  seed=r.seed_now, logprobs=0, flat_logprobs=True, ignore_eos=sampling.ignore_eos,
+                                  output_kind=RequestOutputKind.CUMULATIVE)
+
+        stats = generate_interruptible(self._llm.llm_engine, reqs, params_for, self.weights, lambda: self.version,
+                                       lambda ids: TokensPrompt(prompt_token_ids=ids), self.generator_id)
+        self.interruptions += stats.interruptions
+        tok = self._llm.get_tokenizer()
+        rows = [(p, j, r.tokens, r.logprobs, r.finish_reason,
+                 r.text if r.text is not None else tok.decode(r.tokens, skip_special_tokens=True))
+                for (p, j), r in zip(items, reqs)]
+        return self._shard_result(shard, rows, [r.start_version for r in reqs], t0, [r.versions for r in reqs])
 
     def _turn_sampler(self, sampling: SamplingSpec) -> Sampler:
         """One turn of every request in one ``LLM.generate`` call, with the run's sampling settings."""

@@ -178,8 +178,10 @@ class GeneratorPool:
     # ---- membership ----------------------------------------------------------------------------
     @property
     def handles(self) -> dict[str, Any]:
-        """Live members: generator id -> actor handle, in joining order."""
-        return {gid: m.handle for gid, m in self.members.items()}
+        """Live members: generator id -> actor handle, in joining order. (``list`` copies the items
+        in one step: ``rollout.partial`` reads this from the driver thread while the producer
+        thread may replace a member.)"""
+        return {gid: m.handle for gid, m in list(self.members.items())}
 
     def __len__(self) -> int:
         return len(self.members)

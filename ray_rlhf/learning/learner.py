@@ -196,6 +196,10 @@ class Learner:
         if int(lag.max()) > self.options.max_staleness:
             raise RuntimeError(f"staleness bound violated: learner at version {self.version} got samples of version "
                                f"{int(batch.policy_versions.min())} (rollout.max_staleness={self.options.max_staleness})")
+        tv = rollouts.token_versions  # rollout.partial: the version of every response token
+        if tv is not None and len(tv) and self.version - int(tv.min()) > self.options.max_staleness:
+            raise RuntimeError(f"per-token staleness bound violated: learner at version {self.version} got a token "
+                               f"sampled by version {int(tv.min())} (rollout.max_staleness={self.options.max_staleness})")
         prep, pstats = self.prepare(batch)
         t1 = time.perf_counter()
         loss, ustats = self.engine.train(prep, self.objective.loss) if len(prep.batch) else (None, UpdateStats())

@@ -38,7 +38,7 @@ def generator_kwargs(cfg: RunConfig, policy_path: str | Path, generator_id: str)
                 seed=cfg.seed, gpu_memory_utilization=g.gpu_memory_utilization if g.num_gpus else None,
                 tensor_parallel_size=g.tensor_parallel_size, kv_cache_gib=g.kv_cache_gib,
                 omp_threads_bind=g.omp_threads_bind, sleep_mode=cfg.placement == "colocated", env=env_spec(cfg),
-                max_lora_rank=cfg.engine_max_lora_rank)
+                max_lora_rank=cfg.engine_max_lora_rank, partial=cfg.rollout.partial)
 
 
 def env_spec(cfg: RunConfig) -> dict | None:
@@ -54,9 +54,12 @@ def env_spec(cfg: RunConfig) -> dict | None:
 
 
 def generator_actor(cfg: RunConfig) -> Any:
-    """The ``ray.remote`` Generator class with a run's resources (and ``generators.preload``)."""
+    """The ``ray.remote`` Generator class with a run's resources (and ``generators.preload``).
+    ``rollout.partial``: two concurrent calls, so weights can be delivered while a shard generates
+    (the generation loop's own thread loads them)."""
     g = cfg.generators
-    return ray.remote(num_cpus=g.num_cpus, num_gpus=g.num_gpus, max_restarts=0,
+    concurrency = {"max_concurrency": 2} if cfg.rollout.partial else {}
+    return ray.remote(num_cpus=g.num_cpus, num_gpus=g.num_gpus, max_restarts=0, **concurrency,
                       **preload_options(g.preload))(Generator)
 
 

@@ -14,6 +14,15 @@ policy version. Two implementations, chosen by ``rollout.max_staleness = k``:
   into the generators between steps, never inside one (a step's shards all run on one version).
   A checkpoint stores the steps already produced (at most ``k``) with it.
 
+  With ``rollout.partial=true`` a step starts with the newest staged version (at least
+  ``max(0, s - 1 - k)``), and a version staged while the step is generated is delivered to every
+  generator's mailbox at once: the generators take it at their next engine step, interrupting and
+  resuming their in-flight requests (:mod:`ray_rlhf.generation.partial`). Each token keeps the
+  version that sampled it, every one at least the step's start version, so the per-token
+  staleness stays within ``k``; where the interruptions fall depends on timing (not reproducible
+  sample for sample). A checkpoint waits for the steps it stores (``pending``) to finish
+  generating; a later step in flight is regenerated after a resume.
+
 Both make a step with :func:`produce`; with ``rollout.dynamic_sampling`` that is several rounds of
 generate + score (:mod:`ray_rlhf.run.sampling`), all sampled by the step's one weight version.
 """
@@ -160,6 +169,7 @@ class AsyncRollouts:
                  ready: list[StepRollouts] = ()):
         self.cfg, self.actors, self.stream = cfg, actors, stream
         self.k = cfg.rollout.max_staleness
+        self.partial = cfg.rollout.partial
         self.learner_version = start_step
         self._staged = threading.Condition()
         actors.broadcaster.stage(start_step, keep=self.k + 1)
@@ -187,7 +197,11 @@ class AsyncRollouts:
                 if self._stop.is_set():
                     return
                 synced = None
-                if self.actors.broadcaster.version != version:
+                if self.partial:  # the newest staged version (mailbox loads may already hold it)
+                    with self._staged:
+                        version = max(version, self.learner_version)
+                held = self.partial and self.actors.broadcaster.held(version, self.actors.pool.handles)
+                if self.actors.broadcaster.version != version and not held:
                     t0 = time.perf_counter()
                     synced = self.actors.broadcaster.publish_staged(version, self.actors.pool.handles)
                     if synced.lost:
@@ -218,6 +232,8 @@ class AsyncRollouts:
     def after_update(self, version: int) -> SyncResult:
         """Export the new weights (the producer loads them when their step comes)."""
         seconds = self.actors.broadcaster.stage(version, keep=self.k + 1)
+        if self.partial:  # the generators take it at their next engine step, mid-step if one is running
+            self.actors.broadcaster.deliver_staged(version, self.actors.pool.handles)
         with self._staged:
             self.learner_version = version
             self._staged.notify_all()

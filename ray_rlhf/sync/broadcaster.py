@@ -35,68 +35,19 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from ray_rlhf.sync.adapter import LOGPROB_ATOL
 from ray_rlhf.sync.backends import CollectiveBackend, ObjectStoreBackend
 from ray_rlhf.sync.receiver import WeightReceiver
 from ray_rlhf.sync.remote import call
 from ray_rlhf.sync.sender import WeightSender
-from ray_rlhf.sync.types import EngineChecksum, SinkInfo, SyncResult, WeightSyncError
+from ray_rlhf.sync.types import SyncResult
+from ray_rlhf.sync.verify import check_probe, compare_checksums
 
 log = logging.getLogger(__name__)
 
 LOST_ERRORS = (RayActorError, GetTimeoutError)
 """What a call to a generator that is gone (or hung) raises."""
 
-
-def compare_checksums(version: int, learner_checksum: str, sinks: list[SinkInfo],
-                      engines: list[EngineChecksum]) -> None:
-    """The verify step's verdict for every generator, or :class:`WeightSyncError` naming the
-    first one that fails:
-
-    - it holds ``version``;
-    - after a load (version > 0): the tensors it RECEIVED have the learner's checksum (else the
-      transport corrupted or lost one), and every tensor its ENGINE reads back equals the one it
-      received (else the engine load failed);
-    - at version 0 (weights loaded from the model directory): its engine's full read-back
-      checksum equals the learner's;
-    - adapter sync (``lora.sync=adapter``): its engine's probe log-probs equal the learner's and
-      moved when the learner's did (:func:`check_probe`).
-    """
-    for info, engine in zip(sinks, engines, strict=True):
-        gid = info.generator_id
-        if info.version != version:
-            raise WeightSyncError(f"generator {gid} holds version {info.version}, expected {version}")
-        if version == 0:
-            if engine.checksum != learner_checksum:
-                raise WeightSyncError(f"generator {gid} engine weights checksum {engine.checksum} != learner checksum "
-                                      f"{learner_checksum} at version 0: it did not load the learner's initial model")
-            check_probe(gid, version, engine)
-            continue
-        if info.received_checksum != learner_checksum:
-            raise WeightSyncError(
-                f"generator {gid} received weights with checksum {info.received_checksum} != learner checksum "
-                f"{learner_checksum} at version {version}: the transport corrupted or lost a tensor"
-            )
-        if engine.mismatched:
-            raise WeightSyncError(
-                f"generator {gid} engine computes with {len(engine.mismatched)} tensor(s) other than the ones it "
-                f"received at version {version} ({', '.join(engine.mismatched[:3])}): the engine load failed"
-            )
-        check_probe(gid, version, engine)
-
-
-def check_probe(gid: str, version: int, engine: EngineChecksum) -> None:
-    """Adapter sync: the engine's probe log-probs moved with the learner's and equal them within
-    :data:`~ray_rlhf.sync.adapter.LOGPROB_ATOL` (no-op for a full-weights sync)."""
-    if engine.probe_max_diff is None:
-        return
-    if engine.probe_unchanged:
-        raise WeightSyncError(f"generator {gid}: the adapter changed at version {version} but the engine's output did not "
-                              "(its probe log-probs equal the previous version's): the engine serves a stale adapter")
-    if not engine.probe_max_diff <= LOGPROB_ATOL:
-        raise WeightSyncError(f"generator {gid}: engine log-probs of the probe tokens differ from the learner's by "
-                              f"{engine.probe_max_diff:.2e} (> {LOGPROB_ATOL:g}) under adapter version {version}: the engine "
-                              "does not compute with the learner's adapters (wrong adapter or scaling)")
+__all__ = ["LOST_ERRORS", "WeightBroadcaster", "check_probe", "compare_checksums"]
 
 
 class WeightBroadcaster:
@@ -195,6 +146,29 @@ class WeightBroadcaster:
             result = self._initial.send(version, live, self.verify_weights, ref=ref)
         self.version = version
         return self._verified(dataclasses.replace(result, lost=tuple(lost)), live, checksum)
+
+    def deliver_staged(self, version: int, members: Mapping[str, Any]) -> list[Any]:
+        """``rollout.partial``: leave staged ``version`` in every member's mailbox
+        (:meth:`WeightReceiver.deliver`); each generator loads and verifies it at its next engine
+        step, mid-generation (:mod:`ray_rlhf.generation.partial`), or when its next shard starts.
+        Does not wait; returns the calls' refs (a dead member is found by the pool's next call)."""
+        ref, checksum = self._staged[version]
+        parts = self.verify_parts if version else 1
+        return [call(g, WeightReceiver.deliver, version, ref, checksum, version % parts, parts)
+                for g in members.values()]
+
+    def held(self, version: int, members: Mapping[str, Any]) -> bool:
+        """``rollout.partial``: whether every member already holds ``version`` or a newer one
+        (loaded from its mailbox, verified there when verify is on); if so the oldest of them
+        becomes the current version (what :meth:`join` brings new members to) and no load is needed."""
+        try:
+            infos = ray.get([call(g, WeightReceiver.status) for g in members.values()], timeout=self.ping_timeout_s)
+        except LOST_ERRORS:  # a member is gone: a publish finds out which, and reports it lost
+            return False
+        if not infos or any(i.version < version for i in infos):
+            return False
+        self.version = min(i.version for i in infos)
+        return True
 
     def restore(self, version: int, members: Mapping[str, Any]) -> SyncResult:
         """After a resume: the learner holds ``version``; load it everywhere (object store)."""

@@ -10,14 +10,16 @@ Hugging Face naming (the generator's :class:`~ray_rlhf.generation.vllm_engine.Vl
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from ray_rlhf.sync.adapter import AdapterPayload, adapter_checksum, probe_check
 from ray_rlhf.sync.checksum import IGNORED_SUFFIXES, named_tensors, state_dict_checksum, tensor_bytes, tensor_digests
 from ray_rlhf.sync.types import EngineChecksum, GroupInfo, LoadReport, SinkInfo, WeightSyncError
+from ray_rlhf.sync.verify import compare_checksums
 
 
 class Engine(Protocol):
@@ -63,6 +65,9 @@ class WeightReceiver:
         """``lora.sync=adapter``: the adapters last loaded (their probe is what the verify compares)."""
         self._probes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         """Adapter sync: version -> (engine, learner) probe log-probs at its verify (two newest kept)."""
+        self._mail: tuple[int, Any, Any, int, int] | None = None
+        """``rollout.partial``: (version, weights, learner checksum, part, parts) delivered, not loaded yet."""
+        self._mail_lock = threading.Lock()
 
     def load(self, version: int, weights, record_checksum: bool = True) -> LoadReport:
         """Load a full state dict (mapping or (name, tensor) pairs) as ``version``, or an
@@ -85,6 +90,37 @@ class WeightReceiver:
         seconds = time.perf_counter() - t0
         self.version = int(version)
         return LoadReport(self.version, tensor_bytes(pairs), seconds, self.received_checksum)
+
+    # ---- rollout.partial: a mailbox that the generation loop empties between engine steps -------
+    def deliver(self, version: int, weights, checksum: str | None = None, part: int = 0, parts: int = 1) -> int:
+        """Leave ``version``'s weights for the generation loop to load at its next engine step
+        (:meth:`load_delivered`). Runs in a concurrent actor call while the engine generates, so it
+        only stores them (the engine is not thread-safe); a newer delivery replaces an older one.
+        ``checksum``: the learner's (verify on), compared after the load; None: not verified."""
+        with self._mail_lock:
+            if version > self.version and (self._mail is None or version > self._mail[0]):
+                self._mail = (int(version), weights, checksum, int(part), int(parts))
+        return int(version)
+
+    def pending(self) -> bool:
+        """Whether delivered weights newer than the engine's wait to be loaded."""
+        mail = self._mail
+        return mail is not None and mail[0] > self.version
+
+    def load_delivered(self) -> int:
+        """Load the delivered weights (:meth:`load`) and, with a checksum, verify them as the
+        broadcaster does after a sync (:func:`~ray_rlhf.sync.verify.compare_checksums`:
+        :class:`WeightSyncError` on a mismatch). Call it from the thread that runs the engine.
+        Returns the version the engine holds."""
+        with self._mail_lock:
+            mail, self._mail = self._mail, None
+        if mail is None or mail[0] <= self.version:
+            return self.version
+        version, weights, checksum, part, parts = mail
+        self.load(version, weights, record_checksum=checksum is not None)
+        if checksum is not None:
+            compare_checksums(version, checksum, [self.status()], [self.engine_checksum(part, parts)])
+        return self.version
 
     def _load_adapter(self, version: int, payload: AdapterPayload, record_checksum: bool) -> LoadReport:
         config = payload.peft_config()

@@ -68,12 +68,30 @@ def test_bad_overrides_are_one_line_errors(override, needle):
         (["ppo.old_logprobs=sampler", "algo.rollout_correction=mis"], "leaves none to compare"),
         (["algo.estimator=grpo", "kl.approx=k1"], "kl.approx=k1 as a loss term"),
         (["kl.placement=loss", "kl.approx=k1"], "kl.approx=k1 as a loss term"),
+        (["rollout.partial=true"], "rollout.max_staleness=0 no weights arrive during generation (nothing to interrupt)"),
+        (["rollout.partial=true", "rollout.max_staleness=1", "env.name=ray_rlhf.envs.letters:LetterGame"],
+         "rollout.partial=true supports single-turn rollouts only"),
+        (["rollout.partial=true", "rollout.max_staleness=1", "env.agent=tests.integration.adder_env:agent"],
+         "rollout.partial=true is not supported with env.agent"),
+        (["rollout.partial=true", "rollout.max_staleness=1", "lora.rank=4", "lora.sync=adapter"],
+         "lora.sync=adapter is not supported"),
+        (["rollout.partial=true", "rollout.max_staleness=1", "sync.backend=collective"],
+         "set sync.backend=object_store"),
+        (["rollout.partial=true", "placement=colocated"], "rollout.max_staleness=0 no weights arrive"),
     ],
 )
 def test_refused_combinations_are_one_line_errors(overrides, needle):
     with pytest.raises(UserError) as info:
         load_config("tiny", overrides)
     assert needle in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_partial_resolves_and_reaches_the_generators():
+    from ray_rlhf.run.actors import generator_kwargs
+
+    cfg = load_config("tiny", ["rollout.max_staleness=1", "rollout.partial=true"])
+    assert cfg.rollout.partial and generator_kwargs(cfg, "/m", "gen-0")["partial"] is True
+    assert generator_kwargs(load_config("tiny", []), "/m", "gen-0")["partial"] is False
 
 
 def test_new_options_resolve():

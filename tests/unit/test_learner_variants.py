@@ -212,6 +212,24 @@ def test_the_learner_refuses_a_batch_older_than_the_staleness_bound(tiny_policy_
     assert stats.staleness_max == 1 and stats.staleness_mean == 1.0
 
 
+def test_the_learner_refuses_a_token_older_than_the_staleness_bound(tiny_policy_path, batch):
+    """rollout.partial: each token's version is checked too (here one token of version 0 in a batch
+    whose sequences say version 2: only the per-token check can see it)."""
+    import dataclasses
+
+    learner = Learner(str(tiny_policy_path), PPOConfig(epochs=1, minibatch_size=16, micro_batch_size=16), KLConfig(),
+                      options=LearnerOptions(max_staleness=1))
+    learner.version = 2
+    fresh = dataclasses.replace(batch, policy_version=batch.policy_version + 2)
+    versions = fresh.versions_per_token.copy()
+    versions[0] = 0
+    with pytest.raises(RuntimeError, match="per-token staleness bound violated: learner at version 2 got a token "
+                                           "sampled by version 0"):
+        learner.step(dataclasses.replace(fresh, token_versions=versions))
+    versions[0] = 1  # lag 1: within the bound
+    assert learner.step(dataclasses.replace(fresh, token_versions=versions)).staleness_max == 0
+
+
 @pytest.mark.parametrize("mode", ["truncate", "mask"])
 def test_stale_samples_are_weighted_by_pi_old_over_the_samplers_probability(tiny_policy_path, batch, mode):
     """Decoupled PPO (``algo/off_policy.py``): with ``max_staleness >= 1`` each token's loss is
