@@ -27,8 +27,9 @@ class PPOConfig(_Section):
     its own). Empty: ``micro_batch_size`` sequences per pass, in minibatch order. The gradient is
     the same either way (every loss is divided by the minibatch's token count)."""
     packing: Literal["auto", "on", "off"] = "auto"
-    """Packed sequences in the learner: each micro-batch's rows concatenated without padding into
-    one sequence, positions restarting per row, attention confined to each row; rows binned
+    """Packed sequences in the learner: each micro-batch's rows concatenated without padding (one
+    sequence under flash-attention; lines of at most the longest row under sdpa/eager, whose dense
+    mask costs the square of a line), positions restarting per row, attention confined to each row; rows binned
     first-fit by real tokens under ``micro_batch_tokens``. ``auto``: on where a probe (a packed
     pass against the padded one, logits within 1e-5) passes for the loaded model, CPU included;
     ``on``: required (refused where attention cannot be confined per sequence); ``off``: padded."""

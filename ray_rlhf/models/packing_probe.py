@@ -23,9 +23,10 @@ def probe_model(lm: torch.nn.Module, atol: float = 1e-5) -> str | None:
     vocab = int(lm.get_input_embeddings().weight.shape[0])
     g = torch.Generator().manual_seed(0)
     prompt_ids = torch.randint(1, min(vocab, 1000), (3, 4), generator=g)
-    prompt_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]])
+    # real lengths 7, 3, 3: rows 1 and 2 share a packed line (packed_hidden bins by the longest row)
+    prompt_mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]])
     response_ids = torch.randint(1, min(vocab, 1000), (3, 3), generator=g)
-    response_mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    response_mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
     ids, mask, pos = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
     decoder = lm.get_decoder()
     try:

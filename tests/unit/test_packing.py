@@ -36,16 +36,24 @@ def test_packed_pass_equals_padded():
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     cfg._attn_implementation = "sdpa"
     lm = LlamaForCausalLM(cfg).eval()
-    prompt_ids = torch.randint(1, 50, (3, 5))
-    prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
-    response_ids = torch.randint(1, 50, (3, 4))
-    response_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    # real lengths 5, 9, 3, 2; lines of at most 9 (the longest row), first-fit decreasing: [1], [0, 2], [3]
+    prompt_ids = torch.randint(1, 50, (4, 5))
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1], [0, 0, 0, 0, 1]])
+    response_ids = torch.randint(1, 50, (4, 4))
+    response_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 0, 0, 0]])
     ids, mask, pos = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
     with torch.no_grad():
         padded = lm.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
         packed = packed_hidden(lm.get_decoder(), ids, mask, pos)
     keep = mask.bool()
     torch.testing.assert_close(packed[keep], padded[keep], atol=1e-5, rtol=1e-5)
+    seen = []
+    handle = lm.get_decoder().register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)),
+                                                         with_kwargs=True)
+    with torch.no_grad():
+        packed_hidden(lm.get_decoder(), ids, mask, pos)
+    handle.remove()
+    assert seen == [(3, 9)]  # 19 real tokens in 3 lines of the longest row's 9, not one line of 19
 
 
 def test_yaml_bool_reads_as_the_word():
