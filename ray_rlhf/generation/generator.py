@@ -31,22 +31,19 @@ own setting alone.
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import os
 import resource
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from ray_rlhf.envs.base import load_agent, load_env_class
 from ray_rlhf.envs.remote import EnvMakers
 from ray_rlhf.errors import UserError
 from ray_rlhf.generation.engine_stepper import run_continuous, turns_sampler
 from ray_rlhf.generation.partial import Resumable, generate_interruptible
+from ray_rlhf.generation.shard import ShardReport, bind_cpus, core_list_for, request_seed, shard_batch
 from ray_rlhf.generation.trajectory import (
     Sampler,
     TemplateDelta,
@@ -60,48 +57,6 @@ from ray_rlhf.sync.receiver import WeightReceiver
 __all__ = ["Generator", "ShardReport", "core_list_for", "request_seed"]
 
 log = logging.getLogger(__name__)
-
-_SEED_RANGE = 2**31 - 2**16
-"""Per-prompt seeds stay below 2**31 with room for vLLM's ``seed + j`` for sample ``j``."""
-
-
-def request_seed(base: int | None, prompt_index: int) -> int | None:
-    """The vLLM seed of one prompt's request: a hash of (``base``, ``prompt_index``).
-
-    vLLM fans ``n`` samples out into child requests with seeds ``seed + j`` (j = sample index), so
-    sample ``j`` of prompt ``i`` is fixed by (base, i, j) -- whichever generator or shard it lands
-    in. ``None`` (no base seed) leaves sampling unseeded.
-    """
-    if base is None:
-        return None
-    digest = hashlib.blake2b(f"{base}:{prompt_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % _SEED_RANGE
-
-
-@dataclass(frozen=True)
-class ShardReport:
-    """The small first return of :meth:`Generator.generate` (the batch is the second): what the
-    pool needs to account for a shard without fetching its tokens."""
-
-    shard_id: int
-    generator_id: str
-    sequences: int
-    tokens: int
-    """Response tokens generated."""
-    seconds: float
-    """Wall time inside the engine."""
-    version: int
-    """Weight version the shard was sampled with."""
-    env: dict | None = None
-    """Multi-turn shards: the environment counts (:class:`~ray_rlhf.generation.trajectory.EnvStats`)."""
-
-
-def core_list_for(index: int, cores_per_engine: int = 1) -> str:
-    """Round-robin core list for the ``index``-th engine, over the cores this process may use."""
-    cores = sorted(os.sched_getaffinity(0))
-    start = (index * cores_per_engine) % len(cores)
-    picked = [cores[(start + k) % len(cores)] for k in range(min(cores_per_engine, len(cores)))]
-    return ",".join(str(c) for c in picked)
 
 
 class Generator:
@@ -165,7 +120,7 @@ class Generator:
         self._env_cls = load_env_class(self.env["name"]) if self.env and self.env.get("name") else None
         self._agent = load_agent(self.env["agent"]) if self.env and self.env.get("agent") else None
         self._env_makers = EnvMakers()
-        self._bind_cpus(omp_threads_bind)
+        bind_cpus(omp_threads_bind)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(kv_cache_gib)))  # vLLM parses whole GiB
 
@@ -211,22 +166,6 @@ class Generator:
         return self.weights.version
 
     # ------------------------------------------------------------------ set-up helpers
-
-    @staticmethod
-    def _bind_cpus(omp_threads_bind: str) -> None:
-        if omp_threads_bind == "auto":
-            return
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind
-        if omp_threads_bind == "nobind":
-            return
-        cores: set[int] = set()
-        for part in omp_threads_bind.split(","):
-            lo, _, hi = part.strip().partition("-")
-            if not lo.isdigit() or (hi and not hi.isdigit()):
-                raise UserError(f"omp_threads_bind={omp_threads_bind!r}: expected 'nobind', 'auto' or cores like '0-1,3'")
-            cores.update(range(int(lo), int(hi or lo) + 1))
-        os.sched_setaffinity(0, cores)
-        os.environ.setdefault("OMP_NUM_THREADS", str(len(cores)))
 
     def _warm_up(self) -> None:
         """First generate call pays ~3 s of one-off kernel set-up; pay it at start, not in step 1."""
@@ -277,35 +216,10 @@ class Generator:
 
     def _shard_result(self, shard: PromptShard, rows: list[tuple], policy_version, t0: float,
                       token_versions: list[list[int]] | None = None) -> tuple[ShardReport, RolloutBatch]:
-        """The shard's report and batch from ``rows`` of (prompt item, sample index, token ids,
-        log-probs, finish reason, text); ``policy_version``: one version or one per row."""
-        prompts = list(shard.prompts)
-        n = len(rows)
-        plen = np.array([len(p.prompt_ids) for p, *_ in rows], dtype=np.int64)
-        rlen = np.array([len(t) for _, _, t, *_ in rows], dtype=np.int64)
-        batch = RolloutBatch(
-            prompt_index=np.array([p.index for p, *_ in rows], dtype=np.int64).reshape(n),
-            sample_index=np.array([j for _, j, *_ in rows], dtype=np.int64).reshape(n),
-            policy_version=np.broadcast_to(np.asarray(policy_version, dtype=np.int64), (n,)).copy(),
-            finish_reason=np.array([r[4] for r in rows], dtype=str).reshape(n),
-            generator_id=np.full(n, self.generator_id),
-            prompt_ids=np.concatenate([np.asarray(p.prompt_ids, np.int32) for p, *_ in rows]
-                                      + [np.zeros(0, np.int32)]),
-            prompt_offsets=np.concatenate([[0], np.cumsum(plen)]).astype(np.int64),
-            response_ids=np.concatenate([np.asarray(t, np.int32) for _, _, t, *_ in rows] + [np.zeros(0, np.int32)]),
-            response_offsets=np.concatenate([[0], np.cumsum(rlen)]).astype(np.int64),
-            sampler_logprobs=np.concatenate([np.asarray(r[3], np.float32) for r in rows] + [np.zeros(0, np.float32)]),
-            prompt=[p.text for p, *_ in rows], response=[r[5] for r in rows],
-            reward=np.full(n, np.nan),
-            columns={k: [p.columns[k] for p, *_ in rows] for k in (prompts[0].columns if prompts else {})},
-            token_versions=None if token_versions is None else np.concatenate(
-                [np.asarray(v, np.int64) for v in token_versions] + [np.zeros(0, np.int64)]),
-        )
-        if len(batch.sampler_logprobs) != len(batch.response_ids):
-            raise RuntimeError(f"{self.generator_id}: vLLM returned {len(batch.sampler_logprobs)} logprobs for "
-                               f"{len(batch.response_ids)} tokens")
-        report = ShardReport(shard.shard_id, self.generator_id, n, int(rlen.sum()), time.perf_counter() - t0,
-                             int(batch.policy_version.min()) if n else self.version)
+        """The shard's report and batch (:func:`~ray_rlhf.generation.shard.shard_batch`)."""
+        batch = shard_batch(shard, rows, policy_version, self.generator_id, token_versions)
+        report = ShardReport(shard.shard_id, self.generator_id, len(batch), int(batch.response_lengths.sum()),
+                             time.perf_counter() - t0, int(batch.policy_version.min()) if len(batch) else self.version)
         return report, batch
 
     def _generate_partial(self, shard: PromptShard, sampling: SamplingSpec,

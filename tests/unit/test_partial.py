@@ -168,7 +168,7 @@ class FakeWeightsEngine:
     def reload(self, weights):
         self.state = {n: t.clone() for n, t in weights}
 
-    def read_back(self, part=0, parts=1):
+    def read_back(self, part=0, parts=1, sample=None):
         return dict(self.state)
 
 
