@@ -16,10 +16,16 @@ class SyncConfig(_Section):
     verify: bool = True
     """After each sync, check every generator: the tensors it received (checksum) and the weights
     its engine computes with (read back) must equal the learner's."""
-    verify_parts: int = Field(1, ge=1)
-    """Read the engine's CPU-packed layers back in this many rotating parts, one per sync (every
-    tensor is read back at least once every ``verify_parts`` syncs; the received tensors are
-    checked in full every sync). 1: all of them every sync."""
+    verify_parts: int = Field(4, ge=1)
+    """Read the engine's CPU-packed linear layers back in full in this many rotating parts, one
+    part per sync. Every sync still checks, exactly: every tensor the generator RECEIVED (checksum:
+    any corruption or loss in transport fails that sync); every tensor the engine computes with
+    that is not packed (norms, embeddings) in full; and one sampled input feature of every packed
+    layer (a layer the engine did not reload, or loaded from another tensor, fails that sync). A
+    packed layer whose load went wrong only outside its sampled feature fails the sync that reads
+    its part: within ``verify_parts`` syncs. 1: every packed layer in full every sync (about one
+    forward over ``hidden_size`` tokens per layer). GPU engines keep their weights unpacked and are
+    read back in full every sync."""
 
 
 class CheckpointConfig(_Section):

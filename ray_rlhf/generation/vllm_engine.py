@@ -61,6 +61,8 @@ from pathlib import Path
 
 import torch
 
+from ray_rlhf.sync.checksum import SAMPLE_SUFFIX
+
 __all__ = ["HEAD_NAME", "EngineAsleepError", "EngineSleep", "VllmEngine", "engine_hf_state_dict", "logits_module",
            "refresh_logits_head", "reload_hf_weights", "sleep_mode_available"]
 
@@ -80,13 +82,19 @@ _EMBEDDINGS = ("embed_tokens", "wte")
 
 
 @torch.no_grad()
-def _linear_weight(layer: torch.nn.Module, in_features: int | None = None) -> torch.Tensor:
-    """The (out_features, in_features) weight a CPU linear layer's ``cpu_linear`` computes with."""
+def _linear_weight(layer: torch.nn.Module, in_features: int | None = None, column: int | None = None) -> torch.Tensor:
+    """The (out_features, in_features) weight a CPU linear layer's ``cpu_linear`` computes with;
+    with ``column``: only its column ``column % in_features``, shape (out_features, 1) -- one probe
+    row, about ``1 / in_features`` of the whole read-back's cost."""
     w = layer.weight
     k = int(in_features if in_features is not None else layer.input_size_per_partition)
     n = int(w.shape[0]) if w.numel() else int(sum(getattr(layer, "output_partition_sizes", [0])) or 1)
-    step = max(1, min(_PROBE_ROWS, _PROBE_OUT_ELEMENTS // n))
     dtype = getattr(layer, "params_dtype", None) or w.dtype
+    if column is not None:
+        x = torch.zeros(1, k, dtype=dtype)
+        x[0, column % k] = 1
+        return layer.cpu_linear(x, w, None).t().contiguous()  # (out, 1) = W e_j
+    step = max(1, min(_PROBE_ROWS, _PROBE_OUT_ELEMENTS // n))
     cols = []
     for start in range(0, k, step):
         rows = min(step, k - start)
@@ -128,13 +136,16 @@ def logits_module(model: torch.nn.Module, hidden_size: int, dtype: torch.dtype) 
     return called[0]
 
 
-def engine_hf_state_dict(worker, part: int = 0, parts: int = 1) -> dict[str, torch.Tensor]:
+def engine_hf_state_dict(worker, part: int = 0, parts: int = 1, sample: int | None = None) -> dict[str, torch.Tensor]:
     """``collective_rpc`` target: the worker model's weights as a Hugging Face state dict.
 
     Probing a CPU-packed linear layer is a matmul per layer (the read-back's cost), so with
     ``parts > 1`` only every ``parts``-th packed layer (the logits head counting as the last one),
     starting at ``part``, is probed and returned; every other tensor is returned always. Over
-    ``parts`` calls with ``part = 0 .. parts-1`` every tensor is read back once.
+    ``parts`` calls with ``part = 0 .. parts-1`` every tensor is read back once. ``sample``: each
+    packed layer that is not this part's is still probed on one input feature, ``sample`` modulo
+    its width, and returned under its name + :data:`~ray_rlhf.sync.checksum.SAMPLE_SUFFIX` as that
+    slice of the HF tensor (``t[:, j:j+1]``; ``t[j:j+1, :]`` for Conv1D ``(in, out)`` weights).
     """
     model = worker.model_runner.model
     model_config = worker.model_runner.model_config
@@ -149,11 +160,14 @@ def engine_hf_state_dict(worker, part: int = 0, parts: int = 1) -> dict[str, tor
     for pname, param in model.named_parameters():
         mod_name, _, attr = pname.rpartition(".")
         layer = model.get_submodule(mod_name)
+        suffix = ""
         if attr == "weight" and param.numel() == 0 and hasattr(layer, "cpu_linear"):
             probed += 1
             if (probed - 1) % parts != part:
-                continue
-            t = _linear_weight(layer)
+                if sample is None:
+                    continue
+                suffix = SAMPLE_SUFFIX
+            t = _linear_weight(layer, column=sample if suffix else None)
         else:
             t = param.detach()
         if t.is_floating_point() and t.dtype != dtype:
@@ -165,7 +179,7 @@ def engine_hf_state_dict(worker, part: int = 0, parts: int = 1) -> dict[str, tor
             if len(sizes) != len(subs) or sum(sizes) != t.shape[0]:
                 raise RuntimeError(f"cannot split {pname} {tuple(t.shape)} into {subs} by {sizes}")
             for sub, piece in zip(subs, torch.split(t, sizes, dim=0)):
-                out[f"{parent}.{sub}.{attr}" if parent else f"{sub}.{attr}"] = piece
+                out[(f"{parent}.{sub}.{attr}" if parent else f"{sub}.{attr}") + suffix] = piece
             continue
         if subs:  # one-element mapping: the checkpoint stores the fused tensor under that name
             pname = f"{parent}.{subs[0]}.{attr}" if parent else f"{subs[0]}.{attr}"
@@ -173,15 +187,16 @@ def engine_hf_state_dict(worker, part: int = 0, parts: int = 1) -> dict[str, tor
             t = t.t().contiguous()
         if vocab and t.dim() >= 1 and t.shape[0] > vocab and mod_name.endswith((*_EMBEDDINGS, "lm_head")):
             t = t[:vocab]
-        out[pname] = t
+        out[pname + suffix] = t
     head = logits_module(model, int(text_config.hidden_size), dtype)
-    if head is not None and probed % parts != part:
-        head = None  # not this part's turn (and no tied alias: the head is reported on its turn)
-    elif head is not None:  # the packed copy the logits come from, not the parameter
+    if head is not None:  # the packed copy the logits come from, not the parameter
         name, layer = head
-        t = _linear_weight(layer, in_features=layer.weight.shape[-1] or int(text_config.hidden_size))
-        key = HEAD_NAME if name == "lm_head" or name.endswith(_EMBEDDINGS) else f"{name}.weight"
-        out[key] = t[:vocab] if vocab and t.shape[0] > vocab else t
+        turn = probed % parts == part  # else no tied alias either: the head is reported on its turn
+        if turn or sample is not None:
+            t = _linear_weight(layer, in_features=layer.weight.shape[-1] or int(text_config.hidden_size),
+                               column=None if turn else sample)
+            key = HEAD_NAME if name == "lm_head" or name.endswith(_EMBEDDINGS) else f"{name}.weight"
+            out[key + ("" if turn else SAMPLE_SUFFIX)] = t[:vocab] if vocab and t.shape[0] > vocab else t
     elif getattr(text_config, "tie_word_embeddings", False) and HEAD_NAME not in out:
         emb = next((v for k, v in out.items() if k.endswith(tuple(f"{e}.weight" for e in _EMBEDDINGS))), None)
         if emb is not None:
@@ -340,12 +355,14 @@ class VllmEngine:
         if self.adapter_dir is not None:
             shutil.rmtree(self.adapter_dir, ignore_errors=True)
 
-    def read_back(self, part: int = 0, parts: int = 1) -> dict[str, torch.Tensor]:
+    def read_back(self, part: int = 0, parts: int = 1, sample: int | None = None) -> dict[str, torch.Tensor]:
         """The weights the engine computes with (:func:`engine_hf_state_dict`): all of them, or the
-        cheap ones plus rotating ``part`` of ``parts`` of the probed ones."""
+        cheap ones plus rotating ``part`` of ``parts`` of the probed ones (and, with ``sample``,
+        one sampled input feature of every other probed one)."""
         if self.tensor_parallel_size != 1:
             raise RuntimeError("weights_checksum: no engine read-back across tensor-parallel ranks")
-        return self.llm.collective_rpc(engine_hf_state_dict, kwargs={"part": part, "parts": parts})[0]
+        kwargs = {"part": part, "parts": parts, "sample": sample}
+        return self.llm.collective_rpc(engine_hf_state_dict, kwargs=kwargs)[0]
 
 
 def sleep_mode_available() -> bool:

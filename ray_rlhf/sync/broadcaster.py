@@ -12,9 +12,11 @@ joining of new generators. The driver calls it with two verbs:
 
 Verify (``sync.verify``) compares, every sync, each generator's checksum of the tensors it
 RECEIVED with the learner's (transport) and a read-back of what its ENGINE computes with (the
-load). With ``sync.verify_parts = N > 1`` the expensive part of the read-back (probing the
-CPU-packed linear layers) rotates over N syncs: every tensor the engine computes with is read back
-at least once every N syncs, and a wrong received tensor is still caught at once.
+load). With ``sync.verify_parts = N > 1`` (the config's default: 4) the expensive part of the
+read-back (probing the CPU-packed linear layers in full) rotates over N syncs, and every other
+packed layer is probed on one sampled input feature: a wrong received tensor and a packed layer
+the engine did not reload are caught at once, any other wrong element of a packed layer within N
+syncs.
 
 Members that do not answer (dead before the sync, or lost during it) are left out, the others
 are synced, and the lost ids are reported in :attr:`SyncResult.lost` for the pool to replace.
@@ -207,9 +209,11 @@ class WeightBroadcaster:
         handles = list(members.values())
         parts = self.verify_parts if result.version else 1  # version 0: one full read-back
         part = result.version % parts
+        # The learner hashes its weights while the generators read theirs back.
+        full_ref = learner_checksum if learner_checksum is not None else call(self.source, WeightSender.checksum)
         got = ray.get([call(g, WeightReceiver.engine_checksum, part, parts) for g in handles]
                       + [call(g, WeightReceiver.status) for g in handles])
-        full = ray.get(learner_checksum if learner_checksum is not None else call(self.source, WeightSender.checksum))
+        full = ray.get(full_ref)
         compare_checksums(result.version, full, got[len(handles):], got[: len(handles)])
         probes = [e.probe_max_diff for e in got[: len(handles)] if e.probe_max_diff is not None]
         self.last = dataclasses.replace(result, checksum=full, verify_seconds=time.perf_counter() - t0,

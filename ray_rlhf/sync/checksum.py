@@ -23,6 +23,12 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 both sides of the comparison."""
 
 
+SAMPLE_SUFFIX = "@sample"
+"""Key suffix of a sampled slice in an engine read-back (one input feature of a probed layer:
+``t[:, j:j+1]``, or ``t[j:j+1, :]`` for a Conv1D ``(in, out)`` weight); compared with
+:func:`sample_digests` of the received tensor."""
+
+
 def named_tensors(weights) -> list[tuple[str, torch.Tensor]]:
     """``weights`` as a list of (name, tensor): accepts a mapping or an iterable of pairs."""
     if isinstance(weights, Mapping):
@@ -100,6 +106,39 @@ def tensor_digests(state) -> dict[str, str]:
             h.update(canonical_bytes(t))
         out[name] = h.hexdigest()
     return out
+
+
+def sample_digests(state, sample: int) -> dict[str, tuple[str, str]]:
+    """Name -> (digest of ``t[:, j:j+1]``, digest of ``t[i:i+1, :]``) for every 2-D tensor, with
+    ``j = sample % columns`` and ``i = sample % rows`` (:func:`tensor_digests` of the slices): what
+    a read-back's :data:`SAMPLE_SUFFIX` slice of that tensor must equal, one of the two."""
+    out = {}
+    for name, t in named_tensors(state):
+        if t.dim() == 2 and t.numel() and not name.endswith(IGNORED_SUFFIXES):
+            j, i = sample % t.shape[1], sample % t.shape[0]
+            col, row = tensor_digests([("c", t[:, j : j + 1]), ("r", t[i : i + 1, :])]).values()
+            out[name] = (col, row)
+    return out
+
+
+def received_fingerprints(state, sample: int | None = None) -> tuple[str, dict[str, str], dict[str, tuple[str, str]]]:
+    """(:func:`state_dict_checksum`, :func:`tensor_digests`, :func:`sample_digests` with ``sample``
+    -- empty without) of ``state``, equal to the three calls but with one canonical pass over the
+    bytes: what a generator records of every load."""
+    items = {n: t for n, t in named_tensors(state) if not n.endswith(IGNORED_SUFFIXES)}
+    full, digests = xxhash.xxh3_128(), {}
+    for name in sorted(items):
+        t = items[name]
+        kind = f"{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}\n"
+        full.update(f"{name}|{kind}".encode())
+        h = xxhash.xxh3_64(kind.encode())
+        if t.numel():
+            b = canonical_bytes(t)
+            full.update(b)
+            h.update(b)
+        digests[name] = h.hexdigest()
+    samples = sample_digests(list(items.items()), sample) if sample is not None else {}
+    return full.hexdigest(), digests, samples
 
 
 def tensor_bytes(weights) -> int:

@@ -1,14 +1,20 @@
 """Pack a state dict into one contiguous buffer per dtype, and back.
 
 The collective backend broadcasts each buffer in one call; the :class:`FlatLayout` (names, shapes,
-dtypes, offsets) travels once per process group. Pure torch.
+dtypes, offsets) travels once per process group. The object-store backend ships a
+:class:`FlatPayload`: the same buffers as NumPy bytes, which Ray serialises out of band (one copy
+into the object store) and a generator on the same node maps read-only without a copy -- a dict
+of torch tensors is pickled tensor by tensor instead (measured on the 26 M ``small`` policy, 98 MiB,
+AMD EPYC 2 cores: the learner's export 0.13 s as tensors). Pure torch + NumPy.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ray_rlhf.sync.checksum import named_tensors
@@ -100,3 +106,30 @@ def unflatten(layout: FlatLayout, buffers: dict[str, torch.Tensor]) -> list[tupl
     return [
         (e.name, buffers[e.dtype][e.offset : e.offset + e.numel].view(e.shape)) for e in layout.entries
     ]
+
+
+@dataclass(frozen=True)
+class FlatPayload:
+    """A state dict as one byte buffer per dtype plus its layout: what the learner's export puts in
+    Ray's object store (:meth:`~ray_rlhf.sync.sender.WeightSender.export`)."""
+
+    layout: FlatLayout
+    buffers: dict[str, np.ndarray]
+    """dtype name -> the buffer's bytes (uint8, 1-D); read-only when mapped from the object store."""
+
+    @classmethod
+    def of(cls, weights) -> FlatPayload:
+        """A copy of ``weights`` (mapping or (name, tensor) pairs, any device) in CPU memory."""
+        layout, bufs = flatten(weights, device="cpu")
+        return cls(layout, {d: b.view(torch.uint8).numpy() for d, b in bufs.items()})
+
+    def pairs(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) pairs, views into the buffers (no copy; read them, do not write them)."""
+        with warnings.catch_warnings():  # torch warns that the mapped buffers are read-only: they are only read
+            warnings.simplefilter("ignore", UserWarning)
+            bufs = {d: torch.from_numpy(a).view(getattr(torch, d)) for d, a in self.buffers.items()}
+        return unflatten(self.layout, bufs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.buffers.values())

@@ -17,7 +17,16 @@ from typing import Any, Protocol
 import torch
 
 from ray_rlhf.sync.adapter import AdapterPayload, adapter_checksum, probe_check
-from ray_rlhf.sync.checksum import IGNORED_SUFFIXES, named_tensors, state_dict_checksum, tensor_bytes, tensor_digests
+from ray_rlhf.sync.checksum import (
+    IGNORED_SUFFIXES,
+    SAMPLE_SUFFIX,
+    named_tensors,
+    received_fingerprints,
+    state_dict_checksum,
+    tensor_bytes,
+    tensor_digests,
+)
+from ray_rlhf.sync.flat import FlatPayload
 from ray_rlhf.sync.types import EngineChecksum, GroupInfo, LoadReport, SinkInfo, WeightSyncError
 from ray_rlhf.sync.verify import compare_checksums
 
@@ -28,9 +37,10 @@ class Engine(Protocol):
     def reload(self, weights: list[tuple[str, torch.Tensor]]) -> None:
         """Load a full Hugging Face-named state dict in one call."""
 
-    def read_back(self, part: int = 0, parts: int = 1) -> dict[str, torch.Tensor]:
+    def read_back(self, part: int = 0, parts: int = 1, sample: int | None = None) -> dict[str, torch.Tensor]:
         """The weights the engine computes with, in Hugging Face naming (with ``parts > 1``: the
-        cheap tensors and one rotating ``part`` of the expensive ones)."""
+        cheap tensors and one rotating ``part`` of the expensive ones; with ``sample`` besides, one
+        input feature of each other expensive one under its name + :data:`SAMPLE_SUFFIX`)."""
 
     def load_adapter(self, payload: AdapterPayload, version: int) -> None:
         """``lora.sync=adapter``: serve ``payload`` as a new adapter for all later generation."""
@@ -60,6 +70,9 @@ class WeightReceiver:
         self.received_checksum = ""
         self.received_digests: dict[str, str] = {}
         """Per-tensor digests of the last load (what the engine must read back)."""
+        self.received_samples: dict[str, tuple[str, str]] = {}
+        """Digests of the sampled slices of the last load (:func:`sample_index` of its version):
+        what a rotating read-back's sampled slice of each tensor must equal."""
         self._group = None  # CollectiveReceiver while in a group
         self.adapter: AdapterPayload | None = None
         """``lora.sync=adapter``: the adapters last loaded (their probe is what the verify compares)."""
@@ -70,10 +83,13 @@ class WeightReceiver:
         self._mail_lock = threading.Lock()
 
     def load(self, version: int, weights, record_checksum: bool = True) -> LoadReport:
-        """Load a full state dict (mapping or (name, tensor) pairs) as ``version``, or an
+        """Load a full state dict (mapping, (name, tensor) pairs or a
+        :class:`~ray_rlhf.sync.flat.FlatPayload`) as ``version``, or an
         :class:`~ray_rlhf.sync.adapter.AdapterPayload` (``lora.sync=adapter``) as a new adapter."""
         if isinstance(weights, AdapterPayload):
             return self._load_adapter(version, weights, record_checksum)
+        if isinstance(weights, FlatPayload):
+            weights = weights.pairs()
         pairs = [(n, t) for n, t in named_tensors(weights) if not n.endswith(IGNORED_SUFFIXES)]
         if self.expected_names is not None:
             got = {n for n, _ in pairs}
@@ -83,8 +99,11 @@ class WeightReceiver:
                     f"generator {self.generator_id}: version {version} payload is missing {sorted(missing)[:5]} "
                     f"and has unknown {sorted(extra)[:5]}; not loaded (still version {self.version})"
                 )
-        self.received_checksum = state_dict_checksum(pairs) if record_checksum else ""
-        self.received_digests = tensor_digests(pairs) if record_checksum else {}
+        if record_checksum:
+            self.received_checksum, self.received_digests, self.received_samples = received_fingerprints(
+                pairs, sample_index(version))
+        else:
+            self.received_checksum, self.received_digests, self.received_samples = "", {}, {}
         t0 = time.perf_counter()
         self.engine.reload(pairs)
         seconds = time.perf_counter() - t0
@@ -155,12 +174,18 @@ class WeightReceiver:
         Adapter sync: the adapter folder the engine loaded, read again, and the probe check."""
         if self.adapter is not None:
             return self._adapter_checksum()
-        state = self.engine.read_back(part, parts)
-        mismatched = ()
+        sampled = parts > 1 and bool(self.received_samples)
+        state = self.engine.read_back(part, parts, sample_index(self.version)) if sampled else self.engine.read_back(part, parts)
+        samples = {n[: -len(SAMPLE_SUFFIX)]: t for n, t in state.items() if n.endswith(SAMPLE_SUFFIX)}
+        state = {n: t for n, t in state.items() if not n.endswith(SAMPLE_SUFFIX)}
+        mismatched = set()
         if self.received_digests:
             got = tensor_digests(state)
-            mismatched = tuple(sorted(n for n, d in got.items() if self.received_digests.get(n) != d))
-        return EngineChecksum(tuple(sorted(state)), state_dict_checksum(state), mismatched)
+            mismatched = {n for n, d in got.items() if self.received_digests.get(n) != d}
+            got = tensor_digests(samples)
+            mismatched |= {n for n, d in got.items() if d not in self.received_samples.get(n, ())}
+        return EngineChecksum(tuple(sorted(state)), state_dict_checksum(state), tuple(sorted(mismatched)),
+                              sampled=tuple(sorted(samples)))
 
     def _adapter_checksum(self) -> EngineChecksum:
         """Read-back (tensors + config, as :func:`~ray_rlhf.sync.adapter.adapter_checksum`) and the
@@ -184,6 +209,14 @@ class WeightReceiver:
 
     def status(self) -> SinkInfo:
         return SinkInfo(self.generator_id, self.version, self.received_checksum)
+
+
+def sample_index(version: int) -> int:
+    """The input feature a rotating read-back samples of every probed layer after loading
+    ``version`` (taken modulo each layer's width): a different one each version, so that over
+    versions every feature comes up. Used by the generator alone: at the load (the received
+    slices' digests) and at the read-back (the engine's slices)."""
+    return (int(version) * 2654435761) % (1 << 31)
 
 
 def _adapter_digests(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, str]:

@@ -15,6 +15,7 @@ import torch
 from ray_rlhf.sync.adapter import AdapterPayload
 from ray_rlhf.sync.checksum import state_dict_checksum
 from ray_rlhf.sync.collective import CollectiveSender
+from ray_rlhf.sync.flat import FlatPayload
 from ray_rlhf.sync.types import GroupInfo, SyncResult
 
 
@@ -33,12 +34,13 @@ class WeightSender:
         """``lora.sync=adapter``: returns the current adapters (and probe); what :meth:`export` sends."""
         self._collective: CollectiveSender | None = None
 
-    def export(self) -> dict[str, torch.Tensor] | AdapterPayload:
-        """Detached CPU copies of the current weights (what the object-store backend ships), or
-        with ``adapter``: the current :class:`~ray_rlhf.sync.adapter.AdapterPayload`."""
+    def export(self) -> FlatPayload | AdapterPayload:
+        """A CPU copy of the current weights as a :class:`~ray_rlhf.sync.flat.FlatPayload` (what
+        the object-store backend ships), or with ``adapter``: the current
+        :class:`~ray_rlhf.sync.adapter.AdapterPayload`."""
         if self._adapter is not None:
             return self._adapter()
-        return {k: v.detach().to("cpu", copy=True) for k, v in self._state_dict().items()}
+        return FlatPayload.of(self._state_dict())
 
     def checksum(self, names: tuple[str, ...] | None = None) -> str:
         """:func:`~ray_rlhf.sync.checksum.state_dict_checksum` of the current weights (only

@@ -83,6 +83,9 @@ class EngineChecksum:
     mismatched: tuple[str, ...] = ()
     """Empty when every read-back tensor equals the received one (or nothing was received yet:
     the engine holds the weights it loaded from the model directory)."""
+    sampled: tuple[str, ...] = ()
+    """A rotating read-back (``sync.verify_parts > 1``): the tensors not in this part whose one
+    sampled input feature was read back and compared (:data:`~ray_rlhf.sync.checksum.SAMPLE_SUFFIX`)."""
     probe_max_diff: float | None = None
     """Adapter sync (``lora.sync=adapter``): max |engine - learner| log-prob of the probe tokens
     under the adapter the engine now serves (:mod:`ray_rlhf.sync.adapter`); None for full weights."""

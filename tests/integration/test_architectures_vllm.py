@@ -325,6 +325,13 @@ def test_the_loop_on_this_architecture(arch, llm, tmp_path):
     assert stats.sampler_logprob_diff <= MEAN_TOL and np.isfinite(stats.policy_loss), stats
     assert learner.weights_checksum() != state_dict_checksum(learner.reference.lm.state_dict())
     sync(101)  # the updated weights, tied and packed tensors included, read back from the engine
+    # sync.verify_parts: each part reads its packed layers in full and one sampled input feature of
+    # the others (Conv1D, fused, tied and padded heads included); all of them equal what was received.
+    parts = [gen.weights.engine_checksum(p, 3) for p in range(3)]
+    assert not any(c.mismatched for c in parts), [c.mismatched for c in parts]
+    assert set().union(*(c.names for c in parts)) | set().union(*(c.sampled for c in parts)) == set(
+        gen.weights.engine_checksum().names)
+    assert all(c.sampled for c in parts)
     _, after = gen.generate(shard, SamplingSpec(n=2, max_new_tokens=MAX_NEW, temperature=1.0, seed=3))
     assert isinstance(after, RolloutBatch) and set(after.policy_version.tolist()) == {101}
 

@@ -227,6 +227,34 @@ def test_rotating_read_back_covers_every_tensor_and_still_catches_corruption(gen
     verify(state_dict_checksum(state), gen, 8)
 
 
+def test_rotating_read_back_samples_every_other_packed_layer_each_sync(gen, hf):
+    """``sync.verify_parts > 1``: a part reads the packed layers of its turn in full and one sampled
+    input feature of every other one, so a layer the engine did not reload (it still computes with
+    the previous version's) fails the very next sync, whichever part's turn it is."""
+    model, _ = hf
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    gen.weights.load(11, state)
+    full = set(gen.weights.engine_checksum().names)
+    checks = [gen.weights.engine_checksum(p, 4) for p in range(4)]
+    assert all(not c.mismatched and c.sampled for c in checks)
+    assert all(set(c.names) | set(c.sampled) == full for c in checks)
+    # Only the head is both: its parameter (the embedding lookup's) in full, its packed copy (the logits') sampled.
+    assert all(set(c.names) & set(c.sampled) <= {"lm_head.weight"} for c in checks)
+    layer = "model.layers.1.mlp.down_proj.weight"
+    assert sum(layer in c.sampled for c in checks) == 3  # sampled in the three parts that do not read it in full
+    new = {k: v.clone() for k, v in state.items()}
+    new[layer] += 0.01
+    gen.weights.load(12, new)  # received: version 12; then the engine is put back on version 11's weights
+    gen.weights.engine.reload(list(state.items()))
+    checks = [gen.weights.engine_checksum(p, 4) for p in range(4)]
+    assert [c.mismatched for c in checks] == [(layer,)] * 4
+    for c in checks:
+        with pytest.raises(WeightSyncError, match="engine computes with 1 tensor.*down_proj.*the engine load failed"):
+            compare_checksums(12, state_dict_checksum(new), [gen.weights.status()], [c])
+    gen.weights.load(12, new)
+    assert not any(gen.weights.engine_checksum(p, 4).mismatched for p in range(4))
+
+
 def test_truncated_marks_samples_cut_off_at_max_new_tokens(gen, hf):
     """``truncated`` is vLLM's finish reason "length": the response has exactly ``max_new_tokens``
     tokens and no EOS; a response that ends on EOS is never truncated. The learner's tensors carry it."""

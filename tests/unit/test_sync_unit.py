@@ -134,7 +134,7 @@ class _DictEngine:
     def reload(self, weights):
         self.state.update(dict(weights))
 
-    def read_back(self, part=0, parts=1):
+    def read_back(self, part=0, parts=1, sample=None):
         return dict(self.state)
 
 
@@ -142,17 +142,93 @@ def test_call_runs_the_components_method_in_the_actor():
     learner_state = _state(1)
     source = _actor(WeightSender(lambda: learner_state))
     exported = call(source, WeightSender.export)
-    assert exported.keys() == learner_state.keys() and all(exported[k] is not learner_state[k] for k in exported)
+    pairs = dict(exported.pairs())  # a copy in flat byte buffers, not the learner's tensors
+    assert pairs.keys() == learner_state.keys() and exported.nbytes == tensor_bytes(learner_state)
+    assert all(torch.equal(pairs[k], t) and pairs[k].dtype == t.dtype and pairs[k].data_ptr() != t.data_ptr()
+               for k, t in learner_state.items())
     assert call(source, WeightSender.checksum) == state_dict_checksum(learner_state)
     assert call(source, WeightSender.checksum, ("lm_head.weight",)) == state_dict_checksum(learner_state, ["lm_head.weight"])
 
     engine = _DictEngine(_state(0))
     sink = _actor(WeightReceiver(engine, "g0", set(engine.state)))
     report = call(sink, WeightReceiver.load, 4, exported, True)
-    assert (report.version, report.bytes, report.received_checksum) == (4, tensor_bytes(exported),
+    assert (report.version, report.bytes, report.received_checksum) == (4, exported.nbytes,
                                                                           state_dict_checksum(learner_state))
     status = call(sink, WeightReceiver.status)
     read = call(sink, WeightReceiver.engine_checksum, 0, 1)
     compare_checksums(4, call(source, WeightSender.checksum), [status], [read])  # verify passes
     with pytest.raises(WeightSyncError, match="generator g0: version 5 payload is missing"):
-        call(sink, WeightReceiver.load, 5, {k: v for k, v in exported.items() if k != "lm_head.weight"})
+        call(sink, WeightReceiver.load, 5, {k: v for k, v in pairs.items() if k != "lm_head.weight"})
+
+
+def test_sample_digests_are_the_digests_of_one_column_and_one_row():
+    from ray_rlhf.sync.checksum import sample_digests, tensor_digests
+
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    got = sample_digests({"w": t, "b": torch.ones(4), "rotary_emb.inv_freq": torch.ones(2, 2)}, 9)
+    assert set(got) == {"w"}  # 2-D tensors only, ignored names skipped
+    col, row = got["w"]
+    assert col == tensor_digests({"x": t[:, 1:2].clone()})["x"]  # 9 % 4 columns
+    assert row == tensor_digests({"x": t[0:1, :].clone()})["x"]  # 9 % 3 rows
+    assert col != tensor_digests({"x": t[:, 2:3].clone()})["x"]
+
+
+class _SampledEngine(_DictEngine):
+    """Holds a state dict; a rotating read-back returns part 0's tensors in full and one sampled
+    column of the others (what vLLM's CPU read-back does for packed layers)."""
+
+    def read_back(self, part=0, parts=1, sample=None):
+        out = {}
+        for i, (n, t) in enumerate(sorted(self.state.items())):
+            if parts == 1 or i % parts == part:
+                out[n] = t
+            elif sample is not None and t.dim() == 2:
+                j = sample % t.shape[1]
+                out[n + "@sample"] = t[:, j : j + 1]
+        return out
+
+
+def test_a_rotating_read_back_compares_the_sampled_columns_with_the_received_tensors():
+    learner = _state(1)
+    engine = _SampledEngine(learner)
+    sink = WeightReceiver(engine, "g0", set(learner))
+    sink.load(3, learner)
+    good = sink.engine_checksum(0, 2)
+    assert good.sampled and not good.mismatched and set(good.names) | set(good.sampled) <= set(learner)
+    stale = {k: v + 1 for k, v in learner.items()}
+    sink.load(4, stale)  # received version 4; the engine stays on version 3's tensors
+    engine.state = dict(learner)
+    bad = sink.engine_checksum(0, 2)
+    assert set(bad.mismatched) == set(bad.names) | set(bad.sampled)
+
+
+def test_received_fingerprints_equal_the_three_separate_passes():
+    from ray_rlhf.sync.checksum import received_fingerprints, sample_digests, tensor_digests
+
+    state = {**_state(2), "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(2), "empty": torch.zeros(0, 4)}
+    state["model.layers.0.self_attn.q_proj.weight"][0, 0] = -0.0
+    checksum, digests, samples = received_fingerprints(list(state.items()), 7)
+    assert checksum == state_dict_checksum(state)
+    assert digests == tensor_digests({k: v for k, v in state.items() if not k.endswith("inv_freq")})
+    assert samples == sample_digests(state, 7)
+    assert received_fingerprints(state)[2] == {}
+
+
+def test_a_flat_payload_survives_rays_serialisation_read_only():
+    """The export as Ray ships it: pickled with out-of-band buffers, mapped back read-only; the
+    pairs equal the state dict, bfloat16 and integer tensors included."""
+    import pickle
+
+    from ray_rlhf.sync.flat import FlatPayload
+
+    state = _state(3)
+    payload = FlatPayload.of(state)
+    bufs = []
+    data = pickle.dumps(payload, protocol=5, buffer_callback=bufs.append)
+    assert len(bufs) == len(state_dtypes := {str(t.dtype) for t in state.values()}) == 3, state_dtypes
+    back = pickle.loads(data, buffers=[memoryview(b.raw()).toreadonly() for b in bufs])
+    assert not any(a.flags.writeable for a in back.buffers.values())
+    got = dict(back.pairs())
+    assert got.keys() == state.keys()
+    assert all(torch.equal(got[k], t) and got[k].dtype == t.dtype and got[k].shape == t.shape for k, t in state.items())
+    assert state_dict_checksum(got) == state_dict_checksum(state)
