@@ -242,3 +242,8 @@ class RewardConfig(_Section):
     """CPUs reserved for the reward actor."""
     num_gpus: float = Field(0.0, ge=0)
     """GPUs for the reward actor."""
+    torch_threads: int | None = Field(None, ge=1)
+    """torch intra-op threads of the reward actor (the reward model's forward). Empty: the cores
+    the phases leave it -- in a synchronous run scoring runs alone, between generation and the
+    update, so it takes its node's cores; in an asynchronous run generation goes on meanwhile, so it
+    takes its reserved ``num_cpus`` (at least 1)."""

@@ -96,14 +96,15 @@ class RewardScorer:
         model_weight: weight of the model's score in the sum.
         batch_size: sequences per reward-model forward pass.
         device: torch device of the reward model.
-        torch_threads: ``torch.set_num_threads`` for this process (None: leave it).
+        torch_threads: ``torch.set_num_threads`` for this process; ``"node"``: the cores of the
+            node it runs on (``os.cpu_count()`` there); None: leave it.
         remote: remote services, dicts with ``url``, ``weight``, ``timeout_s``, ``retries``.
         columns: names of the dataset's extra columns (checked against the functions' signatures).
         env_rewards: the run's environment gives per-turn rewards (``env.name``): no source is needed.
     """
 
     def __init__(self, functions, model_path: str | None = None, model_weight: float = 1.0, batch_size: int = 32,
-                 device: str = "cpu", torch_threads: int | None = None, remote: Sequence[dict] = (),
+                 device: str = "cpu", torch_threads: int | str | None = None, remote: Sequence[dict] = (),
                  columns: Sequence[str] = (), env_rewards: bool = False):
         if batch_size <= 0:
             raise UserError(f"reward.batch_size is {batch_size}; give a positive integer")
@@ -113,10 +114,12 @@ class RewardScorer:
         self.model_weight = float(model_weight)
         self._scored = 0
         self._seconds: dict[str, float] = {}
-        if torch_threads:
+        if torch_threads and self.model_path:  # only a reward model computes with torch here
+            import os
+
             import torch
 
-            torch.set_num_threads(torch_threads)
+            torch.set_num_threads((os.cpu_count() or 1) if torch_threads == "node" else int(torch_threads))
         self.model = ModelReward(self.model_path, batch_size, device) if self.model_path else None
         if self.model is not None:
             self.sources.append((MODEL_KEY, self.model_weight, self.model))

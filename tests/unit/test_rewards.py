@@ -293,3 +293,26 @@ def test_reward_model_path_errors(reward_path, tmp_path):
     with pytest.raises(UserError, match="num_labels=2; a reward model must output one scalar"):
         RewardScorer([], model_path=str(two))
     assert check_sources([], str(reward_path)) == []  # the preflight check loads no weights
+
+
+def test_the_reward_actor_takes_the_cores_scoring_leaves_it():
+    """``reward.torch_threads`` empty: the node's cores in a synchronous run (scoring runs alone),
+    the reserved CPUs (at least 1) in an asynchronous one; a value given is kept."""
+    from ray_rlhf.config import RunConfig
+    from ray_rlhf.rewards.sources import reward_sources
+
+    assert reward_sources(RunConfig())["torch_threads"] == "node"
+    assert reward_sources(RunConfig(rollout={"max_staleness": 1}))["torch_threads"] == 1
+    assert reward_sources(RunConfig(rollout={"max_staleness": 1}, reward={"num_cpus": 2}))["torch_threads"] == 2
+    assert reward_sources(RunConfig(reward={"torch_threads": 3}))["torch_threads"] == 3
+
+
+def test_node_threads_are_set_only_for_a_reward_model(tiny_reward_path, monkeypatch):
+    import os
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    RewardScorer([("ray_rlhf.rewards.rules:letter_frequency", 1.0)], torch_threads="node")
+    assert calls == []
+    RewardScorer([], model_path=str(tiny_reward_path), torch_threads="node")
+    assert calls == [os.cpu_count()]
