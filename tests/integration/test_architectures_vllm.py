@@ -305,8 +305,13 @@ def test_the_loop_on_this_architecture(arch, llm, tmp_path):
     ppo = PPOConfig(epochs=1, minibatch_size=10, micro_batch_size=5, lr=1e-3)
     learner = Learner(str(arch.path), ppo, KLConfig(), seed=0)
 
-    def sync(version: int) -> None:  # what the object-store broadcast does, in process
-        gen.weights.load(version, learner.hf_state_dict())
+    def sync(version: int) -> None:  # what the object-store broadcast does, in process: the learner's export
+        payload = learner.weights.export()
+        sent = {d: a.copy() for d, a in payload.buffers.items()}
+        for a in payload.buffers.values():
+            a.flags.writeable = False  # as a generator maps it from Ray's object store
+        gen.weights.load(version, payload)
+        assert all(np.array_equal(a, sent[d]) for d, a in payload.buffers.items())  # the engine load only read it
         compare_checksums(version, learner.weights_checksum(), [gen.weights.status()], [gen.weights.engine_checksum()])
 
     sync(100)  # earlier tests of this module moved the engine's weights: back to the checkpoint's
