@@ -70,6 +70,11 @@ def canonical_bytes(t: torch.Tensor) -> np.ndarray:
     return bits.view(np.uint8)
 
 
+def _kind(t: torch.Tensor) -> str:
+    """The header hashed before a tensor's bytes: its dtype and shape (one spelling for every hash here)."""
+    return f"{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}\n"
+
+
 def state_dict_checksum(state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                         names: Iterable[str] | None = None) -> str:
     """XXH3-128 (hex, 32 chars) over every tensor's name, dtype, shape and canonical bytes.
@@ -87,7 +92,7 @@ def state_dict_checksum(state: Mapping[str, torch.Tensor] | Iterable[tuple[str, 
             h.update(f"{name}|missing\n".encode())
             continue
         t = items[name]
-        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}\n".encode())
+        h.update(f"{name}|{_kind(t)}".encode())
         if t.numel():
             h.update(canonical_bytes(t))
     return h.hexdigest()
@@ -101,7 +106,7 @@ def tensor_digests(state) -> dict[str, str]:
     for name, t in named_tensors(state):
         if name.endswith(IGNORED_SUFFIXES):
             continue
-        h = xxhash.xxh3_64(f"{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}\n".encode())
+        h = xxhash.xxh3_64(_kind(t).encode())
         if t.numel():
             h.update(canonical_bytes(t))
         out[name] = h.hexdigest()
@@ -129,7 +134,7 @@ def received_fingerprints(state, sample: int | None = None) -> tuple[str, dict[s
     full, digests = xxhash.xxh3_128(), {}
     for name in sorted(items):
         t = items[name]
-        kind = f"{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}\n"
+        kind = _kind(t)
         full.update(f"{name}|{kind}".encode())
         h = xxhash.xxh3_64(kind.encode())
         if t.numel():
