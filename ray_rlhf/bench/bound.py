@@ -4,7 +4,11 @@
   and seeds, on fresh :class:`~ray_rlhf.generation.generator.Generator` actors with the same resources as the
   run's (``generators.num`` actors, ``generators.num_cpus`` each). Each actor gets ONE shard with
   its share of the prompts (a static split, no work queue); ``G`` is the driver's wall time from
-  dispatch to the last result. Weights are the initial ones (version 0), as in the run's step 1.
+  dispatch to the last result. Weights: the ones the run's generators held for that step -- the
+  policy as the previous step left it, kept by the end-to-end section in a synchronous run and
+  loaded (untimed) before the step -- so each step is the loop's own work again, token for token
+  where the engine is deterministic; the initial weights (version 0) for step 1, and for every
+  step of an asynchronous run (whose generators mix versions).
 - ``R``: the reward of those rollouts, :class:`~ray_rlhf.rewards.scorer.RewardScorer` in process.
 - ``T``: one learner step on that batch, in a fresh learner actor with the run's resources:
   ``prepare_seconds + update_seconds`` measured inside the actor (no Ray transfer).
@@ -27,6 +31,8 @@ import torch
 from ray_rlhf.bench.common import mean_after_warmup
 from ray_rlhf.generation.pool import make_shards
 from ray_rlhf.rewards.scorer import RewardScorer
+from ray_rlhf.sync.receiver import WeightReceiver
+from ray_rlhf.sync.remote import call
 
 
 def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
@@ -52,16 +58,29 @@ def generate_standalone(generators: list, batch, sampling) -> tuple[list, float]
     return results, seconds
 
 
-def run_bound(cfg, batches, generators, learner, learner_steps: int, flops_of=None) -> dict:
+def load_weights(generators: list, version: int, state: dict) -> None:
+    """Load ``state`` into every generator as ``version`` (not timed: the run's sync is measured
+    on its own)."""
+    ref = ray.put(state)
+    ray.get([call(g, WeightReceiver.load, version, ref, False) for g in generators])
+
+
+def run_bound(cfg, batches, generators, learner, learner_steps: int, flops_of=None, weights: dict | None = None) -> dict:
     """Per-step G, R (all ``batches``) and T (first ``learner_steps``); with ``flops_of`` (a scored
     batch -> ``{"prepare": FLOPs, "update": FLOPs}``, :func:`ray_rlhf.bench.flops.step_flops`) the
-    model FLOPs of each learner step too."""
+    model FLOPs of each learner step too. ``weights`` (step -> state dict, from
+    :func:`~ray_rlhf.bench.endtoend.run_endtoend`): step ``s`` generates with ``weights[s - 1]``
+    where it is there."""
     rc = cfg.reward
     scorer = RewardScorer([(f.name, f.weight) for f in rc.functions], rc.model_path, rc.model_weight, rc.batch_size,
                           env_rewards=cfg.env.multi_turn)  # an environment may be the only reward source
     ray.get([g.ping.remote() for g in generators] + [learner.ping.remote()])
     per_step = []
+    weights = weights or {}
     for i, (step, batch, sampling) in enumerate(batches):
+        loop_weights = step - 1 in weights
+        if loop_weights:
+            load_weights(generators, step - 1, weights[step - 1])
         rollouts, g_s = generate_standalone(generators, batch, sampling)
         t0 = time.perf_counter()
         scored, _ = scorer.score(*rollouts)
@@ -70,7 +89,7 @@ def run_bound(cfg, batches, generators, learner, learner_steps: int, flops_of=No
         scored = dataclasses.replace(scored, policy_version=np.full(len(scored), i, dtype=np.int64))
         r_s = time.perf_counter() - t0
         row = {"step_index": step, "G": g_s, "R": r_s, "tokens": int(scored.model_mask.sum()),  # model tokens only
-               "sequences": len(scored)}
+               "sequences": len(scored), "loop_weights": loop_weights}
         if i < learner_steps:
             t0 = time.perf_counter()
             stats = ray.get(learner.step.remote(scored))

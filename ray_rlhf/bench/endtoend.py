@@ -17,6 +17,13 @@ from ``generate``: under ``env.scheduling=continuous`` it overlaps the engine's 
 ``engine_busy_fraction`` = ``perf/engine_busy_fraction``; ``turns_mean`` = ``env/turns_mean``.
 
 Peak memory of every actor is read in the driver's ``on_finish`` hook, before shutdown.
+
+Synchronous runs with full-weight sync (``rollout.max_staleness=0``, no ``lora.sync=adapter``):
+the driver's ``on_step_end`` hook also keeps the policy weights each step ended with -- the
+weights the generators were verified to hold for the next step's generation -- so that the bound
+section can generate each step standalone with the loop's own weights (equal work: same weights,
+prompts and seeds). It runs after the step's timings are taken, between steps, and only where
+all steps' weights fit in :data:`KEEP_WEIGHTS_BYTES` of the driver's memory.
 """
 
 from __future__ import annotations
@@ -24,9 +31,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import ray
+
 from ray_rlhf.bench.common import actor_peak_rss, driver_peak_rss, mean_after_warmup
 from ray_rlhf.config.schema import RunConfig
 from ray_rlhf.run.driver import run
+
+KEEP_WEIGHTS_BYTES = 4 << 30
+"""The most driver memory the kept weights of all steps may take (else none are kept)."""
 
 PHASES = {
     "generate": "time/generate",
@@ -45,9 +57,31 @@ def phase_row(metrics: dict) -> dict[str, float]:
     return row
 
 
-def run_endtoend(cfg: RunConfig) -> dict:
-    """Run ``cfg.steps`` PPO steps; return per-step rows, warm-up-skipped means and actor memory."""
+def keeps_weights(cfg: RunConfig) -> bool:
+    """Whether each step's generation used exactly the weights the previous step ended with (a
+    synchronous loop syncing full weights), so that they can be replayed standalone."""
+    return cfg.rollout.max_staleness == 0 and cfg.lora.resolved_sync != "adapter"
+
+
+def run_endtoend(cfg: RunConfig, weights: dict | None = None) -> dict:
+    """Run ``cfg.steps`` PPO steps; return per-step rows, warm-up-skipped means and actor memory.
+    ``weights`` (a dict, filled in place where :func:`keeps_weights` and they fit in
+    :data:`KEEP_WEIGHTS_BYTES`): step -> the policy's Hugging Face state dict at the end of that
+    step (the weights of step + 1's generation). The result's ``weights_kept`` says whether they were."""
     memory: list[dict] = []
+    keep = weights is not None and keeps_weights(cfg)
+
+    def on_step_end(step: int, actors) -> None:
+        nonlocal keep
+        if not keep or step >= cfg.steps:
+            return
+        state = ray.get(actors.learners.source.hf_state_dict.remote())
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        if nbytes * (cfg.steps - 1) > KEEP_WEIGHTS_BYTES:
+            keep = False
+            weights.clear()
+        else:
+            weights[step] = state
 
     def on_finish(actors) -> None:
         for i, h in enumerate(actors.pool.handles.values()):
@@ -57,9 +91,9 @@ def run_endtoend(cfg: RunConfig) -> dict:
         memory.append({"actor": "reward", **actor_peak_rss(actors.reward)})
         memory.append({"actor": "driver", **driver_peak_rss()})
 
-    out = run(cfg, on_finish=on_finish)
+    out = run(cfg, on_finish=on_finish, on_step_end=on_step_end if keep else None)
     rows = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return summarize(rows, out, memory)
+    return {**summarize(rows, out, memory), "weights_kept": keep}
 
 
 def summarize(rows: list[dict], out, memory: list[dict]) -> dict:
@@ -68,7 +102,8 @@ def summarize(rows: list[dict], out, memory: list[dict]) -> dict:
     multi_turn = bool(rows) and "env/seconds" in rows[0]
     for m in rows:
         r = phase_row(m)
-        tokens = float(m["perf/generated_tokens_per_s"]) * float(m["time/generate"])
+        # the learner's exact count where logged, else the rate times the time
+        tokens = float(m.get("ppo/response_tokens", float(m["perf/generated_tokens_per_s"]) * float(m["time/generate"])))
         if multi_turn:  # model tokens only: observation / template tokens are not generated
             tokens -= float(m["env/observation_tokens"])
             r.update(env=float(m["env/seconds"]), turns_mean=float(m["env/turns_mean"]),

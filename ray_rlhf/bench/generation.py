@@ -1,7 +1,10 @@
 """Section 3: generation tokens/s -- in the PPO loop vs standalone vLLM vs transformers ``generate``.
 
-Same prompts, sampling parameters and initial weights; EOS is allowed, so response lengths vary
-(the rate is total response tokens / wall time). The transformers baseline runs
+Same prompts, sampling parameters and seeds; EOS is allowed, so response lengths vary (the rate is
+total response tokens / wall time). In a synchronous run the standalone generation of each step
+uses the weights the loop generated that step with (see :mod:`ray_rlhf.bench.bound`), so both do
+the same work: ``same_weights_steps`` counts those steps and ``equal_tokens_steps`` the ones whose
+token counts agree exactly. The transformers baseline runs
 :func:`ray_rlhf.bench.hf_sampler.hf_generate` in as many actors, with the same CPU share each, as the
 vLLM generators, each on its share of the prompts; timed from the driver like standalone vLLM.
 """
@@ -61,7 +64,7 @@ def compare(e2e: dict, bound: dict, hf: dict) -> dict:
     same = [r for r in bound["per_step"] if r["step_index"] in steps]
     vllm_same = sum(r["tokens"] for r in same) / sum(r["G"] for r in same)
     in_loop, standalone = e2e["mean"]["generated_tokens_per_s"], bound["standalone_tokens_per_s"]
-    # Same step = same prompts and seeds; the loop's policy has trained, so its lengths drift.
+    # Same step = same prompts and seeds, and the loop's weights where the bound replayed them.
     g_by_step = {r["step_index"]: r for r in bound["per_step"]}
     pairs = [(r, g_by_step[r["step_index"]]) for r in e2e["per_step"][1:] if r["step_index"] in g_by_step]
     return {
@@ -73,8 +76,12 @@ def compare(e2e: dict, bound: dict, hf: dict) -> dict:
         "standalone_seconds_over_in_loop_seconds": sum(g["G"] for _, g in pairs) / sum(r["generate"] for r, _ in pairs),
         "per_step_tokens_per_s": [
             {"step_index": r["step_index"], "in_loop": r["generated_tokens"] / r["generate"],
-             "standalone": g["tokens"] / g["G"], "in_loop_tokens": r["generated_tokens"], "standalone_tokens": g["tokens"]}
+             "standalone": g["tokens"] / g["G"], "in_loop_tokens": r["generated_tokens"], "standalone_tokens": g["tokens"],
+             "same_weights": bool(g.get("loop_weights"))}
             for r, g in pairs],
+        "same_weights_steps": sum(bool(g.get("loop_weights")) for _, g in pairs),
+        "equal_tokens_steps": sum(round(r["generated_tokens"]) == g["tokens"] for r, g in pairs),
+        "compared_steps": len(pairs),
         "vllm_over_hf": vllm_same / hf["tokens_per_s"],
         "hf_steps": sorted(steps),
         "hf_per_step": hf["per_step"],

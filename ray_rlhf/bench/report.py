@@ -24,6 +24,15 @@ def _target(name: str, value: float, goal: float, higher_is_better: bool, why: s
             "met": bool(met), "margin": margin, "why": "" if met else why}
 
 
+def _same_work(gen: dict) -> str:
+    """How equal the in-loop and standalone generation's work was (an older ``results.json``: the
+    standalone side had the initial weights)."""
+    if "same_weights_steps" not in gen:
+        return "standalone generation used the initial weights"
+    return (f"standalone generation replayed the loop's weights on {gen['same_weights_steps']} of "
+            f"{gen['compared_steps']} compared steps, with equal token counts on {gen['equal_tokens_steps']}")
+
+
 def targets(res: dict) -> list[dict]:
     cfg, e2e, b, gen = res["config"], res["endtoend"]["mean"], res["bound"], res["generation"]
     n_shards = -(-cfg["prompts_per_step"] // cfg["shard_prompts"])
@@ -35,8 +44,8 @@ def targets(res: dict) -> list[dict]:
         _target("in-loop generation / standalone vLLM", gen["in_loop_over_standalone"], 0.95, True,
                 f"per generate call the loop takes {1 / gen['standalone_seconds_over_in_loop_seconds']:.2f}x the "
                 f"standalone time but yields {e2e['response_length_mean']:.1f} tokens per response vs "
-                f"{b['mean_response_length']:.1f} (the trained policy stops earlier, while each batch still runs "
-                f"to its longest response); the loop also sends {n_shards} shards of {cfg['shard_prompts']} prompts "
+                f"{b['mean_response_length']:.1f} ({_same_work(gen)}; a batch runs to its longest "
+                f"response); the loop also sends {n_shards} shards of {cfg['shard_prompts']} prompts "
                 f"to {cfg['generators']} engines vs one shard per engine, on CPUs shared with other jobs"),
         _target("efficiency (G+R+T+S) / step time", b["efficiency"], 0.90, True,
                 f"largest excess over the bound: {worst} +{gaps[worst]:.3f} s/step "
@@ -147,11 +156,12 @@ def markdown(res: dict) -> str:
         f"vLLM / transformers on the same steps {gen['hf_steps']}: {gen['vllm_over_hf']:.2f}x. "
         f"Seconds per generate call, standalone / in the loop (same prompts and seeds): "
         f"{gen['standalone_seconds_over_in_loop_seconds']:.2f}; mean response length {e2e['response_length_mean']:.1f} "
-        f"tokens in the loop, {b['mean_response_length']:.1f} standalone.",
+        f"tokens in the loop, {b['mean_response_length']:.1f} standalone; {_same_work(gen)}.",
         "",
-        _table(["step", "in-loop tokens/s", "standalone tokens/s", "in-loop tokens", "standalone tokens"],
-               [[r["step_index"], r["in_loop"], r["standalone"], int(r["in_loop_tokens"]), r["standalone_tokens"]]
-                for r in gen["per_step_tokens_per_s"]]),
+        _table(["step", "in-loop tokens/s", "standalone tokens/s", "in-loop tokens", "standalone tokens",
+                "loop's weights"],
+               [[r["step_index"], r["in_loop"], r["standalone"], int(r["in_loop_tokens"]), r["standalone_tokens"],
+                 "yes" if r.get("same_weights") else "no (initial)"] for r in gen["per_step_tokens_per_s"]]),
         "",
         "## Weight sync",
         "",

@@ -153,7 +153,8 @@ def measure(cfg, m: dict, mode: str) -> dict:
     bandwidth = bound_mod.copy_bandwidth()
     log.info("memory-copy bandwidth %.2f GB/s", bandwidth / 1e9)
 
-    e2e = run_endtoend(cfg)  # section 1 + memory (section 5)
+    weights: dict = {}  # step -> the policy it ended with (synchronous runs): the bound's generation replays them
+    e2e = run_endtoend(cfg, weights)  # section 1 + memory (section 5)
 
     policy_path = resolve_policy_path(cfg)
     prompts = load_prompt_items(cfg, load_tokenizer(policy_path))
@@ -166,7 +167,8 @@ def measure(cfg, m: dict, mode: str) -> dict:
     gens = start_generators(cfg, policy_path, cfg.generators.num, tag="bench")
     learner = start_learner(cfg, policy_path)
     try:
-        bound = bound_mod.run_bound(cfg, batches, gens, learner, m["learner_steps"], flops_of)  # section 2
+        bound = bound_mod.run_bound(cfg, batches, gens, learner, m["learner_steps"], flops_of, weights)  # section 2
+        weights.clear()
         params = parameter_count(policy_path)
         counts = tuple(range(1, min(2, len(gens)) + 1))
         sync_rows = weightsync.measure(learner, gens, cfg.model.preset or "run", params, m["sync_repeats"], counts)  # section 4

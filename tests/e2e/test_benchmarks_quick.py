@@ -92,6 +92,9 @@ def test_bound_and_generation_sections(quick_results):
     for key in ("in_loop_tokens_per_s", "standalone_vllm_tokens_per_s", "hf_generate_tokens_per_s",
                 "in_loop_over_standalone", "vllm_over_hf"):
         assert _positive(g[key]), key
+    # equal work: a synchronous run's standalone steps after the first replay the loop's weights
+    assert [r["loop_weights"] for r in rows] == [False] + [True] * (len(rows) - 1)
+    assert g["same_weights_steps"] == g["compared_steps"] == len(rows) - 1
 
 
 def test_weight_sync_and_memory_sections(quick_results):
