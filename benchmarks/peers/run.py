@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -57,13 +56,10 @@ DEFAULT_VARIANTS = ("trl", "trl-policy-critic", "ray-rlhf", "ray-rlhf-async")
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    """Model name and vector instructions (AVX-512, AMX...: the matmul speed follows them), cores."""
+    from ray_rlhf.telemetry.cpu import describe_cpu
+
+    return f"{describe_cpu()}, {os.cpu_count()} cores"
 
 
 def ensure_trl_venv() -> Path:

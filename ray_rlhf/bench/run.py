@@ -38,6 +38,7 @@ from ray_rlhf.config import load_config
 from ray_rlhf.models.factory import parameter_count
 from ray_rlhf.run.cluster import init_ray
 from ray_rlhf.run.inputs import load_prompt_items, load_tokenizer, resolve_policy_path
+from ray_rlhf.telemetry.cpu import describe_cpu
 
 log = logging.getLogger("ray_rlhf.bench")
 
@@ -230,14 +231,8 @@ def measure_mfu(cfg, shape, bound: dict) -> dict:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo; the platform's processor string elsewhere)."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name and vector instructions (:func:`~ray_rlhf.telemetry.cpu.describe_cpu`)."""
+    return describe_cpu()
 
 
 if __name__ == "__main__":
