@@ -10,6 +10,7 @@ outputs force.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -199,8 +200,12 @@ def test_environments_in_actors_of_their_own_equal_in_process(run, local_ray):
     for name in ("prompt_ids", "response_ids", "loss_mask", "token_reward", "sampler_logprobs", "finish_reason"):
         assert getattr(batch2, name).tolist() == getattr(batch, name).tolist(), name
     assert report2.env["errors"] == 0 and report2.env["turns"] == report.env["turns"]
-    held = local_ray.get([h.close.remote([]) for h in pool.hosts])
-    assert held == [0, 0]  # the shard's instances were dropped when it ended
+    # the shard's instances are dropped when it ends: ``release`` sends the drops without waiting,
+    # and Ray orders no calls of two callers, so this process asks until the hosts have seen them
+    deadline = time.monotonic() + 30
+    while (held := local_ray.get([h.close.remote([]) for h in pool.hosts])) != [0, 0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert held == [0, 0]
 
 
 def test_a_dead_environment_actor_ends_only_its_trajectories(run, local_ray, tmp_path, caplog):
