@@ -91,11 +91,9 @@ def matmul_peak(shape: Shape, tokens: int, threads: int, dtype: torch.dtype = to
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); never assumed, read from /proc."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+    from ray_rlhf.telemetry.cpu import cpu_flags
+
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def learner_flops_of(shape: Shape, epochs: int, policy_forward_in_prepare: bool):

@@ -41,14 +41,22 @@ def parse_cpuinfo(text: str) -> tuple[str, set[str]]:
     return model, flags
 
 
+def read_cpuinfo() -> str:
+    """This machine's ``/proc/cpuinfo`` ("" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def cpu_flags() -> set[str]:
+    """This machine's CPU flags, as /proc/cpuinfo spells them (empty where unknown)."""
+    return parse_cpuinfo(read_cpuinfo())[1]
+
+
 def describe_cpu(cpuinfo: str | None = None) -> str:
     """``"<model name> (<vector ISA>)"`` of this machine (or of the ``cpuinfo`` text given)."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            cpuinfo = ""
-    model, flags = parse_cpuinfo(cpuinfo)
+    model, flags = parse_cpuinfo(read_cpuinfo() if cpuinfo is None else cpuinfo)
     return f"{model or platform.processor() or platform.machine()} ({vector_isa(flags)})"
 
