@@ -67,7 +67,7 @@ def run_endtoend(cfg: RunConfig, weights: dict | None = None) -> dict:
     """Run ``cfg.steps`` PPO steps; return per-step rows, warm-up-skipped means and actor memory.
     ``weights`` (a dict, filled in place where :func:`keeps_weights` and they fit in
     :data:`KEEP_WEIGHTS_BYTES`): step -> the policy's Hugging Face state dict at the end of that
-    step (the weights of step + 1's generation). The result's ``weights_kept`` says whether they were."""
+    step (the weights of step + 1's generation)."""
     memory: list[dict] = []
     keep = weights is not None and keeps_weights(cfg)
 
@@ -93,7 +93,7 @@ def run_endtoend(cfg: RunConfig, weights: dict | None = None) -> dict:
 
     out = run(cfg, on_finish=on_finish, on_step_end=on_step_end if keep else None)
     rows = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {**summarize(rows, out, memory), "weights_kept": keep}
+    return summarize(rows, out, memory)
 
 
 def summarize(rows: list[dict], out, memory: list[dict]) -> dict:

@@ -72,7 +72,7 @@ def run_bench(args) -> int:
 
         result = packing.run(args.quick, args.out, args.cache_dir)
         print(f"response lengths lognormal median {result['median']} sigma {result['sigma']}, {result['rows']} rows, "
-              f"preset {result['preset']}, CPU {cpu_model()}\n{packing.table(result)}")
+              f"preset {result['preset']}, CPU {describe_cpu()}\n{packing.table(result)}")
         return 0
     mode = "quick" if args.quick else "full"
     m = dict(MODES[mode])
@@ -191,7 +191,7 @@ def measure(cfg, m: dict, mode: str) -> dict:
 
     return {
         "mode": mode,
-        "machine": f"{cpu_model()}, {os.cpu_count()} CPUs ({platform.machine()}), torch {torch.__version__}, "
+        "machine": f"{describe_cpu()}, {os.cpu_count()} CPUs ({platform.machine()}), torch {torch.__version__}, "
                    f"vllm {vllm.__version__}, ray {ray.__version__}",
         "config": {"preset": cfg.model.preset or "custom", "steps": cfg.steps, "warmup_steps_skipped": 1,
                    "prompts_per_step": cfg.rollout.prompts_per_step,
@@ -202,7 +202,7 @@ def measure(cfg, m: dict, mode: str) -> dict:
                    "sync_verify": cfg.sync.verify, "estimator": cfg.algo.estimator,
                    "old_logprobs_from_sampler": cfg.old_logprobs_from_sampler, "learner_num": cfg.learner.num,
                    "env": cfg.env.name, "env_scheduling": cfg.env.scheduling},
-        "cpu": cpu_model(),
+        "cpu": describe_cpu(),
         "model_params": params,
         "endtoend": e2e,
         "bound": bound_mod.summarize_bound(bound, e2e["weight_bytes"], bandwidth, e2e["mean"]["step"]),
@@ -228,11 +228,6 @@ def measure_mfu(cfg, shape, bound: dict) -> dict:
     if flops_mod.cpu_has_bf16():
         peaks["bfloat16"] = flops_mod.matmul_peak(shape, tokens, threads, torch.bfloat16)
     return flops_mod.mfu_summary(bound["per_step"], peaks, threads, tokens)
-
-
-def cpu_model() -> str:
-    """The CPU's model name and vector instructions (:func:`~ray_rlhf.telemetry.cpu.describe_cpu`)."""
-    return describe_cpu()
 
 
 if __name__ == "__main__":
