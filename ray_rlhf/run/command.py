@@ -54,6 +54,7 @@ def run_command(func, args) -> int:
     except Preempted as p:
         exit_on_next_signal()
         _stop_ray()
+        exit_on_next_signal()  # again: Ray's shutdown puts SIGTERM back to the default action
         print(f"ray-rlhf: preempted by {p.signame} after step {p.step}; checkpoint {p.checkpoint} is complete. "
               "Run the same command again to resume.", file=sys.stderr)
         return EXIT_PREEMPTED

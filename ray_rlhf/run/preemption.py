@@ -4,7 +4,9 @@ A spot instance's notice (SIGTERM) or a Ctrl-C (SIGINT) asks the driver to stop:
 completes, a complete checkpoint is written (atomically, as every checkpoint), the actors are shut
 down and the command exits with :data:`EXIT_PREEMPTED` and one line saying how to resume. A
 second signal exits at once: whatever checkpoint was being written stays a temporary directory
-that resume never picks.
+that resume never picks. The exit status is :data:`EXIT_PREEMPTED` except for a second signal
+that lands while Ray itself shuts down (about a second, after the checkpoint): Ray's shutdown resets
+SIGTERM to the default action, so that one ends the process at once by the signal (status 143).
 """
 
 from __future__ import annotations

@@ -167,15 +167,23 @@ def test_sigterm_to_the_command_checkpoints_and_exits_75_and_a_second_one_exits_
     found = checkpoint.open_store(out).latest()
     assert found is not None and int(checkpoint.validate(Path(found.path))["step"]) == len(metrics(out))
 
+    # The second signal: step 3 hangs (generator 0 stops answering; its shard waits out the 15 s
+    # deadline), so both signals land inside the step, where the run's own handler is installed.
     second = tmp_path / "second"
-    proc = _train(second, tiny_policy_path.parent, "checkpoint.every=1")
-    _wait_for_step(second, 2, proc)
+    proc = _train(second, tiny_policy_path.parent, "checkpoint.every=1", "faults.hang_generator=[{step: 3, index: 0}]")
+    deadline = time.monotonic() + 300
+    while (found := checkpoint.open_store(second).latest()) is None or found.step < 2:
+        assert time.monotonic() < deadline and proc.poll() is None, f"no checkpoint of step 2 (exit {proc.poll()})"
+        time.sleep(0.2)
+    time.sleep(1.0)  # into step 3
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     t0 = time.monotonic()
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == EXIT_PREEMPTED and time.monotonic() - t0 < 60, err[-3000:]
-    found = checkpoint.open_store(second).latest()  # never a torn one: complete, or the one before
-    assert found is not None
+    waited = time.monotonic() - t0
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    assert "ray-rlhf: second SIGTERM: exiting now" in err and waited < 10, (waited, err[-3000:])  # not after step 3
+    found = checkpoint.open_store(second).latest()  # never a torn one: step 2's, complete
+    assert found is not None and found.step == 2
     checkpoint.validate(Path(found.path))
