@@ -7,6 +7,11 @@ second signal exits at once: whatever checkpoint was being written stays a tempo
 that resume never picks. The exit status is :data:`EXIT_PREEMPTED` except for a second signal
 that lands while Ray itself shuts down (about a second, after the checkpoint): Ray's shutdown resets
 SIGTERM to the default action, so that one ends the process at once by the signal (status 143).
+
+Python runs a signal's handler when the main thread next runs Python code; a driver waiting on
+Ray gets there about once a second (Ray checks for signals at that interval). Two signals that
+arrive before that are one call to the handler, so they count as one: the second is sent after
+the warning the first one prints.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -167,23 +168,43 @@ def test_sigterm_to_the_command_checkpoints_and_exits_75_and_a_second_one_exits_
     found = checkpoint.open_store(out).latest()
     assert found is not None and int(checkpoint.validate(Path(found.path))["step"]) == len(metrics(out))
 
-    # The second signal: step 3 hangs (generator 0 stops answering; its shard waits out the 15 s
-    # deadline), so both signals land inside the step, where the run's own handler is installed.
+    # The second signal, as a user sends it: after the run has said it got the first. Step 3 hangs
+    # (generator 0 stops answering; its shard waits out the 15 s deadline), so both land inside the
+    # step, where the run's own handler is installed. (Two signals that arrive before Python has run
+    # the handler of the first are one call to it: Python coalesces them.)
     second = tmp_path / "second"
     proc = _train(second, tiny_policy_path.parent, "checkpoint.every=1", "faults.hang_generator=[{step: 3, index: 0}]")
+    err_lines = _drain(proc.stderr)
+    _drain(proc.stdout)
     deadline = time.monotonic() + 300
     while (found := checkpoint.open_store(second).latest()) is None or found.step < 2:
         assert time.monotonic() < deadline and proc.poll() is None, f"no checkpoint of step 2 (exit {proc.poll()})"
         time.sleep(0.2)
     time.sleep(1.0)  # into step 3
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    while not any("SIGTERM received: finishing this step" in ln for ln in err_lines):
+        assert time.monotonic() < deadline and proc.poll() is None, "".join(err_lines)[-3000:]
+        time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     t0 = time.monotonic()
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
     waited = time.monotonic() - t0
+    time.sleep(0.5)  # the readers reach the end of the pipes
+    err = "".join(err_lines)
     assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
     assert "ray-rlhf: second SIGTERM: exiting now" in err and waited < 10, (waited, err[-3000:])  # not after step 3
     found = checkpoint.open_store(second).latest()  # never a torn one: step 2's, complete
     assert found is not None and found.step == 2
     checkpoint.validate(Path(found.path))
+
+
+def _drain(pipe) -> list[str]:
+    """The lines of ``pipe`` as a reader thread gets them (so the child never blocks on a full pipe)."""
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in iter(pipe.readline, ""):
+            lines.append(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
