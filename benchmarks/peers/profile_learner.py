@@ -21,6 +21,11 @@ From the passes it prints each learner's floor -- TRL's PPO: reference forward +
 value head) forward + its forward/backward/step -- beside the measured ``Learner``, so that the
 overhead of our code (measured / floor) and the cost of the design (the floors' ratio) read
 apart. Medians of ``--reps`` timed repetitions after one warm-up. Nothing is asserted.
+
+``--ops`` also runs one more step of the default ``Learner`` under ``torch.profiler`` and prints
+where its CPU time goes, by operator (self time) and by kind -- matrix products, attention,
+elementwise and normalisation kernels, the rest -- so that a learner below its matmul peak says
+why.
 """
 
 from __future__ import annotations
@@ -121,6 +126,47 @@ def passes(inputs: dict, batch, reps: int) -> dict[str, float]:
             "critic_fwd_bwd_step": median_time(critic_fwd_bwd_step, reps)}
 
 
+KINDS = (("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
+         ("attention", ("scaled_dot_product", "flash_attention")),
+         ("optimizer", ("_foreach", "adam")))
+"""Operator name fragments by kind; what matches none is "elementwise, normalisation, other"."""
+
+
+def kind_of(op: str) -> str:
+    low = op.lower()
+    for kind, fragments in KINDS:
+        if any(f in low for f in fragments):
+            return kind
+    return "elementwise, normalisation, other"
+
+
+def op_profile(cfg, policy: str, tokens: int, inputs: dict, top: int = 15) -> dict:
+    """One ``Learner.step`` (after a warm-up step) under ``torch.profiler``: self CPU seconds by
+    operator (the ``top`` largest) and by kind. Times include the profiler's own overhead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ray_rlhf.learning.group import learner_kwargs
+    from ray_rlhf.learning.learner import Learner
+
+    learner = Learner(**learner_kwargs(cfg, policy))
+    learner.join_group(*learner.group_address())
+    vocab = learner.model.config.vocab_size if hasattr(learner.model, "config") else 512
+    learner.step(peer_batch(inputs, tokens, vocab, version=learner.version, seed=0))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        learner.step(peer_batch(inputs, tokens, vocab, version=learner.version, seed=1))
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    total = sum(ops.values())
+    kinds: dict[str, float] = {}
+    for op, sec in ops.items():
+        kinds[kind_of(op)] = kinds.get(kind_of(op), 0.0) + sec
+    return {"total_s": total, "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top_ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:top])}
+
+
 def learner_times(cfg, policy: str, tokens: int, reps: int, inputs: dict) -> dict[str, float]:
     from ray_rlhf.learning.group import learner_kwargs
     from ray_rlhf.learning.learner import Learner
@@ -148,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--work", type=Path, default=HERE.parents[1] / "runs" / "peers", help="as run.py's --work")
+    ap.add_argument("--ops", action="store_true", help="also profile one Learner step by operator (torch.profiler)")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     args.cache_dir = args.work / "models"
@@ -188,9 +235,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nvalue head: measured / floor = {(ours['prepare'] + ours['update']) / our_floor:.2f}; "
           f"small critic: measured / TRL's floor = {(shaped['prepare'] + shaped['update']) / trl_floor:.2f}; "
           f"floors: value head / TRL = {our_floor / trl_floor:.2f}")
+    ops = None
+    if args.ops:
+        ops = op_profile(peer_config(inputs, args.tokens, args.cache_dir, []), inputs["policy"], args.tokens, inputs)
+        print(f"\nOne Learner step (value head) under torch.profiler: {ops['total_s']:.2f} s of self CPU time\n")
+        print("| kind | s | share |\n|---|---|---|")
+        for kind, sec in ops["kinds"].items():
+            print(f"| {kind} | {sec:.2f} | {sec / ops['total_s']:.1%} |")
+        print("\n| operator | self s | share |\n|---|---|---|")
+        for op, sec in ops["top_ops"].items():
+            print(f"| `{op}` | {sec:.2f} | {sec / ops['total_s']:.1%} |")
     out = HERE / "results" / f"profile_learner_{args.tokens}.json"
     out.write_text(json.dumps({"cpu": cpu_name(), "tokens": args.tokens, "passes": p, "value_head": ours,
-                               "small_critic": shaped, "trl_floor": trl_floor, "value_head_floor": our_floor}, indent=1))
+                               "small_critic": shaped, "trl_floor": trl_floor, "value_head_floor": our_floor,
+                               "ops": ops}, indent=1))
     return 0
 
 
