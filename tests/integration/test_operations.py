@@ -189,7 +189,9 @@ def test_sigterm_to_the_command_checkpoints_and_exits_75_and_a_second_one_exits_
     t0 = time.monotonic()
     proc.wait(timeout=120)
     waited = time.monotonic() - t0
-    time.sleep(0.5)  # the readers reach the end of the pipes
+    last = time.monotonic() + 10  # the reader gets the line printed just before the exit
+    while not any("second SIGTERM" in ln for ln in err_lines) and time.monotonic() < last:
+        time.sleep(0.1)
     err = "".join(err_lines)
     assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
     assert "ray-rlhf: second SIGTERM: exiting now" in err and waited < 10, (waited, err[-3000:])  # not after step 3
