@@ -322,7 +322,12 @@ def test_wandb_offline_run_holds_the_rows(wandb_env):
     sink.close()
     sink.close()  # idempotent
     assert sink.run_dir.parent == wandb_env / "out" / "wandb" and sink.run_dir.name.startswith("offline-run-")
-    history, summary = read_offline_run(sink.run_dir)
+    deadline = time.monotonic() + 30  # once (a fresh-clone CI) the file read back empty right after finish()
+    while True:
+        history, summary = read_offline_run(sink.run_dir)
+        if (len(history) == len(rows) and "_step" in summary) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     got = {h["_step"]: {k: v for k, v in h.items() if not k.startswith("_")} for h in history}
     # None is left out of the W&B row (step 2 has no kl_ref); '.' and ':' in keys are kept.
     assert got == {s: {k: v for k, v in r.items() if v is not None} for s, r in rows.items()}
