@@ -145,19 +145,11 @@ def op_profile(cfg, policy: str, tokens: int, inputs: dict, top: int = 15) -> di
     operator (the ``top`` largest) and by kind. Times include the profiler's own overhead."""
     from torch.profiler import ProfilerActivity, profile
 
-    from ray_rlhf.learning.group import learner_kwargs
-    from ray_rlhf.learning.learner import Learner
-
-    learner = Learner(**learner_kwargs(cfg, policy))
-    learner.join_group(*learner.group_address())
-    vocab = learner.model.config.vocab_size if hasattr(learner.model, "config") else 512
+    learner, vocab = one_rank_learner(cfg, policy)
     learner.step(peer_batch(inputs, tokens, vocab, version=learner.version, seed=0))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         learner.step(peer_batch(inputs, tokens, vocab, version=learner.version, seed=1))
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_group()
     ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
     total = sum(ops.values())
     kinds: dict[str, float] = {}
@@ -167,23 +159,32 @@ def op_profile(cfg, policy: str, tokens: int, inputs: dict, top: int = 15) -> di
             "top_ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:top])}
 
 
-def learner_times(cfg, policy: str, tokens: int, reps: int, inputs: dict) -> dict[str, float]:
+def one_rank_learner(cfg, policy: str):
+    """ray-rlhf's ``Learner`` built from ``cfg``, in a process group of one; and its vocabulary size."""
     from ray_rlhf.learning.group import learner_kwargs
     from ray_rlhf.learning.learner import Learner
 
     learner = Learner(**learner_kwargs(cfg, policy))
     learner.join_group(*learner.group_address())
-    vocab = learner.model.config.vocab_size if hasattr(learner.model, "config") else 512
+    return learner, (learner.model.config.vocab_size if hasattr(learner.model, "config") else 512)
+
+
+def leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def learner_times(cfg, policy: str, tokens: int, reps: int, inputs: dict) -> dict[str, float]:
+    learner, vocab = one_rank_learner(cfg, policy)
     prep, upd = [], []
     for i in range(reps + 1):
         st = learner.step(peer_batch(inputs, tokens, vocab, version=learner.version, seed=i))
         if i:
             prep.append(st.prepare_seconds)
             upd.append(st.update_seconds)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_group()
     return {"prepare": statistics.median(prep), "update": statistics.median(upd), "threads": torch.get_num_threads()}
 
 
